@@ -1,0 +1,42 @@
+"""Every `CONCHDB_*` setting, read from the environment in one place.
+
+Commands build one `Settings()` at start-up and pass the values down as plain
+arguments, so library code never reads the environment itself and tests can
+construct settings explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("conchdb", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """conchdb configuration; each field is the env var `CONCHDB_<FIELD>`."""
+
+    model_config = SettingsConfigDict(env_prefix="CONCHDB_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home, description="data folder (models, store, caches)")
+    checkpoint: str | None = Field(None, description="CONCH weights: a file path or hf_hub:MahmoodLab/conch")
+    tokenizer: Path | None = Field(None, description="CONCH tokenizer JSON file")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    store: Path | None = Field(None, description="embedded Qdrant store folder (default $CONCHDB_HOME/store)")
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, the server backend is used")
+    qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
+    collection: str = Field("conch_tiles", description="tiles collection name")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models" / "conch"
+
+    @property
+    def store_path(self) -> Path:
+        return self.store if self.store is not None else self.home / "store"

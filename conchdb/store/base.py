@@ -1,0 +1,148 @@
+"""The vector-store interface that ingest and search program against.
+
+Two backends implement it: `EdgeStore` (qdrant-edge, the Qdrant engine in-process,
+the default on one machine) and `ServerStore` (qdrant-client against a Qdrant server
+or cluster). Callers pass typed `Filter`s and get typed `Hit`s back; nothing above
+this package sees a Qdrant type, so the engine can be swapped without touching search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+Op = Literal["eq", "ne", "in", "gt", "gte", "lt", "lte"]
+FieldType = Literal["keyword", "integer", "float", "bool"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on a payload field; `value` is a list for `in`, a scalar otherwise.
+
+    Every op, `ne` included, matches only points that have the field: `site ne "lung"`
+    leaves out tiles with no `site`, as SQL's `<>` leaves out NULL. The value is read as
+    the field's indexed type when the collection declares one (so `age gt "50"` works on
+    an integer field), else by its Python type (bool, int, float, str). `gt`, `gte`,
+    `lt`, `lte` need a number; `in` with an empty list matches nothing.
+    """
+
+    field: str
+    op: Op
+    value: Any
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Conditions combined with AND. An empty filter matches every point."""
+
+    must: tuple[Condition, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.must)
+
+
+@dataclass
+class Point:
+    """A vector with its id (a UUID string) and payload, ready to upsert."""
+
+    id: str
+    vector: np.ndarray
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    """A point returned by a query, scroll or retrieve; `score` is cosine similarity."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class Group:
+    """The best hits sharing one value of the grouping field (e.g. one slide)."""
+
+    key: Any
+    hits: list[Hit] = field(default_factory=list)
+
+
+@dataclass
+class CollectionSpec:
+    """What a collection is: vector size, what built it, and which payload fields are indexed.
+
+    `metadata` records the model fingerprint, preprocessing and tiling parameters; a
+    collection refuses writers whose `metadata["model_fingerprint"]` differs.
+    """
+
+    name: str
+    dim: int = 512
+    metadata: dict[str, Any] = field(default_factory=dict)
+    indexes: dict[str, FieldType] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """Operations conchdb needs from a vector store. Vectors are float32, compared by cosine."""
+
+    location: str
+
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        """Create the collection, or check that an existing one was built by the same model."""
+
+    def collection_metadata(self, name: str) -> dict[str, Any] | None:
+        """The metadata recorded at creation, or None if the collection does not exist."""
+
+    def collections(self) -> list[str]:
+        """Names of the conchdb collections in this store."""
+
+    def upsert(self, name: str, points: Sequence[Point]) -> None:
+        """Insert or overwrite points by id."""
+
+    def delete(self, name: str, flt: Filter) -> None:
+        """Remove every point matching the filter."""
+
+    def query(
+        self,
+        name: str,
+        vector: np.ndarray,
+        k: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        """Nearest points to `vector`, best first."""
+
+    def query_groups(
+        self,
+        name: str,
+        vector: np.ndarray,
+        group_by: str,
+        groups: int,
+        group_size: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+    ) -> list[Group]:
+        """Best `group_size` hits for each of the best `groups` values of `group_by`."""
+
+    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
+        """Points by id (missing ids are left out); score is 0."""
+
+    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
+        """Every point matching the filter, in id order."""
+
+    def count(self, name: str, flt: Filter | None = None) -> int:
+        """Number of points matching the filter (exact)."""
+
+    def finish_bulk_load(self, name: str) -> None:
+        """Build the index after a bulk load (server: switch HNSW back on); a no-op where not needed."""
+
+    def size_on_disk(self) -> int | None:
+        """Bytes used on disk, where the backend can tell."""
+
+    def close(self) -> None:
+        """Flush and release the store (the embedded store's lock included)."""
