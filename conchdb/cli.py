@@ -161,6 +161,266 @@ def model_fetch(
         out_console.print(f"weights:   {fetch_weights(dest)}")
 
 
+@app.command()
+@handles_errors
+def tiles(
+    slide: Annotated[Path, typer.Argument(help="A slide or image file.")],
+    target_mpp: Annotated[float, typer.Option("--target-mpp", help="Tile resolution, µm per pixel.")] = 0.5,
+    tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 512,
+    stride_px: Annotated[
+        int | None, typer.Option("--stride-px", help="Step between tiles in pixels [default: the tile side].")
+    ] = None,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Smallest tissue fraction kept.")] = 0.25,
+    slide_mpp: Annotated[
+        float | None, typer.Option("--slide-mpp", help="The slide's level-0 µm/px, overriding its metadata.")
+    ] = None,
+    qc: Annotated[Path | None, typer.Option("--qc", help="Write a PNG: thumbnail, tissue mask, tiles.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the grid as one JSON object.")] = False,
+) -> None:
+    """Show how a slide is tiled: pixel size and its source, read level, and the tiles on tissue."""
+    import json
+
+    from conchdb.ingest.cohort import discover
+    from conchdb.ingest.grid import TilingParams, plan_tiles
+    from conchdb.ingest.qc import write_qc
+    from conchdb.ingest.slide import open_slide
+
+    params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
+    slide_id = discover(slide).slides[0].id
+    with open_slide(slide, slide_mpp, override_source="--slide-mpp") as opened:
+        mask, grid = plan_tiles(opened, params)
+        if qc is not None:
+            try:
+                write_qc(qc, mask, grid)
+            except OSError as exc:
+                raise ConchdbError(f"cannot write the QC picture {qc}: {exc}", "check the folder") from None
+        info = {
+            "slide": str(slide),
+            "slide_id": slide_id,
+            "mpp": opened.mpp,
+            "mpp_source": opened.mpp_source,
+            "target_mpp": grid.target_mpp,
+            "tile_px": grid.tile_px,
+            "tile_size_level0": grid.tile_size_level0,
+            "read_level": grid.read_level,
+            "tiles": [{"x": t.x, "y": t.y, "tissue": t.tissue} for t in grid.tiles],
+        }
+        levels = [f"{w}×{h} (×{d:.4g})" for (w, h), d in zip(opened.level_dimensions, opened.level_downsamples)]
+        kind = f"{opened.vendor} (OpenSlide)" if opened.vendor else "plain image (Pillow)"
+        width, height = opened.dimensions
+    for warning in grid.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if qc is not None:
+        err_console.print(f"qc: wrote {qc}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    mpp = "unknown" if info["mpp"] is None else f"{info['mpp']:.4g} µm/px"
+    read_px = f"{grid.read_size} px read" + ("" if grid.read_size == grid.tile_px else f", resized to {grid.tile_px}")
+    lines = [
+        ("slide", f"{slide}  (id {slide_id}, {kind})"),
+        ("dimensions", f"{width} × {height} px"),
+        ("levels", f"{len(levels)}: " + ", ".join(levels)),
+        ("pixel size", f"{mpp}  (source: {info['mpp_source']})"),
+        ("tile", f"{grid.tile_px} px at {grid.target_mpp:g} µm/px = {grid.tile_size_level0} level-0 px, "
+                 f"stride {grid.stride_level0}"),
+        ("read level", f"{grid.read_level} ({read_px})"),
+        ("tiles", f"{len(grid.tiles)} with tissue ≥ {min_tissue:g}"),
+    ]
+    for name, value in lines:
+        out_console.print(f"{name:<11} {value}", highlight=False, soft_wrap=True)
+
+
+StoreOpt = Annotated[
+    Path | None, typer.Option("--store", help="Embedded store folder [default: $CONCHDB_HOME/store].")
+]
+QdrantUrlOpt = Annotated[
+    str | None, typer.Option("--qdrant-url", help="Use a Qdrant server or cluster at this URL instead.")
+]
+CollectionOpt = Annotated[str | None, typer.Option("--collection", help="Tiles collection [default: conch_tiles].")]
+
+
+def open_store_from_options(store: Path | None, qdrant_url: str | None, collection: str | None) -> tuple[Any, str]:
+    """The store and tiles collection named by the options, else by the `CONCHDB_*` settings."""
+    from conchdb.errors import ConchdbError
+    from conchdb.store import open_store
+
+    settings = load_settings()
+    if store is not None and qdrant_url is not None:
+        raise ConchdbError("--store and --qdrant-url both given", "choose the embedded store or a server, not both")
+    url = qdrant_url or (None if store is not None else settings.qdrant_url)
+    opened = open_store(store or settings.store_path, url, settings.qdrant_api_key)
+    return opened, collection or settings.collection
+
+
+@app.command()
+@handles_errors
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A slide file, or a folder searched recursively.")],
+    manifest: Annotated[
+        Path | None, typer.Option("--manifest", help="CSV with a 'slide' column [default: PATH/manifest.csv].")
+    ] = None,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per model batch.")] = 32,
+    readers: Annotated[int, typer.Option("--readers", help="Tile reader processes.")] = 2,
+    target_mpp: Annotated[float, typer.Option("--target-mpp", help="Tile resolution, µm per pixel.")] = 0.5,
+    tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 512,
+    stride_px: Annotated[
+        int | None, typer.Option("--stride-px", help="Step between tiles in pixels [default: the tile side].")
+    ] = None,
+    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Smallest tissue fraction kept.")] = 0.25,
+    slide_mpp: Annotated[
+        float | None, typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose manifest row gives none.")
+    ] = None,
+    cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort name [default: the folder name].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo slides already ingested.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Tile, embed and store every slide under PATH; reruns skip slides already done.
+
+    Exit status: 0 when every slide is in the store, 3 when some failed (named in the
+    summary) and the rest were ingested, 2 for bad options, manifest or weights.
+    """
+    import json
+
+    from conchdb.errors import ConchdbError
+    from conchdb.ingest.cohort import discover
+    from conchdb.ingest.grid import TilingParams
+    from conchdb.ingest.manifest import read_manifest
+    from conchdb.ingest.pipeline import Ingest, IngestOptions
+
+    if batch_size < 1 or readers < 0:
+        raise ConchdbError("--batch-size must be ≥ 1 and --readers ≥ 0", "e.g. --batch-size 32 --readers 2")
+    params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
+    found = discover(path)
+    table = read_manifest(manifest, found)  # every input is checked before the model loads
+    encoder = load_encoder(checkpoint, tokenizer, device, precision, need_tokenizer=False, batch_size=batch_size)
+    opened, name = open_store_from_options(store, qdrant_url, collection)
+    options = IngestOptions(params, batch_size, readers, force, cohort, slide_mpp)
+    try:
+        with _ingest_progress(enabled=not as_json) as progress:
+            summary = Ingest(found, table, encoder, opened, name, options, progress).run()
+    finally:
+        opened.close()
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict()))
+    else:
+        _print_ingest_summary(summary.to_dict())
+    raise typer.Exit(summary.exit_code)
+
+
+def _ingest_progress(enabled: bool) -> Any:
+    """A rich progress display fed by the pipeline's callbacks (a context manager)."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from conchdb.ingest.pipeline import Progress as Callbacks
+
+    @contextlib.contextmanager
+    def display() -> Any:
+        if not enabled:
+            yield Callbacks()
+            return
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console, transient=False,
+        )
+        slides = bar.add_task("slides", total=None, rate="")
+        tiles = bar.add_task("tiles", total=0, rate="")
+        import time
+
+        start = time.perf_counter()
+        done = [0]
+
+        def on_start(n: int) -> None:
+            bar.update(slides, total=n)
+
+        def on_slide(slide_id: str, n: int) -> None:
+            task = bar.tasks[tiles]
+            bar.update(tiles, total=(task.total or 0) + n, description=f"tiles  [dim]{slide_id}[/]")
+
+        def on_batch(n: int) -> None:
+            done[0] += n
+            rate = done[0] / max(time.perf_counter() - start, 1e-9)
+            bar.update(tiles, advance=n, rate=f"{rate:.1f} tiles/s")
+
+        def on_outcome(outcome: Any) -> None:
+            bar.update(slides, advance=1)
+            if outcome.status == "failed":
+                bar.console.print(f"[red]failed[/] {outcome.error}", highlight=False, soft_wrap=True)
+
+        with bar:
+            yield Callbacks(on_start, on_slide, on_batch, on_outcome)
+
+    return display()
+
+
+def _print_ingest_summary(doc: dict[str, Any]) -> None:
+    lines = [
+        ("store", f"{doc['store']}  (collection {doc['collection']})"),
+        ("slides", f"{doc['slides']}: {doc['ingested']} ingested, {doc['skipped']} already done, "
+                   f"{doc['no_tissue']} without tissue, {len(doc['failed'])} failed"),
+        ("not slides", f"{doc['not_slides']} file(s) skipped"),
+        ("tiles", f"{doc['tiles_written']} written in {doc['seconds']:.1f} s ({doc['tiles_per_s']:.2f} tiles/s)"),
+    ]
+    if doc["manifest"]:
+        lines.append(("manifest", f"{doc['manifest']}: {len(doc['manifest_rows_unmatched'])} row(s) naming no "
+                                  f"slide, {len(doc['slides_without_manifest_row'])} slide(s) without a row"))
+    for name, value in lines:
+        out_console.print(f"{name:<11} {value}", highlight=False, soft_wrap=True)
+    for row in doc["manifest_rows_unmatched"]:
+        out_console.print(f"[yellow]manifest row names no slide:[/] {row}", highlight=False, soft_wrap=True)
+    for failure in doc["failed"]:
+        out_console.print(f"[red]failed[/] {failure['error']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handles_errors
+def stats(
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Collections, point counts, slides by status, model fingerprint, tiling, location and size."""
+    import json
+
+    from conchdb.store.stats import store_stats
+
+    opened, _ = open_store_from_options(store, qdrant_url, None)
+    try:
+        doc = store_stats(opened)
+    finally:
+        opened.close()
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    size = doc["size_on_disk_bytes"]
+    out_console.print(f"store       {doc['location']}" + ("" if size is None else f"  ({size / 1e6:.1f} MB on disk)"),
+                      highlight=False)
+    if not doc["collections"]:
+        out_console.print("no collections yet: run `conchdb ingest FOLDER`")
+    for col in doc["collections"]:
+        meta = col["metadata"]
+        out_console.print(f"\n[bold]{col['name']}[/]  {col['points']} points", highlight=False)
+        if meta.get("model_fingerprint"):
+            out_console.print(f"  model      {meta.get('model')} (fingerprint {meta['model_fingerprint']})",
+                              highlight=False)
+        if meta.get("tiling"):
+            t = meta["tiling"]
+            out_console.print(f"  tiling     {t.get('tile_px')} px at {t.get('target_mpp')} µm/px, "
+                              f"min tissue {t.get('min_tissue')}", highlight=False)
+        if col.get("slides_by_status"):
+            counts = ", ".join(f"{n} {status}" for status, n in sorted(col["slides_by_status"].items()))
+            out_console.print(f"  slides     {counts}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -24,7 +24,7 @@ import numpy as np
 
 from conchdb.errors import ConchdbError
 from conchdb.ingest.slide import Slide
-from conchdb.ingest.tissue import TissueMask, TissueParams
+from conchdb.ingest.tissue import TissueMask, TissueParams, compute_tissue_mask
 
 LEVEL_TOLERANCE = 0.01
 """A level up to 1 % coarser than the target still counts as fine enough (downsamples that
@@ -187,3 +187,10 @@ def make_grid(
         read_size=max(1, round(size0 / slide.level_downsamples[level])),
         warnings=tuple(warnings),
     )
+
+
+def plan_tiles(slide: Slide, params: TilingParams | None = None) -> tuple[TissueMask, TileGrid]:
+    """Tissue mask and tile grid of an open slide: everything before the pixels are read."""
+    params = params or TilingParams()
+    mask = compute_tissue_mask(slide, params.tissue)
+    return mask, make_grid(slide, mask, params=params)

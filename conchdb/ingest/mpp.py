@@ -162,11 +162,17 @@ def _objective_mpp(properties: Mapping[str, str]) -> PixelSize | None:
     return None
 
 
-def validate_override(mpp: float, source: str) -> PixelSize:
-    """An override is trusted, but it must be a positive finite number."""
+def validate_override(mpp: float | str, source: str) -> PixelSize:
+    """An override is trusted, but it must be a pixel size: a number in the plausible range.
+
+    The range check catches a magnification (20, 40) typed where µm/px was meant."""
     value = _float(mpp)
-    if value is None:
-        raise ValueError(f"{source}: pixel size must be a positive number of µm/px, got {mpp!r}")
+    low, high = PLAUSIBLE_MPP
+    if value is None or not low <= value <= high:
+        raise ValueError(
+            f"{source}: '{mpp}' is not a pixel size between {low:g} and {high:g} µm/px "
+            "(µm per level-0 pixel, e.g. 0.25 for 40×, 0.5 for 20×; not a magnification)"
+        )
     return PixelSize(value, source)
 
 

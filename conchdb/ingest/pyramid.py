@@ -21,7 +21,8 @@ import tifffile
 @dataclass(frozen=True)
 class LevelSource:
     """A level of `width` × `height` pixels given tile by tile: `tile(row, col)` returns the
-    (≤ tile, ≤ tile, 3) uint8 block whose top-left is (col·tile, row·tile)."""
+    (tile, tile, 3) uint8 block whose top-left is (col·tile, row·tile); what lies beyond
+    the level's edge is ignored by readers."""
 
     width: int
     height: int
@@ -40,11 +41,13 @@ def write_pyramid_tiff(
     mpp: float | None,
     tile: int = 256,
     quality: int = 90,
+    subsampling: tuple[int, int] = (2, 2),
 ) -> Path:
     """Write `levels` (finest first, (H, W, 3) uint8 arrays or `LevelSource`s) as one TIFF.
 
     `mpp` (µm per level-0 pixel) goes into each level's resolution tags, scaled by the
     level's downsample; None writes no physical unit (a file without a pixel size).
+    `quality` and chroma `subsampling` are the JPEG settings (scanners use about 70–90, 2×2).
     """
     path = Path(path)
     width0 = levels[0].shape[1] if isinstance(levels[0], np.ndarray) else levels[0].width
@@ -66,6 +69,7 @@ def write_pyramid_tiff(
                 photometric="rgb",
                 compression="jpeg",
                 compressionargs={"level": quality},
+                subsampling=subsampling,
                 subfiletype=1 if index else 0,
                 **options,
             )

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from conchdb.errors import SlideError
-from conchdb.ingest.grid import TileGrid
 from conchdb.ingest.slide import DAMAGED_HINT, Slide, open_slide
+
+if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
+    from conchdb.ingest.grid import TileGrid
 
 TILE_FILTER = Image.Resampling.LANCZOS
 """Resampling filter from the read level to the tile side: antialiased and sharp."""
@@ -231,7 +233,8 @@ class TileReader:
         self._shm = SharedMemory(create=True, size=max(1, int(np.prod(shape))))
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
-            ctx.set_forkserver_preload([__name__])
+            # Import the main module and this one once, in the server, not in every worker.
+            ctx.set_forkserver_preload(["__main__", __name__])
         tasks, results = ctx.Queue(), ctx.Queue()
         self._queues = [tasks, results]
         args = (str(self.path), self.mpp_override, _ReadSpec.of(self.grid), self._shm.name, shape, tasks, results)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
+
+import numpy as np
 
 from conchdb.errors import QueryError
 from conchdb.store.base import Condition, FieldType, Filter
@@ -35,12 +38,17 @@ class Dialect:
     filter: Callable[[list, list, list], Any]
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _kind_of(value: Any) -> FieldType:
-    if isinstance(value, bool):
+    """The field type a value implies when the collection declares none (numpy scalars too)."""
+    if _is_bool(value):
         return "bool"
-    if isinstance(value, int):
+    if isinstance(value, Integral):
         return "integer"
-    if isinstance(value, float):
+    if isinstance(value, Real):
         return "float"
     return "keyword"
 
@@ -48,17 +56,17 @@ def _kind_of(value: Any) -> FieldType:
 def _coerce(field: str, value: Any, kind: FieldType) -> Any:
     """`value` as the field's type, or a QueryError that names the field and the type."""
     try:
-        if kind == "keyword" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        if kind == "keyword" and isinstance(value, (str, Integral)) and not _is_bool(value):
             return str(value)
         if kind == "bool":
-            if isinstance(value, bool):
-                return value
+            if _is_bool(value):
+                return bool(value)
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"
-        if kind == "integer" and not isinstance(value, bool):
+        if kind == "integer" and not _is_bool(value):
             number = float(value)
             return int(number) if number.is_integer() else number
-        if kind == "float" and not isinstance(value, bool):
+        if kind == "float" and not _is_bool(value):
             return float(value)
     except (TypeError, ValueError):
         pass
@@ -68,7 +76,7 @@ def _coerce(field: str, value: Any, kind: FieldType) -> Any:
     )
 
 
-def _equals(field: str, value: Any, kind: FieldType, dialect: Dialect) -> Any:
+def _equals(field: str, value: Any, dialect: Dialect) -> Any:
     """Exact match; floats are compared as a closed one-point range, which also matches ints."""
     if isinstance(value, float):
         return dialect.range(field, {"gte": value, "lte": value})
@@ -83,7 +91,7 @@ def _one_of(field: str, values: list, kind: FieldType | None, dialect: Dialect) 
     strings = [v for v in typed if isinstance(v, str)]
     ints = [v for v in typed if isinstance(v, int) and not isinstance(v, bool)]
     conds = [dialect.match_any(field, group) for group in (strings, ints) if group]
-    conds += [_equals(field, v, "float", dialect) for v in typed if isinstance(v, float)]
+    conds += [_equals(field, v, dialect) for v in typed if isinstance(v, float)]
     conds += [dialect.match(field, v) for v in dict.fromkeys(v for v in typed if isinstance(v, bool))]
     return conds[0] if len(conds) == 1 else dialect.filter([], [], conds)
 
@@ -107,10 +115,10 @@ def _translate_condition(cond: Condition, kind: FieldType | None, dialect: Diale
         return [dialect.range(field, {op: float(_coerce(field, value, kind))})], []
     typed = _coerce(field, value, kind)
     if op == "eq":
-        return [_equals(field, typed, kind, dialect)], []
+        return [_equals(field, typed, dialect)], []
     if op == "ne":
         # NOT equal AND NOT missing: a point without the field does not match.
-        return [], [_equals(field, typed, kind, dialect), dialect.is_empty(field)]
+        return [], [_equals(field, typed, dialect), dialect.is_empty(field)]
     raise QueryError(
         f"filter on field '{field}': unknown operator {op!r}",
         hint="use one of eq, ne, in, gt, gte, lt, lte",

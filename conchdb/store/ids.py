@@ -45,9 +45,7 @@ def stable_id(*parts: object) -> str:
     return str(uuid.uuid5(NAMESPACE, text))
 
 
-def tile_point_id(
-    slide_identity: str, x: int, y: int, size: int, target_mpp: float, model_fingerprint: str
-) -> str:
+def tile_point_id(slide_identity: str, x: int, y: int, size: int, target_mpp: float, model_fingerprint: str) -> str:
     """The id of one tile's point: the same slide, place, size, resolution and model give the same id.
 
     `x`, `y` and `size` are level-0 pixels; `target_mpp` is rounded to 6 significant digits

@@ -1,0 +1,229 @@
+"""A cohort's CSV manifest: per-slide pixel sizes and metadata for the payload.
+
+The `slide` column joins a row to a slide by its id (path relative to the cohort root),
+by any relative path to it, by file name, or by file name without extension, whichever
+is unambiguous in the cohort. An `mpp` column overrides the slide's pixel size. Every
+other column becomes payload, with one type per column (int, float, bool or string)
+inferred from its non-empty cells, so a filter on `grade > 2` works for every slide;
+empty cells are left out of the payload rather than stored as "".
+
+Everything is checked before any slide is opened: a malformed manifest is an error that
+names the file, the line and the column, and rows that name no slide, and slides without
+a row, are reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from conchdb.errors import ConchdbError
+from conchdb.ingest.cohort import Cohort
+from conchdb.ingest.mpp import validate_override
+
+DEFAULT_NAME = "manifest.csv"
+SLIDE_COLUMN = "slide"
+MPP_COLUMN = "mpp"
+
+_INT = re.compile(r"^[+-]?(0|[1-9][0-9]*)$")
+_FLOAT = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False}
+
+
+class ManifestError(ConchdbError):
+    """The manifest cannot be used: the message names the file, line and column."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest row joined to a slide."""
+
+    line: int
+    slide_id: str
+    mpp: float | None
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Manifest rows by slide id, the payload columns' types, and what did not join."""
+
+    path: Path | None
+    rows: dict[str, ManifestRow] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    unmatched: tuple[tuple[int, str], ...] = ()
+    missing: tuple[str, ...] = ()
+
+    def mpp_for(self, slide_id: str) -> float | None:
+        row = self.rows.get(slide_id)
+        return row.mpp if row else None
+
+    def payload_for(self, slide_id: str) -> dict[str, Any]:
+        row = self.rows.get(slide_id)
+        return dict(row.payload) if row else {}
+
+
+def infer_type(cells: list[str]) -> str:
+    """The narrowest of int, float, bool, string that fits every non-empty cell.
+
+    Integers with leading zeros (identifiers such as 007) and nan/inf stay strings."""
+    values = [c for c in cells if c]
+    if not values:
+        return "string"
+    if all(_INT.match(v) for v in values):
+        return "int"
+    if all(_FLOAT.match(v) for v in values):
+        return "float"
+    if all(v.lower() in _BOOLS for v in values):
+        return "bool"
+    return "string"
+
+
+def convert(cell: str, kind: str) -> Any:
+    if kind == "int":
+        return int(cell)
+    if kind == "float":
+        return float(cell)
+    if kind == "bool":
+        return _BOOLS[cell.lower()]
+    return cell
+
+
+def _normalise(value: str) -> str:
+    return PurePosixPath(value.replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def _lookup(cohort: Cohort) -> dict[str, set[str]]:
+    """Every name a slide can be called by in the `slide` column -> the slide ids it may mean."""
+    names: dict[str, set[str]] = defaultdict(set)
+    for slide in cohort.slides:
+        names[slide.id].add(slide.id)
+        for file in slide.files:
+            relative = file.relative_to(cohort.root).as_posix()
+            for name in (relative, file.name, file.stem, str(file)):
+                names[name].add(slide.id)
+    return names
+
+
+def _delimiter(header: str) -> str:
+    for candidate in (",", ";", "\t"):
+        if candidate in header:
+            return candidate
+    return ","
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, stripped cells) of every non-blank record; the first is the header."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            hint="save the manifest as UTF-8 CSV") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest: {exc.strerror}", hint="check the path") from None
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=_delimiter(first_line), strict=True)
+    try:
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                yield reader.line_num, [c.strip() for c in cells]
+    except csv.Error as exc:
+        raise ManifestError(f"{path}, line {reader.line_num}: unparsable CSV: {exc}",
+                            hint="check the quoting on that line") from None
+
+
+def _header(path: Path, line: int, cells: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    for column, name in enumerate(cells, start=1):
+        if not name:
+            raise ManifestError(f"{path}, line {line}, column {column}: empty column name",
+                                hint="give every column a name")
+        if name.lower() in seen:
+            raise ManifestError(
+                f"{path}, line {line}: column '{name}' appears twice (columns {seen[name.lower()]} and {column})",
+                hint="rename or remove one of them",
+            )
+        seen[name.lower()] = column
+    if SLIDE_COLUMN not in seen:
+        raise ManifestError(f"{path}, line {line}: no '{SLIDE_COLUMN}' column (columns: {', '.join(cells)})",
+                            hint="add a 'slide' column with each slide's file name or path in the cohort")
+    return cells
+
+
+def _parse_mpp(path: Path, line: int, column: int, cell: str) -> float | None:
+    if not cell:
+        return None
+    try:
+        return validate_override(cell, f"{path}, line {line}, column {column} ('{MPP_COLUMN}')").mpp
+    except ValueError as exc:
+        raise ManifestError(str(exc), hint="give µm per level-0 pixel, or leave the cell empty") from None
+
+
+def _resolve(path: Path, line: int, value: str, names: dict[str, set[str]]) -> str | None:
+    ids = names.get(value) or names.get(_normalise(value))
+    if not ids:
+        return None
+    if len(ids) > 1:
+        raise ManifestError(
+            f"{path}, line {line}, column '{SLIDE_COLUMN}': '{value}' matches several slides "
+            f"({', '.join(sorted(ids))})",
+            hint="use the slide's path relative to the cohort folder",
+        )
+    return next(iter(ids))
+
+
+def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
+    """Read and join a manifest to `cohort`; `path` None means `manifest.csv` at the cohort
+    root if there is one, else an empty manifest. Raises `ManifestError` if malformed."""
+    if path is None:
+        default = cohort.root / DEFAULT_NAME
+        if not default.is_file():
+            return Manifest(None, missing=tuple(s.id for s in cohort.slides))
+        path = default
+    path = Path(path)
+    records = list(_rows(path))
+    if not records:
+        raise ManifestError(f"{path}: the manifest is empty", hint="add a header line with a 'slide' column")
+    (header_line, raw_header), body = records[0], records[1:]
+    header = _header(path, header_line, raw_header)
+    lower = [name.lower() for name in header]
+    slide_col, mpp_col = lower.index(SLIDE_COLUMN), lower.index(MPP_COLUMN) if MPP_COLUMN in lower else None
+    for line, cells in body:
+        if len(cells) > len(header):
+            raise ManifestError(f"{path}, line {line}: {len(cells)} cells but {len(header)} columns",
+                                hint="quote cells that contain the delimiter")
+        cells.extend([""] * (len(header) - len(cells)))
+    payload_cols = [i for i in range(len(header)) if i not in (slide_col, mpp_col)]
+    kinds = {i: infer_type([cells[i] for _, cells in body]) for i in payload_cols}
+    names = _lookup(cohort)
+    rows: dict[str, ManifestRow] = {}
+    unmatched: list[tuple[int, str]] = []
+    for line, cells in body:
+        value = cells[slide_col]
+        if not value:
+            raise ManifestError(f"{path}, line {line}, column {slide_col + 1} ('{SLIDE_COLUMN}'): empty",
+                                hint="name the slide, or delete the row")
+        mpp = None if mpp_col is None else _parse_mpp(path, line, mpp_col + 1, cells[mpp_col])
+        slide_id = _resolve(path, line, value, names)
+        if slide_id is None:
+            unmatched.append((line, value))
+            continue
+        if slide_id in rows:
+            raise ManifestError(
+                f"{path}, lines {rows[slide_id].line} and {line}: two rows for slide '{slide_id}'",
+                hint="keep one row per slide",
+            )
+        payload = {header[i]: convert(cells[i], kinds[i]) for i in payload_cols if cells[i]}
+        rows[slide_id] = ManifestRow(line, slide_id, mpp, payload)
+    return Manifest(
+        path=path,
+        rows=rows,
+        columns={header[i]: kinds[i] for i in payload_cols},
+        unmatched=tuple(unmatched),
+        missing=tuple(s.id for s in cohort.slides if s.id not in rows),
+    )

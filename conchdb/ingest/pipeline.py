@@ -1,0 +1,481 @@
+"""The ingest pipeline: cohort -> tiles -> CONCH vectors -> points in the store.
+
+This is the only module of `ingest` that talks to `model` and `store`. Per slide it
+plans the grid (tissue mask), streams tile batches from the reader's worker processes,
+embeds them, and hands points to a writer thread, so reading, embedding and writing
+overlap; the next slide is planned while the current one is embedded.
+
+Consistency comes from ids and records, not from transactions:
+- tile point ids are deterministic, so writing a slide again overwrites instead of
+  duplicating, and a crash loses at most the batches in flight;
+- each slide has a record (collection `<tiles>_slides`) whose status says whether the
+  slide is done; a run skips done slides whose file has not changed, and redoes the rest;
+- every point carries the `ingest_run` that wrote it; when a slide completes, points of
+  that slide and tiling left by earlier runs (an interrupted run over a file since
+  replaced, a changed tissue setting) are deleted, and only then is the slide marked done.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conchdb.errors import ConchdbError, SlideError
+from conchdb.ingest.cohort import Cohort, CohortSlide, discover
+from conchdb.ingest.grid import TileGrid, TilingParams, plan_tiles
+from conchdb.ingest.manifest import Manifest, read_manifest
+from conchdb.ingest.reader import TileReader
+from conchdb.ingest.slide import Slide, open_slide
+from conchdb.model.encoder import Encoder
+from conchdb.store import CollectionSpec, Condition, FieldType, Filter, Point, Store, stable_id, tile_point_id
+
+DONE, FAILED, IN_PROGRESS, NO_TISSUE = "done", "failed", "in_progress", "no_tissue"
+
+# Payload fields every tile carries, with the index type that filters on them use.
+TILE_FIELDS: dict[str, FieldType] = {
+    "slide_id": "keyword",
+    "path": "keyword",
+    "cohort": "keyword",
+    "x": "integer",
+    "y": "integer",
+    "size": "integer",
+    "mpp": "float",
+    "mpp_source": "keyword",
+    "target_mpp": "float",
+    "tile_px": "integer",
+    "tissue": "float",
+    "tiling": "keyword",
+    "ingest_run": "keyword",
+}
+SLIDE_FIELDS: dict[str, FieldType] = {
+    "slide_id": "keyword",
+    "cohort": "keyword",
+    "status": "keyword",
+    "tiling": "keyword",
+    "tiles": "integer",
+}
+MANIFEST_TYPES: dict[str, FieldType] = {"int": "integer", "float": "float", "bool": "bool", "string": "keyword"}
+
+
+def slides_collection(tiles_collection: str) -> str:
+    """Name of the per-slide records collection that belongs to a tiles collection."""
+    return f"{tiles_collection}_slides"
+
+
+def tiling_key(params: TilingParams) -> str:
+    """A short label of what decides a tile's pixels; one slide may be stored at several."""
+    return f"{params.target_mpp:g}um-{params.tile_px}px-s{params.stride}"
+
+
+@dataclass
+class IngestOptions:
+    """How to tile and embed; `slide_mpp` applies to slides whose manifest row gives no `mpp`."""
+
+    params: TilingParams = field(default_factory=TilingParams)
+    batch_size: int = 32
+    readers: int = 2
+    force: bool = False
+    cohort_name: str | None = None
+    slide_mpp: float | None = None
+
+
+@dataclass
+class SlideOutcome:
+    slide_id: str
+    path: str
+    status: str  # done | skipped | no_tissue | failed
+    tiles: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class IngestSummary:
+    """What a run did; `to_dict()` is the `--json` output."""
+
+    store: str
+    collection: str
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    not_slides: int = 0
+    manifest: str | None = None
+    manifest_unmatched: list[str] = field(default_factory=list)
+    manifest_missing: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == FAILED]
+
+    @property
+    def tiles_written(self) -> int:
+        return sum(o.tiles for o in self.outcomes if o.status == DONE)
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "collection": self.collection,
+            "slides": len(self.outcomes),
+            "ingested": self.count(DONE),
+            "skipped": self.count("skipped"),
+            "no_tissue": self.count(NO_TISSUE),
+            "failed": [{"slide": o.path, "slide_id": o.slide_id, "error": o.error} for o in self.failed],
+            "not_slides": self.not_slides,
+            "tiles_written": self.tiles_written,
+            "seconds": round(self.seconds, 3),
+            "tiles_per_s": round(self.tiles_written / self.seconds, 3) if self.seconds > 0 else 0.0,
+            "manifest": self.manifest,
+            "manifest_rows_unmatched": self.manifest_unmatched,
+            "slides_without_manifest_row": self.manifest_missing,
+            "interrupted": self.interrupted,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+@dataclass
+class Progress:
+    """Callbacks for a progress display; every one is optional."""
+
+    on_start: Callable[[int], None] | None = None  # number of slides
+    on_slide: Callable[[str, int], None] | None = None  # slide id, tiles planned
+    on_batch: Callable[[int], None] | None = None  # tiles embedded
+    on_outcome: Callable[[SlideOutcome], None] | None = None
+
+
+class _Writer:
+    """A thread that upserts batches of points in order, so the store write overlaps the
+    next batch's embedding. `flush()` waits for everything handed over and re-raises a
+    write error in the caller's thread."""
+
+    def __init__(self, store: Store, collection: str, timings: dict[str, float]):
+        self._store, self._collection, self._timings = store, collection, timings
+        self._queue: queue.Queue[list[Point] | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="conchdb-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            points = self._queue.get()
+            try:
+                if points is None:
+                    return
+                if self._error is None:
+                    start = time.perf_counter()
+                    self._store.upsert(self._collection, points)
+                    self._timings["write_s"] = self._timings.get("write_s", 0.0) + time.perf_counter() - start
+            except BaseException as exc:  # handed to the caller's thread by flush()/put()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, points: list[Point]) -> None:
+        self._raise()
+        self._queue.put(points)
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+@dataclass
+class _Plan:
+    """A slide opened and gridded, ready to read (or the error that stopped it)."""
+
+    slide: CohortSlide
+    mpp_override: float | None
+    grid: TileGrid | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _plan(slide: CohortSlide, mpp_override: float | None, override_source: str, params: TilingParams) -> _Plan:
+    plan = _Plan(slide, mpp_override)
+    try:
+        with open_slide(slide.path, mpp_override, override_source) as opened:
+            _, plan.grid = plan_tiles(opened, params)
+            plan.info = _slide_info(opened)
+    except SlideError as exc:
+        plan.error = str(exc)
+    return plan
+
+
+def _slide_info(slide: Slide) -> dict[str, Any]:
+    return {"mpp": slide.mpp, "mpp_source": slide.mpp_source, "width": slide.dimensions[0],
+            "height": slide.dimensions[1]}
+
+
+class Ingest:
+    """One ingest run over a cohort into one store collection."""
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        manifest: Manifest,
+        encoder: Encoder,
+        store: Store,
+        collection: str,
+        options: IngestOptions | None = None,
+        progress: Progress | None = None,
+    ):
+        self.cohort, self.manifest, self.encoder, self.store = cohort, manifest, encoder, store
+        self.collection = collection
+        self.slides = slides_collection(collection)
+        self.options = options or IngestOptions()
+        self.progress = progress or Progress()
+        self.cohort_name = self.options.cohort_name or cohort.root.name
+        self.tiling = tiling_key(self.options.params)
+        self.run_id = uuid.uuid4().hex
+        self.timings: dict[str, float] = {}
+
+    # -- collections and records ---------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create or check both collections; refuses another model's collection before any work."""
+        metadata = {
+            **self.encoder.describe(),
+            "tiling": self.options.params.to_dict(),
+            "cohort": self.cohort_name,
+        }
+        manifest_fields = {name: MANIFEST_TYPES[kind] for name, kind in self.manifest.columns.items()}
+        clash = sorted(set(manifest_fields) & (set(TILE_FIELDS) | {"status", "tiles", "error", "identity"}))
+        if clash:
+            raise ConchdbError(
+                f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
+                hint="rename those columns in the manifest",
+            )
+        indexes = {**TILE_FIELDS, **manifest_fields}
+        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, indexes))
+        slide_indexes = {**SLIDE_FIELDS, **manifest_fields}
+        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes))
+
+    def record_id(self, slide: CohortSlide) -> str:
+        return stable_id("slide", self.cohort_name, slide.id, self.tiling)
+
+    def _record(self, slide: CohortSlide) -> dict[str, Any] | None:
+        hits = self.store.retrieve(self.slides, [self.record_id(slide)])
+        return hits[0].payload if hits else None
+
+    def _write_record(
+        self, slide: CohortSlide, status: str, vector: np.ndarray | None = None, **extra: Any
+    ) -> None:
+        if vector is None:
+            # Records of unfinished slides still need a vector; a fixed axis keeps them apart
+            # from real means, and slide search filters on status anyway.
+            vector = np.zeros(self.encoder.dim, dtype=np.float32)
+            vector[0] = 1.0
+        payload = {
+            "slide_id": slide.id,
+            "path": str(slide.path),
+            "cohort": self.cohort_name,
+            "identity": slide.identity,
+            "status": status,
+            "tiling": self.tiling,
+            "target_mpp": self.options.params.target_mpp,
+            "tile_px": self.options.params.tile_px,
+            "ingest_run": self.run_id,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self.manifest.payload_for(slide.id),
+            **extra,
+        }
+        self.store.upsert(self.slides, [Point(self.record_id(slide), vector, payload)])
+
+    def _slide_filter(self, slide: CohortSlide, *more: Condition) -> Filter:
+        return Filter((
+            Condition("slide_id", "eq", slide.id),
+            Condition("cohort", "eq", self.cohort_name),
+            Condition("tiling", "eq", self.tiling),
+            *more,
+        ))
+
+    # -- the run -------------------------------------------------------------------------
+
+    def _todo(self) -> Iterator[tuple[CohortSlide, dict[str, Any] | None]]:
+        for slide in self.cohort.slides:
+            yield slide, self._record(slide)
+
+    def _is_done(self, slide: CohortSlide, record: dict[str, Any] | None) -> bool:
+        return (
+            not self.options.force
+            and record is not None
+            and record.get("status") in (DONE, NO_TISSUE)
+            and record.get("identity") == slide.identity
+        )
+
+    def _override(self, slide: CohortSlide) -> tuple[float | None, str]:
+        mpp = self.manifest.mpp_for(slide.id)
+        if mpp is not None:
+            return mpp, "manifest"
+        return self.options.slide_mpp, "--slide-mpp"
+
+    def run(self) -> IngestSummary:
+        summary = IngestSummary(self.store.location, self.collection, not_slides=len(self.cohort.skipped))
+        summary.manifest = str(self.manifest.path) if self.manifest.path else None
+        summary.manifest_unmatched = [f"line {line}: {value}" for line, value in self.manifest.unmatched]
+        summary.manifest_missing = list(self.manifest.missing) if self.manifest.path else []
+        summary.timings = self.timings
+        start = time.perf_counter()
+        self.prepare()
+        if self.progress.on_start:
+            self.progress.on_start(len(self.cohort.slides))
+        writer = _Writer(self.store, self.collection, self.timings)
+        planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conchdb-planner")
+        try:
+            work = [(s, r) for s, r in self._todo()]
+            pending = [(s, r) for s, r in work if not self._is_done(s, r)]
+            for slide, record in work:
+                if self._is_done(slide, record):
+                    self._emit(summary, SlideOutcome(slide.id, str(slide.path), "skipped", int(record.get("tiles", 0))))
+            futures: list[Future[_Plan]] = []
+            for i, (slide, record) in enumerate(pending):
+                if i == 0:
+                    futures.append(planner.submit(_plan, slide, *self._override(slide), self.options.params))
+                if i + 1 < len(pending):  # plan the next slide while this one is embedded
+                    nxt = pending[i + 1][0]
+                    futures.append(planner.submit(_plan, nxt, *self._override(nxt), self.options.params))
+                plan = futures[i].result()
+                self._emit(summary, self._ingest_slide(plan, record, writer))
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            raise
+        finally:
+            planner.shutdown(wait=True, cancel_futures=True)
+            try:
+                writer.flush()
+            finally:
+                writer.close()
+                summary.seconds = time.perf_counter() - start
+        if any(o.status == DONE for o in summary.outcomes):
+            t = time.perf_counter()
+            self.store.finish_bulk_load(self.collection)
+            self.timings["index_s"] = time.perf_counter() - t
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _emit(self, summary: IngestSummary, outcome: SlideOutcome) -> None:
+        summary.outcomes.append(outcome)
+        if self.progress.on_outcome:
+            self.progress.on_outcome(outcome)
+
+    def _ingest_slide(self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer) -> SlideOutcome:
+        slide, start = plan.slide, time.perf_counter()
+        outcome = SlideOutcome(slide.id, str(slide.path), FAILED)
+        if plan.error is None and plan.grid is not None and len(plan.grid) == 0:
+            self._write_record(slide, NO_TISSUE, tiles=0, error=None, **plan.info)
+            self._delete_stale(slide)
+            outcome.status = NO_TISSUE
+            return outcome
+        if plan.error is None:
+            self._write_record(slide, IN_PROGRESS, tiles=0, error=None, **plan.info)
+            try:
+                mean = self._embed_slide(plan, writer)
+                writer.flush()
+                self._delete_stale(slide)
+                self._write_record(slide, DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
+                outcome.status, outcome.tiles = DONE, len(plan.grid)
+            except SlideError as exc:
+                writer.flush()
+                plan.error = str(exc)
+        if plan.error is not None:
+            outcome.error = plan.error
+            self._write_record(slide, FAILED, tiles=0, error=plan.error, **plan.info)
+            if record is None or record.get("status") != DONE:
+                # Nothing good was stored for this slide before: drop the partial tiles.
+                self.store.delete(self.collection, self._slide_filter(slide))
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    def _delete_stale(self, slide: CohortSlide) -> None:
+        self.store.delete(self.collection, self._slide_filter(slide, Condition("ingest_run", "ne", self.run_id)))
+
+    def _embed_slide(self, plan: _Plan, writer: _Writer) -> np.ndarray:
+        """Stream, embed and hand over every tile of the slide; returns the normalized mean vector."""
+        slide, grid = plan.slide, plan.grid
+        assert grid is not None
+        if self.progress.on_slide:
+            self.progress.on_slide(slide.id, len(grid))
+        base = {
+            "slide_id": slide.id,
+            "path": str(slide.path),
+            "cohort": self.cohort_name,
+            "mpp": plan.info.get("mpp"),
+            "mpp_source": plan.info.get("mpp_source"),
+            "target_mpp": grid.target_mpp,
+            "tile_px": grid.tile_px,
+            "tiling": self.tiling,
+            "ingest_run": self.run_id,
+            **self.manifest.payload_for(slide.id),
+        }
+        identity = f"{self.cohort_name}/{slide.id}@{slide.identity}"
+        total = np.zeros(self.encoder.dim, dtype=np.float64)
+        reader = TileReader(
+            slide.path, grid, batch_size=self.options.batch_size, workers=self.options.readers,
+            mpp_override=plan.mpp_override,
+        )
+        with reader:
+            batches = iter(reader)
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                self.timings["read_wait_s"] = self.timings.get("read_wait_s", 0.0) + time.perf_counter() - t
+                if batch is None:
+                    break
+                t = time.perf_counter()
+                vectors = self.encoder.encode_tiles(batch.tiles)
+                self.timings["embed_s"] = self.timings.get("embed_s", 0.0) + time.perf_counter() - t
+                total += vectors.sum(axis=0)
+                tiles = grid.tiles[batch.start : batch.start + len(batch)]
+                points = [
+                    Point(
+                        tile_point_id(identity, t.x, t.y, t.size, grid.target_mpp, self.encoder.fingerprint),
+                        vec,
+                        {**base, "x": t.x, "y": t.y, "size": t.size, "tissue": t.tissue},
+                    )
+                    for t, vec in zip(tiles, vectors, strict=True)
+                ]
+                writer.put(points)
+                if self.progress.on_batch:
+                    self.progress.on_batch(len(points))
+        norm = np.linalg.norm(total)
+        return (total / norm if norm > 0 else total).astype(np.float32)
+
+
+def ingest(
+    path: str | Path,
+    encoder: Encoder,
+    store: Store,
+    collection: str = "conch_tiles",
+    manifest: str | Path | None = None,
+    options: IngestOptions | None = None,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Ingest every slide under `path` into `collection`; see the module docstring."""
+    cohort = discover(path)
+    table = read_manifest(manifest, cohort)  # a malformed manifest fails here, before any work
+    return Ingest(cohort, table, encoder, store, collection, options, progress).run()

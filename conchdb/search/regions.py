@@ -1,0 +1,115 @@
+"""Pixels from source slides for search: query regions, hit tiles, thumbnails.
+
+Everything here goes through `conchdb.ingest.slide`, so a region is read the way ingest
+reads tiles: a level-0 square or rectangle, taken from the coarsest pyramid level that is
+still fine enough, and resized to the requested resolution. A hit is cut at its own tile's
+resolution (its `size` level-0 pixels to `tile_px`), so the JPEG shows what was embedded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from conchdb.errors import QueryError, SlideError
+from conchdb.ingest.grid import LEVEL_TOLERANCE
+from conchdb.ingest.reader import TILE_FILTER
+from conchdb.ingest.slide import Slide, open_slide
+from conchdb.ingest.tissue import read_thumbnail
+
+MAX_REGION_PX = 4096
+"""Largest side of a query region after resizing to the target resolution: the model sees
+448 px anyway, and a bigger read only costs memory."""
+
+_REGION = re.compile(r"^(?P<path>.+)\+(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A rectangle of a slide in level-0 pixels: `path+x,y,w,h` on the command line."""
+
+    path: Path
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def parse_region(spec: str) -> Region | None:
+    """A `Region` when `spec` ends in `+x,y,w,h`, else None (it is then a plain image path)."""
+    match = _REGION.match(spec.strip())
+    if not match:
+        return None
+    region = Region(Path(match["path"]), *(int(match[k]) for k in ("x", "y", "w", "h")))
+    if region.w < 1 or region.h < 1:
+        raise QueryError(f"region {spec!r} is empty", hint="give w and h of at least 1 level-0 pixel")
+    return region
+
+
+def open_source(payload: Mapping[str, Any]) -> Slide:
+    """The slide a stored point was cut from, opened with the pixel size ingest used.
+
+    The stored `mpp` is passed as an override, so slides whose size came from a manifest
+    or `--slide-mpp` open with the same geometry as at ingest.
+    """
+    path = payload.get("path")
+    if not path:
+        raise SlideError("the point has no `path` in its payload", hint="it was not written by conchdb ingest")
+    mpp = payload.get("mpp")
+    try:
+        return open_slide(path, mpp if isinstance(mpp, (int, float)) else None, override_source="store")
+    except SlideError as exc:
+        raise SlideError(
+            f"cannot open the source slide of '{payload.get('slide_id', path)}': {exc.message}",
+            hint="the slide must still be at the path it was ingested from (run from the same folder, "
+            "or ingest with an absolute path)",
+        ) from None
+
+
+def read_scaled(slide: Slide, x: int, y: int, w: int, h: int, out: tuple[int, int]) -> Image.Image:
+    """The level-0 rectangle (x, y, w, h) resized to `out`, read from the cheapest fine-enough level."""
+    downsample = min(w / out[0], h / out[1])
+    level = slide.best_level(max(downsample, 1.0), LEVEL_TOLERANCE)
+    factor = slide.level_downsamples[level]
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    image = slide.read_region((x, y), level, size)
+    return image if image.size == out else image.resize(out, TILE_FILTER)
+
+
+def read_region(region: Region, target_mpp: float | None) -> Image.Image:
+    """A query region at `target_mpp` (the collection's tile resolution), or at level 0 when
+    the slide or the collection gives no pixel size."""
+    with open_slide(region.path) as slide:
+        width, height = slide.dimensions
+        if region.x + region.w > width or region.y + region.h > height:
+            raise QueryError(
+                f"region {region.x},{region.y},{region.w},{region.h} lies outside {region.path} ({width}×{height})",
+                hint="give x, y, w, h in level-0 pixels inside the slide",
+            )
+        scale = slide.mpp / target_mpp if slide.mpp and target_mpp else 1.0
+        out = (max(1, round(region.w * scale)), max(1, round(region.h * scale)))
+        if max(out) > MAX_REGION_PX:
+            raise QueryError(
+                f"region {region.w}×{region.h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
+                hint=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
+            )
+        return read_scaled(slide, region.x, region.y, region.w, region.h, out)
+
+
+def read_hit_tile(slide: Slide, payload: Mapping[str, Any]) -> Image.Image:
+    """A stored tile's pixels: its `size` level-0 square at `(x, y)`, resized to `tile_px`."""
+    x, y, size = int(payload["x"]), int(payload["y"]), int(payload["size"])
+    tile_px = int(payload.get("tile_px") or size)
+    return read_scaled(slide, x, y, size, size, (tile_px, tile_px))
+
+
+def thumbnail(slide: Slide, max_side: int) -> tuple[Image.Image, float]:
+    """The whole slide with its longer side at most `max_side` px, and its downsample
+    (level-0 pixels per thumbnail pixel)."""
+    downsample = max(1.0, max(slide.dimensions) / max_side)
+    return Image.fromarray(read_thumbnail(slide, downsample)), downsample

@@ -1,0 +1,193 @@
+"""What both backends do the same way: the collection record, checks, and result conversion.
+
+The collection record is what conchdb writes beside a collection when it creates it:
+its vector size, its payload indexes and the metadata of the model, preprocessing and
+tiling that built it. The embedded store keeps it as `collection.json` beside the shard,
+the server store in the collection's own Qdrant metadata under the key `conchdb`; both
+read and check it here, so the two refuse the same things with the same words.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conchdb import __version__
+from conchdb.errors import StoreError
+from conchdb.store.base import CollectionSpec, FieldType, Group, Hit, Point
+
+RECORD_FORMAT = 1
+FINGERPRINT = "model_fingerprint"
+FIELD_TYPES: tuple[FieldType, ...] = ("keyword", "integer", "float", "bool")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass
+class CollectionRecord:
+    """The persisted description of a conchdb collection (JSON-ready)."""
+
+    name: str
+    dim: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    indexes: dict[str, FieldType] = field(default_factory=dict)
+    format: int = RECORD_FORMAT
+    created_at: str = ""
+    created_by: str = ""
+
+    @classmethod
+    def new(cls, spec: CollectionSpec) -> CollectionRecord:
+        return cls(
+            name=spec.name,
+            dim=int(spec.dim),
+            metadata=dict(spec.metadata),
+            indexes=dict(spec.indexes),
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            created_by=f"conchdb {__version__}",
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CollectionRecord:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_name(name: str) -> str:
+    """Collection names are folder names in the embedded store, so both backends take the same safe set."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise StoreError(
+            f"invalid collection name {name!r}",
+            hint="use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit",
+        )
+    return name
+
+
+def check_spec(spec: CollectionSpec) -> None:
+    """Refuse a spec that no backend could honour, before anything is created."""
+    check_name(spec.name)
+    if not isinstance(spec.dim, int) or spec.dim <= 0:
+        raise StoreError(f"collection '{spec.name}': vector size {spec.dim!r} must be a positive integer")
+    for key, kind in spec.indexes.items():
+        if kind not in FIELD_TYPES:
+            raise StoreError(
+                f"collection '{spec.name}': index on '{key}' has unknown type {kind!r}",
+                hint=f"use one of {', '.join(FIELD_TYPES)}",
+            )
+
+
+def check_compatible(location: str, record: CollectionRecord, spec: CollectionSpec) -> None:
+    """Refuse to write into an existing collection built by another model or with another vector size.
+
+    Only the fingerprint and the size are binding: other metadata (tiling, preprocessing
+    notes) may differ between runs, and the record keeps what the first writer recorded.
+    A spec without a fingerprint (a reader, or a collection that is not about a model) is
+    not refused.
+    """
+    if record.dim != spec.dim:
+        raise StoreError(
+            f"collection '{record.name}' in {location} holds {record.dim}-d vectors; {spec.dim}-d were offered",
+            hint="choose another collection with --collection, or another store",
+        )
+    have, offered = record.metadata.get(FINGERPRINT), spec.metadata.get(FINGERPRINT)
+    if have is not None and offered is not None and have != offered:
+        raise StoreError(
+            f"collection '{record.name}' in {location} was built with model fingerprint {have}; "
+            f"refusing vectors from model fingerprint {offered}",
+            hint="embed with the checkpoint that built this collection, or write to another collection "
+            "(--collection NAME) or another store (--store PATH / --qdrant-url)",
+        )
+
+
+def missing_indexes(record: CollectionRecord, spec: CollectionSpec) -> dict[str, FieldType]:
+    """Indexes the spec asks for that the collection lacks; a changed type is an error."""
+    new: dict[str, FieldType] = {}
+    for key, kind in spec.indexes.items():
+        have = record.indexes.get(key)
+        if have is None:
+            new[key] = kind
+        elif have != kind:
+            raise StoreError(
+                f"collection '{record.name}': field '{key}' is indexed as {have}, not {kind}",
+                hint=f"write '{key}' as {have} values, or use another collection",
+            )
+    return new
+
+
+def no_collection(location: str, name: str) -> StoreError:
+    return StoreError(
+        f"collection '{name}' does not exist in {location}",
+        hint="ingest slides into it first (conchdb ingest ... --collection NAME), or see the "
+        "collections there with conchdb stats",
+    )
+
+
+def vectors_of(points: Sequence[Point], record: CollectionRecord, location: str) -> np.ndarray:
+    """The points' vectors as one float32 (n, dim) array, after checking ids and sizes."""
+    for p in points:
+        try:
+            uuid.UUID(p.id)
+        except (ValueError, TypeError, AttributeError):
+            raise StoreError(
+                f"point id {p.id!r} for collection '{record.name}' is not a UUID string",
+                hint="make ids with conchdb.store.ids.tile_point_id or stable_id",
+            ) from None
+    vectors = np.asarray([p.vector for p in points], dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != record.dim:
+        raise StoreError(
+            f"collection '{record.name}' in {location} holds {record.dim}-d vectors; "
+            f"got an array of shape {vectors.shape[1:] if vectors.ndim == 2 else vectors.shape}"
+        )
+    if not np.isfinite(vectors).all():
+        raise StoreError(f"vectors for collection '{record.name}' contain NaN or infinity")
+    return vectors
+
+
+def query_vector(vector: np.ndarray, record: CollectionRecord, location: str) -> list[float]:
+    """A query vector as the list both engines take, checked against the collection's size."""
+    array = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if array.shape[0] != record.dim:
+        raise StoreError(
+            f"collection '{record.name}' in {location} holds {record.dim}-d vectors; "
+            f"the query vector has {array.shape[0]}"
+        )
+    return array.tolist()
+
+
+def point_ids(ids: Sequence[str]) -> list[str]:
+    """Ids as the engines print them (lowercase, hyphenated), without repeats; non-UUIDs are
+    left out, since no conchdb point can have one."""
+    out = []
+    for point_id in ids:
+        try:
+            out.append(str(uuid.UUID(str(point_id))))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(out))
+
+
+def to_hit(point: Any, with_vectors: bool) -> Hit:
+    """A Hit from either engine's scored point or record (same attribute names in both)."""
+    vector = getattr(point, "vector", None) if with_vectors else None
+    if isinstance(vector, dict):  # a named-vector map; conchdb uses the unnamed vector only
+        vector = vector.get("")
+    return Hit(
+        id=str(point.id),
+        score=float(getattr(point, "score", 0.0) or 0.0),
+        payload=dict(point.payload or {}),
+        vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+    )
+
+
+def sort_groups(groups: list[Group]) -> list[Group]:
+    """Hits best first inside each group, groups by their best hit."""
+    for g in groups:
+        g.hits.sort(key=lambda h: -h.score)
+    return sorted(groups, key=lambda g: -g.hits[0].score)

@@ -1,0 +1,379 @@
+"""The embedded store: the Qdrant engine inside this process (qdrant-edge), persisted in a folder.
+
+One qdrant-edge shard per collection. The folder looks like this:
+
+    STORE/
+      conchdb.lock                     held (flock) by the one process using the store; its pid inside
+      collections/NAME/collection.json  the collection record: size, indexes, model/tiling metadata
+      collections/NAME/shard/           the qdrant-edge shard (segments, WAL, edge_config.json)
+
+qdrant-edge does no background work: a write lands in an appendable segment that is
+searched exactly, and the HNSW index is built when `finish_bulk_load` runs the engine's
+optimizer. Writes go through the engine's write-ahead log, so a crash loses nothing that
+`upsert` returned for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import qdrant_edge as qe
+
+from conchdb.errors import StoreError
+from conchdb.store import common, lock
+from conchdb.store.base import CollectionSpec, Condition, FieldType, Filter, Group, Hit, Point
+from conchdb.store.filters import Dialect, translate
+
+RECORD_FILE = "collection.json"
+SCROLL_PAGE = 1000
+
+_SCHEMA: dict[FieldType, Any] = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "integer": qe.PayloadSchemaType.Integer,
+    "float": qe.PayloadSchemaType.Float,
+    "bool": qe.PayloadSchemaType.Bool,
+}
+
+
+def _match(key: str, value: Any) -> Any:
+    # qdrant-edge-py 0.9.0 reads a Python bool as the integer 1/0 (it tries Integer
+    # before Bool), which matches no bool payload; numpy.bool_ is not an int, so it
+    # reaches the Bool variant.
+    return qe.FieldCondition(key, match=qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value))
+
+
+EDGE_DIALECT = Dialect(
+    match=_match,
+    match_any=lambda key, values: qe.FieldCondition(key, match=qe.MatchAny(values)),
+    range=lambda key, bounds: qe.FieldCondition(key, range=qe.RangeFloat(**bounds)),
+    is_empty=qe.IsEmptyCondition,
+    filter=lambda must, must_not, should: qe.Filter(
+        must=must or None, must_not=must_not or None, should=should or None
+    ),
+)
+
+
+def _is_store_folder(path: Path) -> bool:
+    """An existing folder we may use: empty, or already a conchdb store."""
+    return not any(path.iterdir()) or (path / lock.LOCK_FILE).exists() or (path / "collections").is_dir()
+
+
+class EdgeStore:
+    """A conchdb store in a local folder, searched by the Qdrant engine in this process.
+
+    Only one process may open a store at a time (a second one gets a StoreError naming
+    the holder). The HNSW parameters apply to collections created by this object;
+    `hnsw_ef` is the search-time beam width, the knob between recall and latency.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        hnsw_m: int = 16,
+        hnsw_ef_construct: int = 100,
+        hnsw_ef: int = 128,
+        indexing_threshold_kb: int | None = None,
+        max_segment_size_kb: int | None = None,
+        max_search_threads: int | None = None,
+    ):
+        self.path = Path(path).expanduser().resolve()
+        self.location = f"embedded store {self.path}"
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"store path {self.path} is a file", hint="give --store a folder")
+        if self.path.is_dir() and not _is_store_folder(self.path):
+            raise StoreError(
+                f"{self.path} is a non-empty folder that is not a conchdb store",
+                hint="give --store an empty or new folder, or an existing conchdb store",
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: lock.StoreLock | None = lock.acquire(self.path)
+        self.hnsw_ef = hnsw_ef
+        self._hnsw = qe.HnswIndexConfig(m=hnsw_m, ef_construct=hnsw_ef_construct, full_scan_threshold=10_000)
+        self._optimizers = qe.EdgeOptimizersConfig(
+            indexing_threshold=indexing_threshold_kb, max_segment_size=max_segment_size_kb
+        )
+        self._max_search_threads = max_search_threads
+        self._records: dict[str, common.CollectionRecord] = {}
+        self._shards: dict[str, qe.EdgeShard] = {}
+
+    # -- collections -------------------------------------------------------------------
+
+    def _dir(self, name: str) -> Path:
+        return self.path / "collections" / common.check_name(name)
+
+    def _read_record(self, name: str) -> common.CollectionRecord | None:
+        if self._lock is None:
+            raise StoreError(f"{self.location} is closed", hint="open the store again")
+        if name in self._records:
+            return self._records[name]
+        file = self._dir(name) / RECORD_FILE
+        if not file.is_file():
+            return None
+        try:
+            record = common.CollectionRecord.from_dict(json.loads(file.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(
+                f"cannot read the record of collection '{name}' ({file}): {exc}",
+                hint="the store is damaged; restore it from a copy or ingest into a new store",
+            ) from exc
+        self._records[name] = record
+        return record
+
+    def _record(self, name: str) -> common.CollectionRecord:
+        record = self._read_record(name)
+        if record is None:
+            raise common.no_collection(self.location, name)
+        return record
+
+    def _write_record(self, record: common.CollectionRecord) -> None:
+        """Atomically: a crash leaves the old record or the new one, never half of one."""
+        file = self._dir(record.name) / RECORD_FILE
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+        os.replace(tmp, file)
+        self._records[record.name] = record
+
+    def _shard(self, name: str) -> qe.EdgeShard:
+        shard = self._shards.get(name)
+        if shard is None:
+            self._record(name)
+            try:
+                shard = qe.EdgeShard.load(str(self._dir(name) / "shard"))
+            except Exception as exc:  # the engine raises plain Exceptions
+                raise StoreError(
+                    f"qdrant-edge cannot open collection '{name}' in {self.location}: {exc}",
+                    hint="the store may be damaged or written by another qdrant-edge version",
+                ) from exc
+            self._shards[name] = shard
+        return shard
+
+    def _config(self, dim: int) -> qe.EdgeConfig:
+        return qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            hnsw_config=self._hnsw,
+            optimizers=self._optimizers,
+            max_search_threads=self._max_search_threads,
+        )
+
+    def _create_indexes(self, name: str, indexes: dict[str, FieldType]) -> None:
+        shard = self._shard(name)
+        for key, kind in indexes.items():
+            shard.update(qe.UpdateOperation.create_field_index(key, _SCHEMA[kind]))
+
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        """Create the collection, or check an existing one and add the payload indexes it lacks."""
+        common.check_spec(spec)
+        record = self._read_record(spec.name)
+        if record is not None:
+            common.check_compatible(self.location, record, spec)
+            new = common.missing_indexes(record, spec)
+            if new:
+                self._create_indexes(spec.name, new)
+                record.indexes.update(new)
+                self._write_record(record)
+            return
+        folder = self._dir(spec.name)
+        # A shard without a record is what an interrupted creation leaves: it holds no points,
+        # since upserts need the record, so it is safe to start it again.
+        shutil.rmtree(folder / "shard", ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._shards[spec.name] = qe.EdgeShard.create(str(folder / "shard"), self._config(spec.dim))
+        record = common.CollectionRecord.new(spec)
+        self._write_record(record)
+        self._create_indexes(spec.name, record.indexes)
+
+    def collection_metadata(self, name: str) -> dict[str, Any] | None:
+        record = self._read_record(name)
+        return None if record is None else dict(record.metadata)
+
+    def collections(self) -> list[str]:
+        root = self.path / "collections"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / RECORD_FILE).is_file())
+
+    # -- writes ------------------------------------------------------------------------
+
+    def upsert(self, name: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        record = self._record(name)
+        # One tolist() for the batch is far cheaper than letting the binding walk each numpy row.
+        rows = common.vectors_of(points, record, self.location).tolist()
+        batch = [qe.Point(p.id, row, p.payload) for p, row in zip(points, rows, strict=True)]
+        self._shard(name).update(qe.UpdateOperation.upsert_points(batch))
+
+    def delete(self, name: str, flt: Filter) -> None:
+        record = self._record(name)
+        if not flt:
+            raise StoreError(
+                f"refusing to delete every point of collection '{name}' (the filter is empty)",
+                hint="give at least one condition, e.g. slide_id eq ID",
+            )
+        self._shard(name).update(qe.UpdateOperation.delete_points_by_filter(self._filter(record, flt)))
+
+    def finish_bulk_load(self, name: str) -> None:
+        """Build HNSW and payload indexes for what was written, and merge small segments.
+
+        Blocks until the engine's optimizer has nothing left to do; at 1M points on 2
+        cores this takes minutes, which is why ingest calls it once at the end.
+        """
+        shard = self._shard(name)
+        shard.optimize()
+        shard.flush()
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _filter(self, record: common.CollectionRecord, flt: Filter | None) -> Any:
+        return translate(flt, EDGE_DIALECT, record.indexes)
+
+    def _search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        k: int,
+        flt: Filter | None,
+        min_score: float | None,
+        offset: int = 0,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        record = self._record(name)
+        request = qe.QueryRequest(
+            limit=int(k),
+            offset=int(offset) or None,
+            query=qe.Query.Nearest(common.query_vector(vector, record, self.location)),
+            filter=self._filter(record, flt),
+            score_threshold=min_score,
+            with_payload=True,
+            with_vector=with_vectors,
+            params=qe.SearchParams(hnsw_ef=max(self.hnsw_ef, int(k) + int(offset))),
+        )
+        return [common.to_hit(p, with_vectors) for p in self._shard(name).query(request)]
+
+    def query(
+        self,
+        name: str,
+        vector: np.ndarray,
+        k: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        if k <= 0:
+            return []
+        return self._search(name, vector, k, flt, min_score, offset, with_vectors)
+
+    def query_groups(
+        self,
+        name: str,
+        vector: np.ndarray,
+        group_by: str,
+        groups: int,
+        group_size: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+    ) -> list[Group]:
+        """Grouped search, which qdrant-edge's Python API lacks, built from plain searches.
+
+        Hits arrive best first, so the first `groups` distinct values seen are the best
+        groups. Each further round searches more deeply, only among groups that are not yet
+        full (and, once the groups are known, only within them), until every chosen group
+        has `group_size` hits or the matching points run out.
+        """
+        if groups <= 0 or group_size <= 0:
+            return []
+        base = flt.must if flt else ()
+        chosen: dict[Any, list[Hit]] = {}
+        seen: set[str] = set()
+        limit = max(4 * groups * group_size, 64)
+        while True:
+            full = [key for key, hits in chosen.items() if len(hits) >= group_size]
+            if len(chosen) >= groups:
+                extra = (Condition(group_by, "in", [k for k in chosen if k not in full]),)
+            else:
+                extra = tuple(Condition(group_by, "ne", key) for key in full)
+            hits = self._search(name, vector, limit, Filter(base + extra), min_score)
+            for hit in hits:
+                key = hit.payload.get(group_by)
+                if hit.id in seen or key is None or isinstance(key, (list, dict)):
+                    continue
+                seen.add(hit.id)
+                if key not in chosen and len(chosen) < groups:
+                    chosen[key] = []
+                if key in chosen and len(chosen[key]) < group_size:
+                    chosen[key].append(hit)
+            done = len(chosen) >= groups and all(len(h) >= group_size for h in chosen.values())
+            if done or len(hits) < limit:
+                break
+            limit *= 4
+        return common.sort_groups([Group(key=key, hits=hits) for key, hits in chosen.items()])
+
+    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
+        self._record(name)
+        wanted = common.point_ids(ids)
+        if not wanted:
+            return []
+        records = self._shard(name).retrieve(wanted, with_payload=True, with_vector=with_vectors)
+        found = {str(r.id): common.to_hit(r, with_vectors) for r in records}
+        return [found[i] for i in wanted if i in found]
+
+    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
+        record = self._record(name)
+        native = self._filter(record, flt)
+        offset = None
+        while True:
+            request = qe.ScrollRequest(
+                offset=offset, limit=SCROLL_PAGE, filter=native, with_payload=True, with_vector=with_vectors
+            )
+            page, offset = self._shard(name).scroll(request)
+            for r in page:
+                yield common.to_hit(r, with_vectors)
+            if offset is None:
+                return
+
+    def count(self, name: str, flt: Filter | None = None) -> int:
+        record = self._record(name)
+        return int(self._shard(name).count(qe.CountRequest(exact=True, filter=self._filter(record, flt))))
+
+    # -- the store ---------------------------------------------------------------------
+
+    def size_on_disk(self) -> int:
+        """Bytes actually allocated (sparse mmap files count for what they use, not their length)."""
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                try:
+                    st = os.stat(os.path.join(root, f))
+                except OSError:
+                    continue
+                total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+        return total
+
+    def close(self) -> None:
+        """Flush and close every shard, then release the lock; safe to call twice."""
+        shards, self._shards = self._shards, {}
+        try:
+            for shard in shards.values():
+                shard.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            self._records.clear()
+
+    def __enter__(self) -> EdgeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EdgeStore({str(self.path)!r})"

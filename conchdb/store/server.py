@@ -1,0 +1,339 @@
+"""The server store: qdrant-client against a Qdrant server or cluster.
+
+Use it when several processes (Celery workers, the API) read and write at once, or when
+the data outgrows one machine. The collection record lives in the collection's own
+Qdrant metadata under the key `conchdb`, so it travels with snapshots and is visible to
+any Qdrant tool. New collections start with HNSW switched off (`m=0`) so that a bulk
+ingest does not rebuild the graph as it grows; `finish_bulk_load` switches it on and the
+server builds the index once. Vectors are also kept as int8 scalar-quantized copies,
+searched first and rescored with the originals (both configurable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from conchdb.errors import StoreError
+from conchdb.store import common
+from conchdb.store.base import CollectionSpec, FieldType, Filter, Group, Hit, Point
+from conchdb.store.filters import Dialect, translate
+
+META_KEY = "conchdb"
+SCROLL_PAGE = 1000
+T = TypeVar("T")
+
+_SCHEMA: dict[FieldType, models.PayloadSchemaType] = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+}
+
+SERVER_DIALECT = Dialect(
+    match=lambda key, value: models.FieldCondition(key=key, match=models.MatchValue(value=value)),
+    match_any=lambda key, values: models.FieldCondition(key=key, match=models.MatchAny(any=values)),
+    range=lambda key, bounds: models.FieldCondition(key=key, range=models.Range(**bounds)),
+    is_empty=lambda key: models.IsEmptyCondition(is_empty=models.PayloadField(key=key)),
+    filter=lambda must, must_not, should: models.Filter(
+        must=must or None, must_not=must_not or None, should=should or None
+    ),
+)
+
+
+class ServerStore:
+    """A conchdb store on a Qdrant server (`url`), or on a given `client` (tests: `QdrantClient(":memory:")`).
+
+    `hnsw_m`/`hnsw_ef_construct` are the index built by `finish_bulk_load`; `hnsw_ef` the
+    search beam. `quantization` keeps int8 copies of the vectors in RAM; `rescore` re-ranks
+    the quantized candidates (`oversampling` times more of them) with the original vectors.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: QdrantClient | None = None,
+        *,
+        hnsw_m: int = 16,
+        hnsw_ef_construct: int = 100,
+        hnsw_ef: int | None = 128,
+        quantization: bool = True,
+        rescore: bool = True,
+        oversampling: float = 2.0,
+        timeout: int = 60,
+    ):
+        if client is None and not url:
+            raise StoreError("no Qdrant server URL given", hint="pass --qdrant-url or set CONCHDB_QDRANT_URL")
+        self.url = url
+        self.location = f"Qdrant server {url}" if url else "in-process qdrant-client"
+        self._owns_client = client is None
+        self.client = client if client is not None else QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        self.hnsw_m, self.hnsw_ef_construct = hnsw_m, hnsw_ef_construct
+        self.quantization = quantization
+        self._params = models.SearchParams(
+            hnsw_ef=hnsw_ef,
+            quantization=models.QuantizationSearchParams(rescore=rescore, oversampling=oversampling)
+            if quantization
+            else None,
+        )
+        self._records: dict[str, common.CollectionRecord] = {}
+        self._call(None, self.client.get_collections)  # fail now, with the fix, if the server is unreachable
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _call(self, name: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a client call; turn an unreachable server or a missing collection into a StoreError."""
+        try:
+            return fn(*args, **kwargs)
+        except ResponseHandlingException as exc:
+            raise StoreError(
+                f"cannot reach {self.location}: {exc}",
+                hint="start the server (docker compose up qdrant) or check --qdrant-url / CONCHDB_QDRANT_URL",
+            ) from exc
+        except UnexpectedResponse as exc:
+            if exc.status_code in (401, 403):
+                raise StoreError(
+                    f"{self.location} refused the API key ({exc.status_code})",
+                    hint="set CONCHDB_QDRANT_API_KEY to the server's key",
+                ) from exc
+            if name is not None and exc.status_code == 404:
+                raise common.no_collection(self.location, name) from exc
+            raise
+        except ValueError as exc:  # local mode's "Collection ... not found"
+            if name is not None and "not found" in str(exc):
+                raise common.no_collection(self.location, name) from exc
+            raise
+
+    def _read_record(self, name: str) -> common.CollectionRecord | None:
+        if name in self._records:
+            return self._records[name]
+        if not self._call(None, self.client.collection_exists, common.check_name(name)):
+            return None
+        info = self._call(name, self.client.get_collection, name)
+        data = (info.config.metadata or {}).get(META_KEY)
+        if not isinstance(data, dict):
+            raise StoreError(
+                f"collection '{name}' on {self.location} was not created by conchdb (it has no conchdb record)",
+                hint="choose another collection name with --collection",
+            )
+        record = common.CollectionRecord.from_dict(data)
+        self._records[name] = record
+        return record
+
+    def _record(self, name: str) -> common.CollectionRecord:
+        record = self._read_record(name)
+        if record is None:
+            raise common.no_collection(self.location, name)
+        return record
+
+    def _filter(self, record: common.CollectionRecord, flt: Filter | None) -> models.Filter | None:
+        return translate(flt, SERVER_DIALECT, record.indexes)
+
+    # -- collections -------------------------------------------------------------------
+
+    def _create_indexes(self, name: str, indexes: dict[str, FieldType]) -> None:
+        for key, kind in indexes.items():
+            self._call(name, self.client.create_payload_index, name, key, field_schema=_SCHEMA[kind], wait=True)
+
+    def _create(self, spec: CollectionSpec) -> bool:
+        """Create the collection with HNSW off; False if another process created it first."""
+        record = common.CollectionRecord.new(spec)
+        quantization = (
+            models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+            )
+            if self.quantization
+            else None
+        )
+        try:
+            self._call(
+                None,
+                self.client.create_collection,
+                spec.name,
+                vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
+                hnsw_config=models.HnswConfigDiff(m=0, ef_construct=self.hnsw_ef_construct),
+                quantization_config=quantization,
+                metadata={META_KEY: record.to_dict()},
+            )
+        except (UnexpectedResponse, ValueError) as exc:
+            if "already exists" in str(exc):
+                return False
+            raise
+        self._records[spec.name] = record
+        self._create_indexes(spec.name, record.indexes)
+        return True
+
+    def ensure_collection(self, spec: CollectionSpec) -> None:
+        """Create the collection, or check an existing one and add the payload indexes it lacks.
+
+        Safe when several workers start at once: the loser of the creation race checks the
+        winner's record like any existing collection.
+        """
+        common.check_spec(spec)
+        self._records.pop(spec.name, None)  # another process may have changed it
+        record = self._read_record(spec.name)
+        if record is None and self._create(spec):
+            return
+        record = self._record(spec.name)
+        common.check_compatible(self.location, record, spec)
+        new = common.missing_indexes(record, spec)
+        if new:
+            self._create_indexes(spec.name, new)
+            record.indexes.update(new)
+            self._call(spec.name, self.client.update_collection, spec.name, metadata={META_KEY: record.to_dict()})
+
+    def collection_metadata(self, name: str) -> dict[str, Any] | None:
+        record = self._read_record(name)
+        return None if record is None else dict(record.metadata)
+
+    def collections(self) -> list[str]:
+        names = [c.name for c in self._call(None, self.client.get_collections).collections]
+        ours = []
+        for name in names:
+            info = self._call(name, self.client.get_collection, name)
+            if isinstance((info.config.metadata or {}).get(META_KEY), dict):
+                ours.append(name)
+        return sorted(ours)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def upsert(self, name: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        vectors = common.vectors_of(points, self._record(name), self.location)
+        batch = models.Batch(ids=[p.id for p in points], vectors=vectors.tolist(), payloads=[p.payload for p in points])
+        self._call(name, self.client.upsert, name, points=batch, wait=True)
+
+    def delete(self, name: str, flt: Filter) -> None:
+        record = self._record(name)
+        if not flt:
+            raise StoreError(
+                f"refusing to delete every point of collection '{name}' (the filter is empty)",
+                hint="give at least one condition, e.g. slide_id eq ID",
+            )
+        selector = models.FilterSelector(filter=self._filter(record, flt))
+        self._call(name, self.client.delete, name, points_selector=selector, wait=True)
+
+    def finish_bulk_load(self, name: str) -> None:
+        """Switch HNSW on (`m` > 0); the server builds the index in the background."""
+        self._record(name)
+        hnsw = models.HnswConfigDiff(m=self.hnsw_m, ef_construct=self.hnsw_ef_construct)
+        self._call(name, self.client.update_collection, name, hnsw_config=hnsw)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def query(
+        self,
+        name: str,
+        vector: np.ndarray,
+        k: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+        with_vectors: bool = False,
+    ) -> list[Hit]:
+        if k <= 0:
+            return []
+        record = self._record(name)
+        result = self._call(
+            name,
+            self.client.query_points,
+            name,
+            query=common.query_vector(vector, record, self.location),
+            query_filter=self._filter(record, flt),
+            limit=int(k),
+            offset=int(offset) or None,
+            score_threshold=min_score,
+            with_payload=True,
+            with_vectors=with_vectors,
+            search_params=self._params,
+        )
+        return [common.to_hit(p, with_vectors) for p in result.points]
+
+    def query_groups(
+        self,
+        name: str,
+        vector: np.ndarray,
+        group_by: str,
+        groups: int,
+        group_size: int,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+    ) -> list[Group]:
+        if groups <= 0 or group_size <= 0:
+            return []
+        record = self._record(name)
+        result = self._call(
+            name,
+            self.client.query_points_groups,
+            name,
+            group_by=group_by,
+            query=common.query_vector(vector, record, self.location),
+            query_filter=self._filter(record, flt),
+            limit=int(groups),
+            group_size=int(group_size),
+            score_threshold=min_score,
+            with_payload=True,
+            search_params=self._params,
+        )
+        found = [Group(key=g.id, hits=[common.to_hit(p, False) for p in g.hits]) for g in result.groups]
+        return common.sort_groups(found)
+
+    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
+        self._record(name)
+        wanted = common.point_ids(ids)
+        if not wanted:
+            return []
+        records = self._call(name, self.client.retrieve, name, ids=wanted, with_payload=True, with_vectors=with_vectors)
+        found = {str(r.id): common.to_hit(r, with_vectors) for r in records}
+        return [found[i] for i in wanted if i in found]
+
+    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
+        record = self._record(name)
+        native = self._filter(record, flt)
+        offset = None
+        while True:
+            page, offset = self._call(
+                name,
+                self.client.scroll,
+                name,
+                scroll_filter=native,
+                limit=SCROLL_PAGE,
+                offset=offset,
+                with_payload=True,
+                with_vectors=with_vectors,
+            )
+            for r in page:
+                yield common.to_hit(r, with_vectors)
+            if offset is None:
+                return
+
+    def count(self, name: str, flt: Filter | None = None) -> int:
+        record = self._record(name)
+        return int(self._call(name, self.client.count, name, count_filter=self._filter(record, flt), exact=True).count)
+
+    # -- the store ---------------------------------------------------------------------
+
+    def size_on_disk(self) -> int | None:
+        """Unknown: the server's disk is not ours to measure."""
+        return None
+
+    def close(self) -> None:
+        """Close the client if this store made it; a client passed in belongs to the caller."""
+        if self._owns_client:
+            self.client.close()
+        self._records.clear()
+
+    def __enter__(self) -> ServerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ServerStore({self.location!r})"

@@ -1,0 +1,124 @@
+"""What only the embedded store does: persistence in a folder, the one-process lock, the HNSW build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conchdb.errors import StoreError
+from conchdb.store import Condition, Filter, open_store
+from conchdb.store.edge import EdgeStore
+from tests.store.conftest import FINGERPRINT, make_data, spec
+
+
+def test_reopened_store_has_the_same_points_and_metadata(tmp_path):
+    data = make_data(n=50)
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", data.points())
+        before = [h.id for h in store.query("tiles", data.vectors[1], k=5)]
+    with EdgeStore(tmp_path / "s") as store:
+        assert store.collections() == ["tiles"]
+        assert store.collection_metadata("tiles")["model_fingerprint"] == FINGERPRINT
+        assert store.count("tiles") == 50
+        assert [h.id for h in store.query("tiles", data.vectors[1], k=5)] == before
+        assert store.count("tiles", Filter((Condition("flag", "eq", True),))) == sum(p["flag"] for p in data.payloads)
+        assert store.size_on_disk() > 0
+
+
+def test_second_process_is_told_who_holds_the_store(tmp_path):
+    path = tmp_path / "s"
+    script = textwrap.dedent(
+        f"""
+        from conchdb.errors import StoreError
+        from conchdb.store.edge import EdgeStore
+        try:
+            EdgeStore({str(path)!r})
+        except StoreError as exc:
+            print(exc)
+            raise SystemExit(3)
+        """
+    )
+    with EdgeStore(path) as store:
+        store.ensure_collection(spec("tiles"))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 3, done.stderr
+        assert f"in use by process {os.getpid()}" in done.stdout
+        assert "Qdrant server" in done.stdout and "--qdrant-url" in done.stdout
+        assert "Traceback" not in done.stdout + done.stderr
+    # released on close: the next process gets in
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_second_open_in_the_same_process_is_refused(tmp_path):
+    with EdgeStore(tmp_path / "s"), pytest.raises(StoreError, match="this process"):
+        EdgeStore(tmp_path / "s")
+
+
+def test_refuses_a_folder_that_is_not_a_store(tmp_path):
+    (tmp_path / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(StoreError, match="not a conchdb store"):
+        EdgeStore(tmp_path)
+    with pytest.raises(StoreError, match="is a file"):
+        EdgeStore(tmp_path / "holiday.jpg")
+
+
+def test_closed_store_says_so(tmp_path):
+    store = EdgeStore(tmp_path / "s")
+    store.ensure_collection(spec("tiles"))
+    store.close()
+    store.close()  # twice is fine
+    with pytest.raises(StoreError, match="closed"):
+        store.count("tiles")
+
+
+def test_interrupted_creation_is_redone(tmp_path):
+    """A shard folder without its record is what a crash during creation leaves."""
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+    (tmp_path / "s" / "collections" / "tiles" / "collection.json").unlink()
+    with EdgeStore(tmp_path / "s") as store:
+        assert store.collections() == []
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", make_data(n=5).points())
+        assert store.count("tiles") == 5
+
+
+def test_bulk_load_builds_hnsw_and_keeps_recall(tmp_path):
+    """Past the indexing threshold, finish_bulk_load builds HNSW; search stays near-exact, filtered too."""
+    rng = np.random.default_rng(7)
+    n, dim = 4000, 32
+    data = make_data(n=n, dim=dim, seed=3)
+    with EdgeStore(tmp_path / "s", indexing_threshold_kb=64, hnsw_ef=64) as store:
+        store.ensure_collection(spec("tiles"))
+        for start in range(0, n, 1000):
+            store.upsert("tiles", data.points()[start : start + 1000])
+        store.finish_bulk_load("tiles")
+        assert store._shard("tiles").info().indexed_vectors_count >= n // 2
+        flt = Filter((Condition("site", "eq", "lung"),))
+        lung = np.array([p.get("site") == "lung" for p in data.payloads])
+        found = total = 0
+        for q in rng.normal(size=(20, dim)).astype(np.float32):
+            scores = data.scores(q)
+            for mask, f in ((None, None), (lung, flt)):
+                s = scores if mask is None else np.where(mask, scores, -np.inf)
+                want = {data.ids[i] for i in np.argsort(-s)[:10]}
+                found += len(want & {h.id for h in store.query("tiles", q, k=10, flt=f)})
+                total += 10
+        assert found / total >= 0.95
+
+
+def test_open_store_picks_the_embedded_store_for_a_path(tmp_path):
+    store = open_store(store_path=tmp_path / "s")
+    try:
+        assert isinstance(store, EdgeStore) and str(tmp_path) in store.location
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="no store given"):
+        open_store()

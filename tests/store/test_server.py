@@ -1,0 +1,68 @@
+"""What only the server store does: bulk-load HNSW switching, quantization, server errors."""
+
+from __future__ import annotations
+
+import pytest
+from qdrant_client import QdrantClient, models
+
+from conchdb.errors import StoreError
+from conchdb.store import open_store
+from conchdb.store.server import META_KEY, ServerStore
+from tests.store.conftest import QUIET_LOCAL_MODE, make_data, spec
+
+pytestmark = QUIET_LOCAL_MODE
+
+
+@pytest.fixture
+def client() -> QdrantClient:
+    return QdrantClient(":memory:")
+
+
+def test_bulk_load_starts_without_hnsw_and_switches_it_on(client, monkeypatch):
+    # Local mode reports its default HNSW config whatever was asked for, so the requests are checked.
+    asked, updated = {}, {}
+    create, update = client.create_collection, client.update_collection
+    monkeypatch.setattr(client, "create_collection", lambda *a, **kw: asked.update(kw) or create(*a, **kw))
+    monkeypatch.setattr(client, "update_collection", lambda *a, **kw: updated.update(kw) or update(*a, **kw))
+    store = ServerStore(client=client, hnsw_m=24)
+    store.ensure_collection(spec("tiles"))
+    assert asked["hnsw_config"].m == 0
+    assert isinstance(asked["quantization_config"], models.ScalarQuantization)
+    config = client.get_collection("tiles").config
+    assert config.metadata[META_KEY]["metadata"]["model_fingerprint"] == spec("tiles").metadata["model_fingerprint"]
+    store.upsert("tiles", make_data(n=10).points())
+    store.finish_bulk_load("tiles")
+    assert updated["hnsw_config"].m == 24
+
+
+def test_quantization_can_be_switched_off(client):
+    ServerStore(client=client, quantization=False).ensure_collection(spec("tiles"))
+    assert client.get_collection("tiles").config.quantization_config is None
+
+
+def test_a_second_writer_joins_an_existing_collection(client):
+    ServerStore(client=client).ensure_collection(spec("tiles"))
+    other = ServerStore(client=client)
+    other.ensure_collection(spec("tiles"))
+    with pytest.raises(StoreError, match="fingerprint"):
+        other.ensure_collection(spec("tiles", fingerprint="sha256:b"))
+
+
+def test_collections_not_made_by_conchdb_are_left_alone(client):
+    client.create_collection("theirs", vectors_config=models.VectorParams(size=32, distance=models.Distance.COSINE))
+    store = ServerStore(client=client)
+    store.ensure_collection(spec("ours"))
+    assert store.collections() == ["ours"]
+    with pytest.raises(StoreError, match="not created by conchdb"):
+        store.ensure_collection(spec("theirs"))
+
+
+def test_passed_client_stays_open(client):
+    ServerStore(client=client).close()
+    assert client.get_collections().collections == []
+
+
+def test_unreachable_server_is_a_store_error_with_the_fix():
+    with pytest.raises(StoreError, match="cannot reach Qdrant server http://127.0.0.1:9") as err:
+        open_store(qdrant_url="http://127.0.0.1:9")
+    assert "--qdrant-url" in err.value.hint
