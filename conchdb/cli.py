@@ -205,7 +205,8 @@ def tiles(
             "read_level": grid.read_level,
             "tiles": [{"x": t.x, "y": t.y, "tissue": t.tissue} for t in grid.tiles],
         }
-        levels = [f"{w}×{h} (×{d:.4g})" for (w, h), d in zip(opened.level_dimensions, opened.level_downsamples)]
+        sizes = zip(opened.level_dimensions, opened.level_downsamples, strict=True)
+        levels = [f"{w}×{h} (×{d:.4g})" for (w, h), d in sizes]
         kind = f"{opened.vendor} (OpenSlide)" if opened.vendor else "plain image (Pillow)"
         width, height = opened.dimensions
     for warning in grid.warnings:
@@ -419,6 +420,287 @@ def stats(
         if col.get("slides_by_status"):
             counts = ", ".join(f"{n} {status}" for status, n in sorted(col["slides_by_status"].items()))
             out_console.print(f"  slides     {counts}", highlight=False)
+
+
+# -- search: text/image -> tiles, image -> text, zero-shot, heatmaps, texts -----------------
+
+texts_app = typer.Typer(help="Texts that images are described with (image -> text).", no_args_is_help=True)
+app.add_typer(texts_app, name="texts")
+
+ImageQueryOpt = Annotated[
+    str | None, typer.Option("--image", help="An image file, or a slide region PATH+x,y,w,h (level-0 pixels).")
+]
+WhereOpt = Annotated[
+    list[str], typer.Option("--where", help="Filter: field=v, field!=v, field=a,b,c, field>=x, field<x ...; repeat.")
+]
+EnsembleOpt = Annotated[
+    bool, typer.Option("--ensemble", help="Average the text over CONCH-style prompt templates.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _open_searcher(store: Path | None, qdrant_url: str | None, collection: str | None) -> Any:
+    """A `Searcher` (no encoder yet) on the store and collection the options name."""
+    from conchdb.search import Searcher
+
+    opened, name = open_store_from_options(store, qdrant_url, collection)
+    return Searcher(None, opened, name, cache_dir=load_settings().home / "cache")
+
+
+def _print_json(doc: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(doc, default=str))
+
+
+@app.command()
+@handles_errors
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: ImageQueryOpt = None,
+    point: Annotated[str | None, typer.Option("--point", help="Id of a stored tile: find tiles like it.")] = None,
+    where: WhereOpt = [],  # noqa: B006
+    top_k: Annotated[int, typer.Option("--top-k", help="Results per page, 1 to 1000.")] = 10,
+    page: Annotated[int, typer.Option("--page", help="Page of results; 2 is results top-k+1 to 2×top-k.")] = 1,
+    group_by: Annotated[
+        str | None, typer.Option("--group-by", help="'slide' (or a payload field): one result per slide.")
+    ] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="Tiles kept per group.")] = 3,
+    ensemble: EnsembleOpt = False,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Leave out hits below this cosine.")] = None,
+    as_json: JsonOpt = False,
+    export: Annotated[Path | None, typer.Option("--export", help="Write hit JPEGs and index.html here.")] = None,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Search tiles by text, by image or by a stored tile, with filters; exactly one of QUERY, --image, --point."""
+    from conchdb.errors import QueryError
+    from conchdb.search.filters import filter_fields
+    from conchdb.search.searcher import require_text
+
+    if sum(q is not None for q in (query, image, point)) != 1:
+        raise QueryError("give exactly one query", hint="QUERY text, --image PATH, or --point ID")
+    if query is not None:
+        require_text(query)
+    if page < 1:
+        raise QueryError(f"--page {page} is not a page number", hint="pages start at 1")
+    searcher = _open_searcher(store, qdrant_url, collection)
+    try:
+        flt = searcher.parse_where(where)
+        pixels = searcher.load_image(image) if image is not None else None  # checked before the model loads
+        if point is None:
+            searcher.encoder = load_encoder(checkpoint, tokenizer, device, precision, need_tokenizer=query is not None)
+        vector = searcher.query_vector(text=query, image=pixels, point=point, ensemble=ensemble)
+        hits = searcher.search(vector, top_k, flt, min_score, (page - 1) * top_k, group_by, group_size)
+    finally:
+        searcher.store.close()
+    if export is not None:
+        from conchdb.search.export import export_hits
+
+        title = f"text: {query}" if query is not None else f"image: {image}" if image is not None else f"point: {point}"
+        done = export_hits(hits, export, title)
+        for tile in done.failures:
+            err_console.print(f"[yellow]warning:[/] hit {tile.label}: {tile.error}", highlight=False, soft_wrap=True)
+        err_console.print(f"export: {len(done.tiles) - len(done.failures)} images and {done.index}", highlight=False)
+    if as_json:
+        _print_json([h.to_dict() for h in hits])
+        return
+    from conchdb.search.tables import hits_table
+
+    if not hits:
+        out_console.print("no results")
+        return
+    out_console.print(hits_table(hits, filter_fields(flt)))
+
+
+@app.command()
+@handles_errors
+def describe(
+    image: Annotated[str, typer.Argument(help="An image file, or a slide region PATH+x,y,w,h (level-0 pixels).")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Number of texts, 1 to 1000.")] = 10,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Image -> text: the added texts (conchdb texts add) closest to an image, else built-in histopathology terms."""
+    searcher = _open_searcher(store, qdrant_url, collection)
+    try:
+        pixels = searcher.load_image(image)
+        has_texts = searcher.has_texts()
+        searcher.encoder = load_encoder(checkpoint, tokenizer, device, precision, need_tokenizer=not has_texts)
+        matches = searcher.describe(searcher.image_vector(pixels), top_k)
+    finally:
+        searcher.store.close()
+    if as_json:
+        _print_json([m.to_dict() for m in matches])
+        return
+    from conchdb.search.tables import texts_table
+
+    out_console.print(texts_table(matches))
+
+
+@app.command()
+@handles_errors
+def classify(
+    image: Annotated[
+        str | None, typer.Argument(help="A tile or ROI image, or a slide region PATH+x,y,w,h.")
+    ] = None,
+    slide: Annotated[
+        str | None, typer.Option("--slide", help="A stored slide id: MI-Zero over its stored tiles.")
+    ] = None,
+    label: Annotated[list[str], typer.Option("--label", help="A class name; repeat, at least two.")] = [],  # noqa: B006
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Classes and templates in CONCH's prompts/*.json format.")
+    ] = None,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="Put each --label into CONCH-style templates.")
+    ] = False,
+    topk: Annotated[str, typer.Option("--topk", help="MI-Zero: k values of top-k mean pooling.")] = "1,5,10,50,100",
+    where: WhereOpt = [],  # noqa: B006
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Zero-shot classification of an image, or of a slide (--slide) from its stored tile vectors."""
+    from conchdb.errors import QueryError
+    from conchdb.search import Searcher, classes_from_labels, load_prompt_file
+    from conchdb.search.zeroshot import parse_ks
+
+    if (image is None) == (slide is None):
+        raise QueryError("give an IMAGE or --slide SLIDE_ID (one of them)")
+    if bool(label) == (prompts is not None):
+        raise QueryError("give the classes with --label TEXT (repeated) or --prompts FILE.json (one of them)")
+    classes = load_prompt_file(prompts) if prompts is not None else classes_from_labels(label, ensemble)
+    try:
+        ks = parse_ks(topk)
+    except ValueError as exc:
+        raise QueryError(f"--topk {topk!r}: {exc}", hint="give k values such as 1,5,10,50,100") from None
+    if image is not None:
+        searcher = Searcher(None, None, cache_dir=load_settings().home / "cache")
+        pixels = searcher.load_image(image)
+        searcher.encoder = load_encoder(checkpoint, tokenizer, device, precision)
+        scores = searcher.classify(searcher.image_vector(pixels), classes)
+        if as_json:
+            _print_json({"image": image, **scores.to_dict()})
+            return
+        from conchdb.search.tables import classes_table
+
+        out_console.print(classes_table(scores, title=f"{image}: {scores.prediction}"))
+        return
+    searcher = _open_searcher(store, qdrant_url, collection)
+    try:
+        flt = searcher.parse_where(where)
+        searcher.slide_tiles(slide, flt)  # an unknown slide fails before the model loads
+        searcher.encoder = load_encoder(checkpoint, tokenizer, device, precision)
+        n_tiles, results = searcher.classify_slide(slide, classes, ks, flt)
+    finally:
+        searcher.store.close()
+    if as_json:
+        _print_json({"slide_id": slide, "tiles": n_tiles, "results": [r.to_dict() for r in results]})
+        return
+    from conchdb.search.tables import mi_zero_table
+
+    out_console.print(mi_zero_table(results, title=f"{slide}: MI-Zero over {n_tiles} stored tiles"))
+
+
+@app.command()
+@handles_errors
+def heatmap(
+    slide_id: Annotated[str, typer.Argument(help="A stored slide id.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    query: Annotated[str | None, typer.Argument(help="Text query (or give --image).")] = None,
+    image: ImageQueryOpt = None,
+    ensemble: EnsembleOpt = False,
+    where: WhereOpt = [],  # noqa: B006
+    size: Annotated[int, typer.Option("--size", help="Longest side of the thumbnail, pixels.")] = 1024,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Similarity of each stored tile of a slide to a text or image query, over the slide's thumbnail."""
+    from conchdb.errors import QueryError
+    from conchdb.search.heatmap import slide_heatmap
+    from conchdb.search.searcher import require_text
+
+    if (query is None) == (image is None):
+        raise QueryError("give a text QUERY or --image PATH (one of them)")
+    if query is not None:
+        require_text(query)
+    if not 64 <= size <= 8192:
+        raise QueryError(f"--size {size} is outside 64..8192")
+    searcher = _open_searcher(store, qdrant_url, collection)
+    try:
+        flt = searcher.parse_where(where)
+        searcher.slide_tiles(slide_id, flt)  # an unknown slide fails before the model loads
+        pixels = searcher.load_image(image) if image is not None else None
+        searcher.encoder = load_encoder(checkpoint, tokenizer, device, precision, need_tokenizer=query is not None)
+        vector = searcher.query_vector(text=query, image=pixels, ensemble=ensemble)
+        tiles, scores = searcher.slide_similarity(slide_id, vector, flt)
+    finally:
+        searcher.store.close()
+    result = slide_heatmap(tiles, scores, f"{slide_id}: {query if query is not None else image}", size)
+    try:
+        result.image.save(out, "PNG")
+    except (OSError, ValueError) as exc:
+        raise ConchdbError(f"cannot write {out}: {exc}", hint="give --out a writable .png path") from None
+    best = result.best.payload
+    out_console.print(
+        f"wrote {out}: {result.tiles} tiles, scores {result.low:.4f} to {result.high:.4f}, "
+        f"best at ({best.get('x')}, {best.get('y')})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@texts_app.command("add")
+@handles_errors
+def texts_add(
+    file: Annotated[Path, typer.Argument(help="A .txt file (one text per line) or a .csv with a `text` column.")],
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    qdrant_url: QdrantUrlOpt = None,
+    collection: CollectionOpt = None,
+    checkpoint: CheckpointOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Embed captions, report sentences or terms into the texts collection that `describe` ranks."""
+    from conchdb.search.texts import add_texts, read_text_file, texts_collection
+
+    texts = read_text_file(file)  # a bad file fails before the model loads
+    opened, name = open_store_from_options(store, qdrant_url, collection)
+    try:
+        encoder = load_encoder(checkpoint, tokenizer, device, precision)
+        target = texts_collection(name)
+        written = add_texts(texts, encoder, opened, target)
+        total = opened.count(target)
+    finally:
+        opened.close()
+    if as_json:
+        _print_json({"file": str(file), "collection": target, "added": written, "total": total})
+        return
+    message = f"added {written} texts from {file} to '{target}' ({total} in all)"
+    out_console.print(message, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

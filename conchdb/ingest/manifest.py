@@ -31,7 +31,7 @@ SLIDE_COLUMN = "slide"
 MPP_COLUMN = "mpp"
 
 _INT = re.compile(r"^[+-]?(0|[1-9][0-9]*)$")
-_FLOAT = re.compile(r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_FLOAT = re.compile(r"^[+-]?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 _BOOLS = {"true": True, "false": False, "yes": True, "no": False}
 
 
@@ -71,7 +71,7 @@ class Manifest:
 def infer_type(cells: list[str]) -> str:
     """The narrowest of int, float, bool, string that fits every non-empty cell.
 
-    Integers with leading zeros (identifiers such as 007) and nan/inf stay strings."""
+    Numbers with leading zeros (identifiers such as 007) and nan/inf stay strings."""
     values = [c for c in cells if c]
     if not values:
         return "string"

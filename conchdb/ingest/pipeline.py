@@ -446,9 +446,7 @@ class Ingest:
                 self.timings["read_wait_s"] = self.timings.get("read_wait_s", 0.0) + time.perf_counter() - t
                 if batch is None:
                     break
-                t = time.perf_counter()
-                vectors = self.encoder.encode_tiles(batch.tiles)
-                self.timings["embed_s"] = self.timings.get("embed_s", 0.0) + time.perf_counter() - t
+                vectors = self.encoder.encode_tiles(batch.tiles, timings=self.timings)
                 total += vectors.sum(axis=0)
                 tiles = grid.tiles[batch.start : batch.start + len(batch)]
                 points = [

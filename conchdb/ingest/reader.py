@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import queue
 import signal
 import sys
@@ -29,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from conchdb.errors import SlideError
@@ -37,14 +39,15 @@ from conchdb.ingest.slide import DAMAGED_HINT, Slide, open_slide
 if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
     from conchdb.ingest.grid import TileGrid
 
-TILE_FILTER = Image.Resampling.LANCZOS
-"""Resampling filter from the read level to the tile side: antialiased and sharp."""
-
-WHOLE_IMAGE_FILTER = Image.Resampling.BICUBIC
-"""Whole images are resized as CONCH's evaluation resizes ROIs (shorter side, bicubic)."""
+TILE_FILTER = Image.Resampling.BICUBIC
+"""Resampling filter to the tile side: Pillow's bicubic widens its kernel with the scale, so
+it antialiases when reducing; it is also the filter CONCH's own preprocessing uses."""
 
 POLL_S = 0.5
 """How often the parent checks that its workers are alive while waiting for a batch."""
+
+OWNER_CHECK_S = 1.0
+"""How often an idle worker checks that the reading process still exists."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class TileBatch:
 
 
 @dataclass(frozen=True)
-class _ReadSpec:
+class ReadSpec:
     """What a worker needs to read tiles: the grid without its (possibly long) tile list."""
 
     read_level: int
@@ -71,7 +74,7 @@ class _ReadSpec:
     slide_dimensions: tuple[int, int]
 
     @classmethod
-    def of(cls, grid: TileGrid) -> _ReadSpec:
+    def of(cls, grid: TileGrid) -> ReadSpec:
         return cls(grid.read_level, grid.read_size, grid.tile_px, grid.whole_image, grid.slide_dimensions)
 
 
@@ -80,17 +83,15 @@ def read_whole_image(slide: Slide, tile_px: int) -> Image.Image:
     (torchvision's Resize + CenterCrop arithmetic, which CONCH's preprocessing uses)."""
     width, height = slide.dimensions
     image = slide.read_region((0, 0), 0, (width, height))
-    if width <= height:
-        size = (tile_px, int(tile_px * height / width))
-    else:
-        size = (int(tile_px * width / height), tile_px)
-    image = image.resize(size, WHOLE_IMAGE_FILTER)
+    short = min(width, height)
+    size = (max(tile_px, int(tile_px * width / short)), max(tile_px, int(tile_px * height / short)))
+    image = image.resize(size, TILE_FILTER)
     left = int(round((size[0] - tile_px) / 2.0))
     top = int(round((size[1] - tile_px) / 2.0))
     return image.crop((left, top, left + tile_px, top + tile_px))
 
 
-def read_tile(slide: Slide, spec: _ReadSpec, x: int, y: int) -> Image.Image:
+def read_tile(slide: Slide, spec: ReadSpec, x: int, y: int) -> Image.Image:
     """One tile: the level-0 square at (x, y) read at the grid's level, resized to `tile_px`."""
     if spec.whole_image:
         return read_whole_image(slide, spec.tile_px)
@@ -100,13 +101,13 @@ def read_tile(slide: Slide, spec: _ReadSpec, x: int, y: int) -> Image.Image:
     return region
 
 
-def read_batch(slide: Slide, spec: _ReadSpec, coords: np.ndarray, out: np.ndarray) -> None:
+def read_batch(slide: Slide, spec: ReadSpec, coords: np.ndarray, out: np.ndarray) -> None:
     """Read the tiles at `coords` into `out[:len(coords)]`."""
     for i, (x, y) in enumerate(coords):
         out[i] = np.asarray(read_tile(slide, spec, int(x), int(y)))
 
 
-def _check_same_slide(slide: Slide, spec: _ReadSpec) -> None:
+def _check_same_slide(slide: Slide, spec: ReadSpec) -> None:
     if slide.dimensions != tuple(spec.slide_dimensions):
         raise SlideError(
             f"{slide.path}: the slide is {slide.dimensions[0]}×{slide.dimensions[1]} px but the grid was "
@@ -122,16 +123,47 @@ def _attach(name: str) -> SharedMemory:
     return SharedMemory(name=name)
 
 
+def _owner_alive(owner: tuple[int, float]) -> bool:
+    """Whether the reading process (pid, start time) still runs; a zombie or a reused pid
+    does not count."""
+    pid, started = owner
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _tasks(tasks: Any, results: Any, owner: tuple[int, float]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The worker's tasks until the stop sign (None), or until the reading process is gone.
+
+    A reader killed outright (SIGKILL, the OOM killer) sends no stop sign, and with
+    forkserver the workers' own parent outlives it; so an idle worker checks the reading
+    process itself and leaves, rather than wait forever holding the caller's stdout open."""
+    while True:
+        try:
+            task = tasks.get(timeout=OWNER_CHECK_S)
+        except queue.Empty:
+            if not _owner_alive(owner):
+                results.cancel_join_thread()  # nobody will read what is still buffered
+                return
+            continue
+        if task is None:
+            return
+        yield task
+
+
 def _worker(
     path: str,
     mpp_override: float | None,
-    spec: _ReadSpec,
+    spec: ReadSpec,
     shm_name: str,
     shape: tuple[int, ...],
     tasks: Any,
     results: Any,
+    owner: tuple[int, float],
 ) -> None:
-    """Worker process: open the slide once, then fill slots until told to stop (None)."""
+    """Worker process: open the slide once, then fill slots until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     shm = _attach(shm_name)
     slots = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
@@ -139,8 +171,7 @@ def _worker(
     try:
         slide = open_slide(path, mpp_override)
         _check_same_slide(slide, spec)
-        while (task := tasks.get()) is not None:
-            index, slot, coords = task
+        for index, slot, coords in _tasks(tasks, results, owner):
             read_batch(slide, spec, coords, slots[slot])
             results.put(("ok", index, slot))
     except SlideError as exc:
@@ -156,7 +187,7 @@ def _worker(
 
 def _default_start_method() -> str:
     """forkserver where available: forking a parent that holds CUDA or threads is unsafe,
-    and spawn re-imports everything for every worker."""
+    and spawn starts a fresh interpreter and imports numpy, Pillow and OpenSlide per worker."""
     return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
@@ -167,6 +198,10 @@ class TileReader:
     `workers × prefetch` batches are in flight, each in its own shared-memory slot, so
     memory is bounded by `batch_size × tile_px² × 3 × workers × prefetch` bytes plus
     each worker's OpenSlide cache. Use as a context manager, or exhaust or `close()` it.
+
+    Workers are separate processes: a script that uses the reader must guard its entry
+    point with `if __name__ == "__main__":`, as multiprocessing requires. If the reading
+    process is killed outright, idle workers notice within a second and exit.
     """
 
     def __init__(
@@ -215,7 +250,7 @@ class TileReader:
         return np.empty((n, side, side, 3), dtype=np.uint8)
 
     def _iter_in_process(self) -> Iterator[TileBatch]:
-        spec = _ReadSpec.of(self.grid)
+        spec = ReadSpec.of(self.grid)
         with open_slide(self.path, self.mpp_override) as slide:
             _check_same_slide(slide, spec)
             for index in range(self.batch_count):
@@ -233,11 +268,15 @@ class TileReader:
         self._shm = SharedMemory(create=True, size=max(1, int(np.prod(shape))))
         ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
-            # Import the main module and this one once, in the server, not in every worker.
+            # This module (numpy, Pillow, OpenSlide) is imported once, in the server. The main
+            # module is still re-run in each worker (CPython 3.10–3.12 give the server no main
+            # path to preload), so a script's top-level imports are paid per worker: keep them light.
             ctx.set_forkserver_preload(["__main__", __name__])
         tasks, results = ctx.Queue(), ctx.Queue()
         self._queues = [tasks, results]
-        args = (str(self.path), self.mpp_override, _ReadSpec.of(self.grid), self._shm.name, shape, tasks, results)
+        owner = (os.getpid(), psutil.Process().create_time())
+        spec = ReadSpec.of(self.grid)
+        args = (str(self.path), self.mpp_override, spec, self._shm.name, shape, tasks, results, owner)
         for _ in range(workers):
             proc = ctx.Process(target=_worker, args=args, daemon=True, name="conchdb-tile-reader")
             proc.start()
@@ -251,10 +290,11 @@ class TileReader:
             try:
                 message = results.get(timeout=POLL_S)
             except queue.Empty:
-                dead = [p for p in self._procs if p.exitcode not in (None, 0)]
-                if dead:
+                codes = [p.exitcode for p in self._procs]
+                failed = [c for c in codes if c not in (None, 0)]
+                if failed or None not in codes:  # a crash, or every worker gone with work left
                     raise SlideError(
-                        f"{self.path}: a tile reader process died (exit code {dead[0].exitcode}) "
+                        f"{self.path}: a tile reader process died (exit code {(failed or codes)[0]}) "
                         "while decoding this slide",
                         hint=DAMAGED_HINT,
                     ) from None

@@ -50,7 +50,7 @@ def flatten_on_white(image: Image.Image) -> Image.Image:
     if image.mode not in ("RGBA", "LA", "P", "PA", "RGBa"):
         return image.convert("RGB")
     rgba = image.convert("RGBA")
-    if rgba.getextrema()[3][0] == 255:
+    if rgba.getchannel("A").getextrema()[0] == 255:  # opaque: the common case, kept cheap
         return rgba.convert("RGB")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     canvas.alpha_composite(rgba)

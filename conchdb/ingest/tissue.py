@@ -3,8 +3,9 @@
 Stained tissue is coloured and glass is grey-white, so saturation separates them on H&E
 and IHC alike, where brightness is fooled by pale fat or dark pen. Otsu picks the split
 per slide; a floor under it keeps a blank slide's sensor noise from becoming tissue, and
-a hysteresis step keeps pale tissue that touches clearly stained tissue. A closing joins ragged edges, small specks (dust, debris) are dropped, and holes
-(lumens, fat) are kept, because a tile over a hole really has less tissue in it.
+a hysteresis step keeps pale tissue that touches clearly stained tissue. A closing joins
+ragged edges, small specks (dust, debris) are dropped, and holes (lumens, fat) are kept,
+because a tile over a hole really has less tissue in it.
 
 The thumbnail is read block by block from the coarsest pyramid level that is still
 at least as fine as the mask, so memory stays small even for a one-level slide.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,15 +178,31 @@ class Encoder:
             out.append(self._run_images(pixels, raw))
         return np.concatenate(out)
 
-    def encode_tiles(self, tiles: np.ndarray, raw: bool = False) -> np.ndarray:
-        """uint8 tiles (N, H, W, 3) to (N, 512) float32, preprocessed in batch on the device."""
+    def encode_tiles(
+        self, tiles: np.ndarray, raw: bool = False, timings: dict[str, float] | None = None
+    ) -> np.ndarray:
+        """uint8 tiles (N, H, W, 3) to (N, 512) float32, preprocessed in batch on the device.
+
+        With `timings`, seconds spent preprocessing and in the model are added to its
+        `preprocess_s` and `model_s` (synchronizing the GPU, so only when asked)."""
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(tiles), self.batch_size):
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 chunk = tiles[start : start + self.batch_size]
                 pixels = preprocess_batch(chunk, self.image_size, self.device)
+            if timings is not None:
+                self._sync()
+                t1 = time.perf_counter()
+                timings["preprocess_s"] = timings.get("preprocess_s", 0.0) + t1 - t0
             out.append(self._run_images(pixels, raw))
+            if timings is not None:
+                timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - t1
         return np.concatenate(out)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         if self.tokenizer is None:

@@ -77,12 +77,20 @@ class CollectionSpec:
 
     `metadata` records the model fingerprint, preprocessing and tiling parameters; a
     collection refuses writers whose `metadata["model_fingerprint"]` differs.
+
+    `graph_fields` are the indexed fields that searches often filter on (a manifest's
+    `diagnosis`, `site`, `cohort`): the engine links each of their values' points into an
+    HNSW graph of their own, so that a search filtered to one value keeps its recall
+    instead of wandering a graph whose other nodes it may not visit. Each such field can
+    cost up to one more index build. None means every keyword and bool index; numeric
+    fields never get one (ranges rarely cut a graph into pieces the same way).
     """
 
     name: str
     dim: int = 512
     metadata: dict[str, Any] = field(default_factory=dict)
     indexes: dict[str, FieldType] = field(default_factory=dict)
+    graph_fields: tuple[str, ...] | None = None
 
 
 class Store(Protocol):

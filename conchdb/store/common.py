@@ -106,6 +106,12 @@ def check_compatible(location: str, record: CollectionRecord, spec: CollectionSp
         )
 
 
+def graph_fields(spec: CollectionSpec) -> set[str]:
+    """The indexed fields whose values get HNSW graphs of their own (see CollectionSpec.graph_fields)."""
+    categorical = {key for key, kind in spec.indexes.items() if kind in ("keyword", "bool")}
+    return categorical if spec.graph_fields is None else categorical & set(spec.graph_fields)
+
+
 def missing_indexes(record: CollectionRecord, spec: CollectionSpec) -> dict[str, FieldType]:
     """Indexes the spec asks for that the collection lacks; a changed type is an error."""
     new: dict[str, FieldType] = {}

@@ -27,12 +27,17 @@ META_KEY = "conchdb"
 SCROLL_PAGE = 1000
 T = TypeVar("T")
 
-_SCHEMA: dict[FieldType, models.PayloadSchemaType] = {
-    "keyword": models.PayloadSchemaType.KEYWORD,
-    "integer": models.PayloadSchemaType.INTEGER,
-    "float": models.PayloadSchemaType.FLOAT,
-    "bool": models.PayloadSchemaType.BOOL,
-}
+
+def _index_params(kind: FieldType, graph: bool) -> Any:
+    """Payload index parameters; `graph` gives the field's values HNSW links of their own."""
+    if kind == "keyword":
+        return models.KeywordIndexParams(type=models.KeywordIndexType.KEYWORD, enable_hnsw=graph)
+    if kind == "integer":
+        return models.IntegerIndexParams(type=models.IntegerIndexType.INTEGER, enable_hnsw=graph)
+    if kind == "float":
+        return models.FloatIndexParams(type=models.FloatIndexType.FLOAT, enable_hnsw=graph)
+    return models.BoolIndexParams(type=models.BoolIndexType.BOOL, enable_hnsw=graph)
+
 
 SERVER_DIALECT = Dialect(
     match=lambda key, value: models.FieldCondition(key=key, match=models.MatchValue(value=value)),
@@ -72,7 +77,11 @@ class ServerStore:
         self.url = url
         self.location = f"Qdrant server {url}" if url else "in-process qdrant-client"
         self._owns_client = client is None
-        self.client = client if client is not None else QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        self.client = (
+            client
+            if client is not None
+            else QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        )
         self.hnsw_m, self.hnsw_ef_construct = hnsw_m, hnsw_ef_construct
         self.quantization = quantization
         self._params = models.SearchParams(
@@ -136,9 +145,10 @@ class ServerStore:
 
     # -- collections -------------------------------------------------------------------
 
-    def _create_indexes(self, name: str, indexes: dict[str, FieldType]) -> None:
+    def _create_indexes(self, name: str, indexes: dict[str, FieldType], graph: set[str]) -> None:
         for key, kind in indexes.items():
-            self._call(name, self.client.create_payload_index, name, key, field_schema=_SCHEMA[kind], wait=True)
+            schema = _index_params(kind, key in graph)
+            self._call(name, self.client.create_payload_index, name, key, field_schema=schema, wait=True)
 
     def _create(self, spec: CollectionSpec) -> bool:
         """Create the collection with HNSW off; False if another process created it first."""
@@ -165,7 +175,7 @@ class ServerStore:
                 return False
             raise
         self._records[spec.name] = record
-        self._create_indexes(spec.name, record.indexes)
+        self._create_indexes(spec.name, record.indexes, common.graph_fields(spec))
         return True
 
     def ensure_collection(self, spec: CollectionSpec) -> None:
@@ -183,7 +193,7 @@ class ServerStore:
         common.check_compatible(self.location, record, spec)
         new = common.missing_indexes(record, spec)
         if new:
-            self._create_indexes(spec.name, new)
+            self._create_indexes(spec.name, new, common.graph_fields(spec))
             record.indexes.update(new)
             self._call(spec.name, self.client.update_collection, spec.name, metadata={META_KEY: record.to_dict()})
 

@@ -130,7 +130,9 @@ def test_groups_are_one_per_slide_best_first(filled, data):
         if p["x"] >= 400:  # with a filter too
             by_slide.setdefault(p["slide_id"], []).append((float(scores[i]), data.ids[i]))
     ranked = sorted(by_slide.items(), key=lambda kv: -max(kv[1])[0])[:3]
-    groups = store.query_groups(name, query, "slide_id", groups=3, group_size=4, flt=Filter((Condition("x", "gte", 400),)))
+    groups = store.query_groups(
+        name, query, "slide_id", groups=3, group_size=4, flt=Filter((Condition("x", "gte", 400),))
+    )
     assert [g.key for g in groups] == [slide for slide, _ in ranked]
     for g, (_, members) in zip(groups, ranked, strict=True):
         assert [h.id for h in g.hits] == [i for _, i in sorted(members, reverse=True)[:4]]

@@ -114,6 +114,20 @@ def test_bulk_load_builds_hnsw_and_keeps_recall(tmp_path):
         assert found / total >= 0.95
 
 
+def test_only_graph_fields_get_per_value_hnsw_links(tmp_path):
+    with EdgeStore(tmp_path / "s") as store:
+        default = spec("tiles")
+        store.ensure_collection(default)
+        chosen = spec("chosen")
+        chosen.graph_fields = ("site",)
+        store.ensure_collection(chosen)
+        linked = {
+            name: {k for k, v in store._shard(name).info().payload_schema.items() if v.params.enable_hnsw}
+            for name in ("tiles", "chosen")
+        }
+    assert linked == {"tiles": {"slide_id", "site", "flag"}, "chosen": {"site"}}
+
+
 def test_open_store_picks_the_embedded_store_for_a_path(tmp_path):
     store = open_store(store_path=tmp_path / "s")
     try:

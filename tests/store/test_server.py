@@ -66,3 +66,17 @@ def test_unreachable_server_is_a_store_error_with_the_fix():
     with pytest.raises(StoreError, match="cannot reach Qdrant server http://127.0.0.1:9") as err:
         open_store(qdrant_url="http://127.0.0.1:9")
     assert "--qdrant-url" in err.value.hint
+
+
+def test_only_graph_fields_get_per_value_hnsw_links(client, monkeypatch):
+    schemas = {}
+    create = client.create_payload_index
+
+    def spy(name, key, field_schema=None, **kw):
+        schemas[key] = field_schema
+        return create(name, key, field_schema=field_schema, **kw)
+
+    monkeypatch.setattr(client, "create_payload_index", spy)
+    ServerStore(client=client).ensure_collection(spec("tiles"))
+    assert {k for k, v in schemas.items() if v.enable_hnsw} == {"slide_id", "site", "flag"}
+    assert isinstance(schemas["x"], models.IntegerIndexParams)

@@ -1,0 +1,408 @@
+"""`Searcher`: the one search API that the CLI, the HTTP server and notebooks share.
+
+It holds an encoder (optional: a search by stored point needs none) and a store, and
+turns queries into vectors and vectors into ranked results:
+
+- text -> tiles (optionally a prompt ensemble), image -> tiles (an image file, a slide
+  region `path+x,y,w,h`, or a stored point id), with typed filters, grouping by slide,
+  a minimum score, top-k and paging;
+- image -> text, over a texts collection or, when none was filled, the built-in vocabulary;
+- zero-shot classification of an image and MI-Zero for a slide's stored tiles.
+
+Every query that embeds something first checks that the collection was built by the same
+model: vectors from two models share a shape, not a meaning, so a mismatch would rank
+nonsense silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from conchdb.errors import ConchdbError, QueryError
+from conchdb.search import filters, prompts, regions, vocabulary, zeroshot
+from conchdb.search.texts import texts_collection
+from conchdb.store import Condition, Filter, Hit, Store
+
+if TYPE_CHECKING:
+    from conchdb.model.encoder import Encoder
+
+MAX_TOP_K = 1000
+MAX_DEPTH = 10_000
+"""Deepest result reachable by paging (offset + top-k): deep pages of a nearest-neighbour
+search are slow and rarely meaningful."""
+DEFAULT_TARGET_MPP = 0.5
+"""Resolution for slide-region queries when no collection says what its tiles were cut at."""
+SCHEMA_SAMPLE = 256
+"""Points read to infer payload types when the collection records no `payload_schema`."""
+GROUP_ALIASES = {"slide": "slide_id"}
+TILE_SCOPE_FIELDS = ("cohort", "tiling")
+"""Fields that tell apart copies of one slide id (another cohort, another tiling)."""
+
+
+@dataclass
+class SearchHit:
+    """One ranked result: a tile, or with grouping a slide (its best tile, and `tiles`)."""
+
+    rank: int
+    score: float
+    id: str
+    payload: dict[str, Any]
+    tiles: list[SearchHit] | None = None
+
+    @property
+    def slide_id(self) -> Any:
+        return self.payload.get("slide_id")
+
+    @property
+    def x(self) -> Any:
+        return self.payload.get("x")
+
+    @property
+    def y(self) -> Any:
+        return self.payload.get("y")
+
+    @property
+    def size(self) -> Any:
+        return self.payload.get("size")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` form: rank, score, id, slide_id, x, y, size, payload (and tiles when grouped)."""
+        out: dict[str, Any] = {
+            "rank": self.rank,
+            "score": self.score,
+            "id": self.id,
+            "slide_id": self.slide_id,
+            "x": self.x,
+            "y": self.y,
+            "size": self.size,
+            "payload": self.payload,
+        }
+        if self.tiles is not None:
+            out["tiles"] = [t.to_dict() for t in self.tiles]
+        return out
+
+    def flat(self) -> list[SearchHit]:
+        """This hit's tiles: itself, or every tile of its group."""
+        return [self] if self.tiles is None else list(self.tiles)
+
+
+@dataclass
+class TextMatch:
+    """A text ranked for an image: from a texts collection, or from the built-in vocabulary."""
+
+    rank: int
+    score: float
+    text: str
+    source: str
+    id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "score": self.score,
+            "text": self.text,
+            "source": self.source,
+            "id": self.id,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class Searcher:
+    """Queries over one tiles collection of one store, embedded with one encoder:
+    `Searcher(encoder, store, "conch_tiles")`.
+
+    `encoder` may be None for searches by stored point (no model is loaded); `store` may be
+    None for what needs none (classifying an image). `texts` is the texts collection
+    (default `<collection>_texts`); `cache_dir` keeps the vocabulary's vectors between
+    processes.
+    """
+
+    encoder: Encoder | None
+    store: Store | None
+    collection: str = "conch_tiles"
+    texts: str | None = None
+    cache_dir: Path | None = None
+    _vocabulary: vocabulary.Vocabulary | None = field(default=None, init=False, repr=False)
+    _types: filters.FieldTypes | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.texts is None:
+            self.texts = texts_collection(self.collection)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise ConchdbError("this query needs a store", hint="pass --store PATH or --qdrant-url URL")
+        return self.store
+
+    def _encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise ConchdbError("this query needs the CONCH model", hint="pass --checkpoint or set CONCHDB_CHECKPOINT")
+        return self.encoder
+
+    def metadata(self, collection: str | None = None) -> dict[str, Any]:
+        """The collection's record metadata; an error naming the store when it does not exist."""
+        store, name = self._store(), collection or self.collection
+        meta = store.collection_metadata(name)
+        if meta is None:
+            raise ConchdbError(
+                f"collection '{name}' does not exist in {store.location}",
+                hint="ingest slides first (conchdb ingest ...), or pick the collection with --collection NAME",
+            )
+        return meta
+
+    def check_model(self, collection: str | None = None) -> None:
+        """Refuse to compare this encoder's vectors with a collection built by another model."""
+        name = collection or self.collection
+        built_with = self.metadata(name).get("model_fingerprint")
+        used = self._encoder().fingerprint
+        if built_with is not None and built_with != used:
+            raise QueryError(
+                f"collection '{name}' was built with model fingerprint {built_with}, "
+                f"but the query would be embedded with model fingerprint {used}",
+                hint="pass the --checkpoint that built the collection",
+            )
+
+    # -- query vectors -------------------------------------------------------------------
+
+    def text_vector(self, query: str, ensemble: bool = False) -> np.ndarray:
+        """A text query's unit vector; with `ensemble`, the mean over CONCH-style templates."""
+        text = require_text(query)
+        texts = prompts.fill(prompts.TEMPLATES, text) if ensemble else [text]
+        return prompts.ensemble_vector(self._encoder(), texts)
+
+    def target_mpp(self) -> float:
+        """The tile resolution of the collection (for slide-region queries), or the ingest default."""
+        if self.store is None or self.store.collection_metadata(self.collection) is None:
+            return DEFAULT_TARGET_MPP
+        tiling = self.metadata().get("tiling") or {}
+        value = tiling.get("target_mpp") if isinstance(tiling, dict) else None
+        return float(value) if isinstance(value, (int, float)) and value > 0 else DEFAULT_TARGET_MPP
+
+    def load_image(self, image: str | Path | Image.Image) -> Image.Image:
+        """An image query as pixels: a PIL image, an image file, or a slide region `path+x,y,w,h`."""
+        from conchdb.model.encoder import open_image
+
+        if isinstance(image, str):
+            region = regions.parse_region(image)
+            if region is not None:
+                return regions.read_region(region, self.target_mpp())
+        return open_image(image)
+
+    def image_vector(self, image: str | Path | Image.Image) -> np.ndarray:
+        """An image query's unit vector (the image is read and checked before the model runs)."""
+        pixels = self.load_image(image)
+        return self._encoder().encode_images([pixels])[0]
+
+    def point(self, point_id: str, collection: str | None = None) -> Hit:
+        """A stored point with its vector; an error when the collection has no such point."""
+        name = collection or self.collection
+        self.metadata(name)
+        found = self._store().retrieve(name, [point_id], with_vectors=True)
+        if not found or found[0].vector is None:
+            raise QueryError(
+                f"no point with id {point_id!r} in collection '{name}'",
+                hint="point ids are the UUIDs that `conchdb search --json` prints as \"id\"",
+            )
+        return found[0]
+
+    def point_vector(self, point_id: str) -> np.ndarray:
+        vector = self.point(point_id).vector
+        assert vector is not None
+        return vector
+
+    def query_vector(
+        self,
+        text: str | None = None,
+        image: str | Path | Image.Image | None = None,
+        point: str | None = None,
+        ensemble: bool = False,
+    ) -> np.ndarray:
+        """The vector of exactly one of a text, an image or a stored point, for searching this
+        collection (an embedded query is first checked against the collection's model)."""
+        if sum(q is not None for q in (text, image, point)) != 1:
+            raise QueryError("give exactly one query: a text, --image or --point")
+        if point is not None:
+            return self.point_vector(point)
+        self.check_model()
+        return self.text_vector(text, ensemble) if text is not None else self.image_vector(image)  # type: ignore[arg-type]
+
+    # -- search --------------------------------------------------------------------------
+
+    def field_types(self) -> filters.FieldTypes:
+        """Payload field types: the collection's `payload_schema` when recorded, else inferred
+        from a sample of points."""
+        if self._types is None:
+            schema = self.metadata().get("payload_schema")
+            if isinstance(schema, dict) and schema:
+                self._types = filters.FieldTypes(dict(schema), declared=True)
+            else:
+                sample = itertools.islice(self._store().scroll(self.collection), SCHEMA_SAMPLE)
+                self._types = filters.FieldTypes(filters.infer_types(h.payload for h in sample), declared=False)
+        return self._types
+
+    def parse_where(self, expressions: Sequence[str]) -> Filter:
+        """`--where` expressions as a typed filter, checked against this collection's fields."""
+        if not expressions:
+            return Filter()
+        return filters.parse_where(expressions, self.field_types())
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        flt: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+        group_by: str | None = None,
+        group_size: int = 3,
+    ) -> list[SearchHit]:
+        """The tiles nearest to `vector`, best first; with `group_by`, the best slides (or other
+        field values), each with up to `group_size` of its best tiles."""
+        check_limits(k, offset, min_score)
+        store = self._store()
+        self.metadata()
+        if group_by is None:
+            hits = store.query(self.collection, vector, k, flt, min_score, offset)
+            return [SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)]
+        if not 1 <= group_size <= 100:
+            raise QueryError(f"group size {group_size} is outside 1..100", hint="pass --group-size between 1 and 100")
+        key = GROUP_ALIASES.get(group_by, group_by)
+        groups = store.query_groups(self.collection, vector, key, offset + k, group_size, flt, min_score)
+        out = []
+        for i, group in enumerate(groups[offset:]):
+            tiles = [SearchHit(j + 1, h.score, h.id, h.payload) for j, h in enumerate(group.hits)]
+            best = tiles[0]
+            out.append(SearchHit(offset + i + 1, best.score, best.id, best.payload, tiles))
+        return out
+
+    # -- image -> text -------------------------------------------------------------------
+
+    def vocabulary(self) -> vocabulary.Vocabulary:
+        """The built-in vocabulary's vectors for this encoder, embedded at most once."""
+        if self._vocabulary is None:
+            encoder = self._encoder()
+            self._vocabulary = vocabulary.load_vocabulary(encoder, encoder.fingerprint, self.cache_dir)
+        return self._vocabulary
+
+    def has_texts(self) -> bool:
+        """Whether a texts collection exists here and holds any text."""
+        if self.store is None or self.store.collection_metadata(self.texts) is None:
+            return False
+        return self.store.count(self.texts) > 0
+
+    def describe(self, vector: np.ndarray, k: int = 10) -> list[TextMatch]:
+        """The texts closest to an image vector: the texts collection's, or the vocabulary's."""
+        check_limits(k, 0, None)
+        if self.has_texts():
+            assert self.texts is not None
+            self.check_model(self.texts)
+            hits = self._store().query(self.texts, vector, k)
+            return [
+                TextMatch(i + 1, h.score, str(h.payload.get("text", "")), self.texts, h.id,
+                          {key: v for key, v in h.payload.items() if key != "text"})
+                for i, h in enumerate(hits)
+            ]
+        vocab = self.vocabulary()
+        scores = vocab.vectors @ np.asarray(vector, dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [
+            TextMatch(rank + 1, float(scores[i]), vocab.terms[i], "vocabulary", None, {"kind": vocab.kinds[i]})
+            for rank, i in enumerate(order)
+        ]
+
+    # -- zero-shot -----------------------------------------------------------------------
+
+    def class_vectors(self, classes: Sequence[prompts.ClassPrompts]) -> np.ndarray:
+        return prompts.class_vectors(self._encoder(), classes)
+
+    def classify(self, image_vector: np.ndarray, classes: Sequence[prompts.ClassPrompts]) -> zeroshot.ClassScores:
+        """Zero-shot probabilities of one image over `classes`."""
+        encoder = self._encoder()
+        labels = [c.label for c in classes]
+        return zeroshot.classify(image_vector, self.class_vectors(classes), encoder.logit_scale, labels)
+
+    def slide_tiles(self, slide_id: str, flt: Filter | None = None) -> list[Hit]:
+        """Every stored tile of one slide, with vectors. An unknown slide id is an error that
+        suggests close ids; tiles of several cohorts or tilings must be narrowed by a filter."""
+        store = self._store()
+        self.metadata()
+        scope = Filter((Condition("slide_id", "eq", slide_id), *(flt.must if flt else ())))
+        tiles = list(store.scroll(self.collection, scope, with_vectors=True))
+        if not tiles:
+            raise self._unknown_slide(slide_id, bool(flt))
+        for name in TILE_SCOPE_FIELDS:
+            values = sorted({str(t.payload[name]) for t in tiles if name in t.payload})
+            if len(values) > 1:
+                raise QueryError(
+                    f"slide '{slide_id}' is stored with several values of '{name}': {', '.join(values)}",
+                    hint=f"choose one with --where {name}={values[0]}",
+                )
+        return tiles
+
+    def _unknown_slide(self, slide_id: str, filtered: bool) -> QueryError:
+        store = self._store()
+        known: list[str] = []
+        slides = f"{self.collection}_slides"
+        if store.collection_metadata(slides) is not None:
+            known = sorted({str(h.payload.get("slide_id")) for h in store.scroll(slides)})
+        close = difflib.get_close_matches(slide_id, known, n=3)
+        where = " matching the filter" if filtered else ""
+        hint = f"did you mean {', '.join(close)}?" if close else "see slide ids with conchdb stats or search --json"
+        return QueryError(f"no tiles of slide '{slide_id}'{where} in collection '{self.collection}'", hint=hint)
+
+    def classify_slide(
+        self,
+        slide_id: str,
+        classes: Sequence[prompts.ClassPrompts],
+        ks: Sequence[int] = zeroshot.DEFAULT_KS,
+        flt: Filter | None = None,
+    ) -> tuple[int, list[zeroshot.PooledScores]]:
+        """MI-Zero over the slide's stored tile vectors (nothing is re-embedded): the number of
+        tiles, and the pooled class scores for each k."""
+        self.check_model()
+        tiles = self.slide_tiles(slide_id, flt)
+        vectors = np.stack([t.vector for t in tiles if t.vector is not None])
+        labels = [c.label for c in classes]
+        scale = self._encoder().logit_scale
+        return len(tiles), zeroshot.mi_zero(vectors, self.class_vectors(classes), scale, labels, ks)
+
+    def slide_similarity(
+        self, slide_id: str, vector: np.ndarray, flt: Filter | None = None
+    ) -> tuple[list[Hit], np.ndarray]:
+        """Every stored tile of a slide and its cosine similarity to `vector` (for heatmaps)."""
+        tiles = self.slide_tiles(slide_id, flt)
+        vectors = np.stack([t.vector for t in tiles if t.vector is not None]).astype(np.float32)
+        return tiles, vectors @ np.asarray(vector, dtype=np.float32)
+
+
+def require_text(query: str | None) -> str:
+    """The query stripped; an empty or blank query is an error (it would embed to noise)."""
+    text = query.strip() if isinstance(query, str) else ""
+    if not text:
+        raise QueryError("the text query is empty", hint="give a description, e.g. 'tumor necrosis'")
+    return text
+
+
+def check_limits(k: int, offset: int, min_score: float | None) -> None:
+    """Refuse a top-k outside 1..1000, a negative or too deep page, and a score outside [-1, 1]."""
+    if not 1 <= k <= MAX_TOP_K:
+        raise QueryError(f"top-k {k} is outside 1..{MAX_TOP_K}", hint=f"pass --top-k between 1 and {MAX_TOP_K}")
+    if offset < 0 or offset + k > MAX_DEPTH:
+        raise QueryError(
+            f"page offset {offset} with top-k {k} is beyond the first {MAX_DEPTH} results",
+            hint="narrow the search with --where or --min-score instead of paging deeper",
+        )
+    if min_score is not None and not -1.0 <= min_score <= 1.0:
+        raise QueryError(f"--min-score {min_score} is not a cosine similarity", hint="give a value in [-1, 1]")

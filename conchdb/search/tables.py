@@ -1,0 +1,97 @@
+"""Rich tables for search results, so the commands in `cli.py` only parse and print.
+
+A hits table shows rank, score, slide and position, then the payload fields the filters
+tested and the cohort's own metadata (manifest columns), which are what a user filters on
+next; conchdb's bookkeeping fields (path, pixel sizes, run ids) are left to `--json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from conchdb.search.searcher import SearchHit, TextMatch
+from conchdb.search.zeroshot import ClassScores, PooledScores
+
+TILE_FIELDS = frozenset(
+    {"slide_id", "path", "x", "y", "size", "mpp", "mpp_source", "target_mpp", "tile_px", "tissue", "cohort",
+     "tiling", "ingest_run"}
+)
+"""Fields every tile carries; the table shows others (manifest columns) by default."""
+MAX_EXTRA_COLUMNS = 5
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def hit_columns(hits: Sequence[SearchHit], filter_fields: Sequence[str]) -> list[str]:
+    """The payload columns to show: the filtered fields, then metadata columns, at most a few."""
+    columns = [f for f in filter_fields if f not in ("slide_id", "x", "y")]
+    for hit in hits:
+        for key in hit.payload:
+            if key not in TILE_FIELDS and key not in columns:
+                columns.append(key)
+    return columns[: max(MAX_EXTRA_COLUMNS, len(filter_fields))]
+
+
+def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), title: str | None = None) -> Table:
+    """Rank, score, slide, x, y and the chosen payload columns; grouped hits add a tiles column."""
+    grouped = any(h.tiles is not None for h in hits)
+    columns = hit_columns(hits, filter_fields)
+    table = Table(title=title, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("slide", overflow="fold")
+    table.add_column("x", justify="right")
+    table.add_column("y", justify="right")
+    if grouped:
+        table.add_column("tiles (score @ x,y)", overflow="fold")
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    for hit in hits:
+        row = [str(hit.rank), f"{hit.score:.4f}", _fmt(hit.slide_id), _fmt(hit.x), _fmt(hit.y)]
+        if grouped:
+            row.append("  ".join(f"{t.score:.3f}@{t.x},{t.y}" for t in hit.flat()))
+        row += [_fmt(hit.payload.get(name)) for name in columns]
+        table.add_row(*row)
+    return table
+
+
+def texts_table(matches: Sequence[TextMatch], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("rank", "right"), ("score", "right"), ("text", "left"), ("from", "left")):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for m in matches:
+        where = m.metadata.get("kind") if m.source == "vocabulary" else m.metadata.get("source")
+        table.add_row(str(m.rank), f"{m.score:.4f}", m.text, f"{m.source}" + (f" ({where})" if where else ""))
+    return table
+
+
+def classes_table(scores: ClassScores, title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    table.add_column("logit", justify="right")
+    for label, probability, logit in scores.ranked():
+        table.add_row(label, f"{probability:.4f}", f"{logit:.3f}")
+    return table
+
+
+def mi_zero_table(results: Sequence[PooledScores], title: str | None = None) -> Table:
+    """One row per class, one probability column per k, and the prediction for each k."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    for r in results:
+        label = f"top-{r.k}" + (f" ({r.k_used})" if r.k_used != r.k else "")
+        table.add_column(label, justify="right")
+    for i, label in enumerate(results[0].scores.labels):
+        table.add_row(label, *(f"{r.scores.probabilities[i]:.4f}" for r in results))
+    table.add_row("[bold]prediction[/]", *(f"[bold]{r.scores.prediction}[/]" for r in results))
+    return table
