@@ -90,6 +90,12 @@ CheckpointOpt = Annotated[
 TokenizerOpt = Annotated[Path | None, typer.Option("--tokenizer", help="CONCH tokenizer JSON file.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 PrecisionOpt = Annotated[str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
+TargetMppOpt = Annotated[float, typer.Option("--target-mpp", help="Tile resolution, µm per pixel.")]
+TilePxOpt = Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")]
+StridePxOpt = Annotated[
+    int | None, typer.Option("--stride-px", help="Step between tiles in pixels (default: the tile side).")
+]
+MinTissueOpt = Annotated[float, typer.Option("--min-tissue", help="Smallest tissue fraction kept.")]
 
 
 @app.command()
@@ -165,12 +171,10 @@ def model_fetch(
 @handles_errors
 def tiles(
     slide: Annotated[Path, typer.Argument(help="A slide or image file.")],
-    target_mpp: Annotated[float, typer.Option("--target-mpp", help="Tile resolution, µm per pixel.")] = 0.5,
-    tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 512,
-    stride_px: Annotated[
-        int | None, typer.Option("--stride-px", help="Step between tiles in pixels [default: the tile side].")
-    ] = None,
-    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Smallest tissue fraction kept.")] = 0.25,
+    target_mpp: TargetMppOpt = 0.5,
+    tile_px: TilePxOpt = 512,
+    stride_px: StridePxOpt = None,
+    min_tissue: MinTissueOpt = 0.25,
     slide_mpp: Annotated[
         float | None, typer.Option("--slide-mpp", help="The slide's level-0 µm/px, overriding its metadata.")
     ] = None,
@@ -233,12 +237,12 @@ def tiles(
 
 
 StoreOpt = Annotated[
-    Path | None, typer.Option("--store", help="Embedded store folder [default: $CONCHDB_HOME/store].")
+    Path | None, typer.Option("--store", help="Embedded store folder (default: $CONCHDB_HOME/store).")
 ]
 QdrantUrlOpt = Annotated[
     str | None, typer.Option("--qdrant-url", help="Use a Qdrant server or cluster at this URL instead.")
 ]
-CollectionOpt = Annotated[str | None, typer.Option("--collection", help="Tiles collection [default: conch_tiles].")]
+CollectionOpt = Annotated[str | None, typer.Option("--collection", help="Tiles collection (default: conch_tiles).")]
 
 
 def open_store_from_options(store: Path | None, qdrant_url: str | None, collection: str | None) -> tuple[Any, str]:
@@ -259,7 +263,7 @@ def open_store_from_options(store: Path | None, qdrant_url: str | None, collecti
 def ingest(
     path: Annotated[Path, typer.Argument(help="A slide file, or a folder searched recursively.")],
     manifest: Annotated[
-        Path | None, typer.Option("--manifest", help="CSV with a 'slide' column [default: PATH/manifest.csv].")
+        Path | None, typer.Option("--manifest", help="CSV with a 'slide' column (default: PATH/manifest.csv).")
     ] = None,
     store: StoreOpt = None,
     qdrant_url: QdrantUrlOpt = None,
@@ -270,16 +274,14 @@ def ingest(
     precision: PrecisionOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per model batch.")] = 32,
     readers: Annotated[int, typer.Option("--readers", help="Tile reader processes.")] = 2,
-    target_mpp: Annotated[float, typer.Option("--target-mpp", help="Tile resolution, µm per pixel.")] = 0.5,
-    tile_px: Annotated[int, typer.Option("--tile-px", help="Tile side in pixels.")] = 512,
-    stride_px: Annotated[
-        int | None, typer.Option("--stride-px", help="Step between tiles in pixels [default: the tile side].")
-    ] = None,
-    min_tissue: Annotated[float, typer.Option("--min-tissue", help="Smallest tissue fraction kept.")] = 0.25,
+    target_mpp: TargetMppOpt = 0.5,
+    tile_px: TilePxOpt = 512,
+    stride_px: StridePxOpt = None,
+    min_tissue: MinTissueOpt = 0.25,
     slide_mpp: Annotated[
         float | None, typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose manifest row gives none.")
     ] = None,
-    cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort name [default: the folder name].")] = None,
+    cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort name (default: the folder name).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo slides already ingested.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:

@@ -271,9 +271,12 @@ class Ingest:
                 hint="rename those columns in the manifest",
             )
         indexes = {**TILE_FIELDS, **manifest_fields}
-        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, indexes))
+        # Per-value HNSW graphs only where searches filter by category: the cohort's metadata
+        # and the slide, not bookkeeping fields like ingest_run (each graph costs a build).
+        graphs = ("slide_id", "cohort", *(k for k, v in manifest_fields.items() if v in ("keyword", "bool")))
+        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, indexes, graphs))
         slide_indexes = {**SLIDE_FIELDS, **manifest_fields}
-        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes))
+        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes, ()))
 
     def record_id(self, slide: CohortSlide) -> str:
         return stable_id("slide", self.cohort_name, slide.id, self.tiling)

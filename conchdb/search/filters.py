@@ -143,7 +143,7 @@ def _type_error(expr: str, field: str, text: str, kind: FieldType) -> QueryError
     examples = {"integer": "an integer such as 3", "float": "a number such as 0.5", "bool": "true or false"}
     return _fail(
         expr,
-        f"{text!r} is not a {kind} value, but '{field}' holds {kind} values",
+        f"{text!r} is not {'an' if kind == 'integer' else 'a'} {kind} value, but '{field}' holds {kind} values",
         hint=f"compare '{field}' with {examples.get(kind, 'text')} (grammar: {GRAMMAR})",
     )
 

@@ -46,11 +46,11 @@ def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), tit
     grouped = any(h.tiles is not None for h in hits)
     columns = hit_columns(hits, filter_fields)
     table = Table(title=title, title_justify="left")
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("slide", overflow="fold")
-    table.add_column("x", justify="right")
-    table.add_column("y", justify="right")
+    table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("slide", overflow="fold", min_width=12)
+    table.add_column("x", justify="right", no_wrap=True)
+    table.add_column("y", justify="right", no_wrap=True)
     if grouped:
         table.add_column("tiles (score @ x,y)", overflow="fold")
     for name in columns:

@@ -102,7 +102,11 @@ class Store(Protocol):
         """Create the collection, or check that an existing one was built by the same model."""
 
     def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        """The metadata recorded at creation, or None if the collection does not exist."""
+        """The metadata recorded at creation, or None if the collection does not exist.
+
+        It also holds `payload_schema`: the indexed payload fields and their types, as
+        declared by `CollectionSpec.indexes` (so readers can type-check filters).
+        """
 
     def collections(self) -> list[str]:
         """Names of the conchdb collections in this store."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import qdrant_edge as qe
 from conchdb.errors import StoreError
 from conchdb.store import common, lock
 from conchdb.store.base import CollectionSpec, Condition, FieldType, Filter, Group, Hit, Point
-from conchdb.store.filters import Dialect, translate
+from conchdb.store.filters import Dialect
 
 RECORD_FILE = "collection.json"
 SCROLL_PAGE = 1000
@@ -68,7 +68,7 @@ def _is_store_folder(path: Path) -> bool:
     return not any(path.iterdir()) or (path / lock.LOCK_FILE).exists() or (path / "collections").is_dir()
 
 
-class EdgeStore:
+class EdgeStore(common.BackendBase):
     """A conchdb store in a local folder, searched by the Qdrant engine in this process.
 
     Only one process may open a store at a time (a second one gets a StoreError naming
@@ -79,16 +79,18 @@ class EdgeStore:
     are re-ranked with the original vectors, so scores stay exact cosines.
     """
 
+    dialect = EDGE_DIALECT
+
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        hnsw_m: int = 16,
-        hnsw_ef_construct: int = 100,
-        hnsw_ef: int = 128,
+        hnsw_m: int = common.HNSW_M,
+        hnsw_ef_construct: int = common.HNSW_EF_CONSTRUCT,
+        hnsw_ef: int = common.HNSW_EF,
         quantization: bool = True,
         rescore: bool = True,
-        oversampling: float = 2.0,
+        oversampling: float = common.OVERSAMPLING,
         indexing_threshold_kb: int | None = None,
         max_segment_size_kb: int | None = None,
         max_search_threads: int | None = None,
@@ -145,13 +147,7 @@ class EdgeStore:
         self._records[name] = record
         return record
 
-    def _record(self, name: str) -> common.CollectionRecord:
-        record = self._read_record(name)
-        if record is None:
-            raise common.no_collection(self.location, name)
-        return record
-
-    def _write_record(self, record: common.CollectionRecord) -> None:
+    def _save_record(self, record: common.CollectionRecord) -> None:
         """Atomically: a crash leaves the old record or the new one, never half of one."""
         file = self._dir(record.name) / RECORD_FILE
         tmp = file.with_suffix(".tmp")
@@ -192,12 +188,7 @@ class EdgeStore:
         common.check_spec(spec)
         record = self._read_record(spec.name)
         if record is not None:
-            common.check_compatible(self.location, record, spec)
-            new = common.missing_indexes(record, spec)
-            if new:
-                self._create_indexes(spec.name, new, common.graph_fields(spec))
-                record.indexes.update(new)
-                self._write_record(record)
+            self._join(record, spec)
             return
         folder = self._dir(spec.name)
         # A shard without a record is what an interrupted creation leaves: it holds no points,
@@ -206,12 +197,8 @@ class EdgeStore:
         folder.mkdir(parents=True, exist_ok=True)
         self._shards[spec.name] = qe.EdgeShard.create(str(folder / "shard"), self._config(spec.dim))
         record = common.CollectionRecord.new(spec)
-        self._write_record(record)
+        self._save_record(record)
         self._create_indexes(spec.name, record.indexes, common.graph_fields(spec))
-
-    def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        record = self._read_record(name)
-        return None if record is None else dict(record.metadata)
 
     def collections(self) -> list[str]:
         root = self.path / "collections"
@@ -231,12 +218,7 @@ class EdgeStore:
         self._shard(name).update(qe.UpdateOperation.upsert_points(batch))
 
     def delete(self, name: str, flt: Filter) -> None:
-        record = self._record(name)
-        if not flt:
-            raise StoreError(
-                f"refusing to delete every point of collection '{name}' (the filter is empty)",
-                hint="give at least one condition, e.g. slide_id eq ID",
-            )
+        record = self._delete_filter(name, flt)
         self._shard(name).update(qe.UpdateOperation.delete_points_by_filter(self._filter(record, flt)))
 
     def finish_bulk_load(self, name: str) -> None:
@@ -250,9 +232,6 @@ class EdgeStore:
         shard.flush()
 
     # -- reads -------------------------------------------------------------------------
-
-    def _filter(self, record: common.CollectionRecord, flt: Filter | None) -> Any:
-        return translate(flt, EDGE_DIALECT, record.indexes)
 
     def _search(
         self,
@@ -338,28 +317,14 @@ class EdgeStore:
             limit *= 4
         return common.sort_groups([Group(key=key, hits=hits) for key, hits in chosen.items()])
 
-    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
-        self._record(name)
-        wanted = common.point_ids(ids)
-        if not wanted:
-            return []
-        records = self._shard(name).retrieve(wanted, with_payload=True, with_vector=with_vectors)
-        found = {str(r.id): common.to_hit(r, with_vectors) for r in records}
-        return [found[i] for i in wanted if i in found]
+    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
+        return self._shard(name).retrieve(ids, with_payload=True, with_vector=with_vectors)
 
-    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
-        record = self._record(name)
-        native = self._filter(record, flt)
-        offset = None
-        while True:
-            request = qe.ScrollRequest(
-                offset=offset, limit=SCROLL_PAGE, filter=native, with_payload=True, with_vector=with_vectors
-            )
-            page, offset = self._shard(name).scroll(request)
-            for r in page:
-                yield common.to_hit(r, with_vectors)
-            if offset is None:
-                return
+    def _page(self, name: str, native_filter: Any, offset: Any, with_vectors: bool) -> tuple[list[Any], Any]:
+        request = qe.ScrollRequest(
+            offset=offset, limit=SCROLL_PAGE, filter=native_filter, with_payload=True, with_vector=with_vectors
+        )
+        return self._shard(name).scroll(request)
 
     def count(self, name: str, flt: Filter | None = None) -> int:
         record = self._record(name)
@@ -390,12 +355,3 @@ class EdgeStore:
                 self._lock.release()
                 self._lock = None
             self._records.clear()
-
-    def __enter__(self) -> EdgeStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"EdgeStore({str(self.path)!r})"

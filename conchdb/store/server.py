@@ -11,7 +11,7 @@ searched first and rescored with the originals (both configurable).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,7 +21,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from conchdb.errors import StoreError
 from conchdb.store import common
 from conchdb.store.base import CollectionSpec, FieldType, Filter, Group, Hit, Point
-from conchdb.store.filters import Dialect, translate
+from conchdb.store.filters import Dialect
 
 META_KEY = "conchdb"
 SCROLL_PAGE = 1000
@@ -50,7 +50,7 @@ SERVER_DIALECT = Dialect(
 )
 
 
-class ServerStore:
+class ServerStore(common.BackendBase):
     """A conchdb store on a Qdrant server (`url`), or on a given `client` (tests: `QdrantClient(":memory:")`).
 
     `hnsw_m`/`hnsw_ef_construct` are the index built by `finish_bulk_load`; `hnsw_ef` the
@@ -58,18 +58,20 @@ class ServerStore:
     the quantized candidates (`oversampling` times more of them) with the original vectors.
     """
 
+    dialect = SERVER_DIALECT
+
     def __init__(
         self,
         url: str | None = None,
         api_key: str | None = None,
         client: QdrantClient | None = None,
         *,
-        hnsw_m: int = 16,
-        hnsw_ef_construct: int = 100,
-        hnsw_ef: int | None = 128,
+        hnsw_m: int = common.HNSW_M,
+        hnsw_ef_construct: int = common.HNSW_EF_CONSTRUCT,
+        hnsw_ef: int | None = common.HNSW_EF,
         quantization: bool = True,
         rescore: bool = True,
-        oversampling: float = 2.0,
+        oversampling: float = common.OVERSAMPLING,
         timeout: int = 60,
     ):
         if client is None and not url:
@@ -134,15 +136,6 @@ class ServerStore:
         self._records[name] = record
         return record
 
-    def _record(self, name: str) -> common.CollectionRecord:
-        record = self._read_record(name)
-        if record is None:
-            raise common.no_collection(self.location, name)
-        return record
-
-    def _filter(self, record: common.CollectionRecord, flt: Filter | None) -> models.Filter | None:
-        return translate(flt, SERVER_DIALECT, record.indexes)
-
     # -- collections -------------------------------------------------------------------
 
     def _create_indexes(self, name: str, indexes: dict[str, FieldType], graph: set[str]) -> None:
@@ -189,17 +182,11 @@ class ServerStore:
         record = self._read_record(spec.name)
         if record is None and self._create(spec):
             return
-        record = self._record(spec.name)
-        common.check_compatible(self.location, record, spec)
-        new = common.missing_indexes(record, spec)
-        if new:
-            self._create_indexes(spec.name, new, common.graph_fields(spec))
-            record.indexes.update(new)
-            self._call(spec.name, self.client.update_collection, spec.name, metadata={META_KEY: record.to_dict()})
+        self._join(self._record(spec.name), spec)
 
-    def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        record = self._read_record(name)
-        return None if record is None else dict(record.metadata)
+    def _save_record(self, record: common.CollectionRecord) -> None:
+        self._call(record.name, self.client.update_collection, record.name, metadata={META_KEY: record.to_dict()})
+        self._records[record.name] = record
 
     def collections(self) -> list[str]:
         names = [c.name for c in self._call(None, self.client.get_collections).collections]
@@ -220,12 +207,7 @@ class ServerStore:
         self._call(name, self.client.upsert, name, points=batch, wait=True)
 
     def delete(self, name: str, flt: Filter) -> None:
-        record = self._record(name)
-        if not flt:
-            raise StoreError(
-                f"refusing to delete every point of collection '{name}' (the filter is empty)",
-                hint="give at least one condition, e.g. slide_id eq ID",
-            )
+        record = self._delete_filter(name, flt)
         selector = models.FilterSelector(filter=self._filter(record, flt))
         self._call(name, self.client.delete, name, points_selector=selector, wait=True)
 
@@ -294,34 +276,20 @@ class ServerStore:
         found = [Group(key=g.id, hits=[common.to_hit(p, False) for p in g.hits]) for g in result.groups]
         return common.sort_groups(found)
 
-    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
-        self._record(name)
-        wanted = common.point_ids(ids)
-        if not wanted:
-            return []
-        records = self._call(name, self.client.retrieve, name, ids=wanted, with_payload=True, with_vectors=with_vectors)
-        found = {str(r.id): common.to_hit(r, with_vectors) for r in records}
-        return [found[i] for i in wanted if i in found]
+    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
+        return self._call(name, self.client.retrieve, name, ids=ids, with_payload=True, with_vectors=with_vectors)
 
-    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
-        record = self._record(name)
-        native = self._filter(record, flt)
-        offset = None
-        while True:
-            page, offset = self._call(
-                name,
-                self.client.scroll,
-                name,
-                scroll_filter=native,
-                limit=SCROLL_PAGE,
-                offset=offset,
-                with_payload=True,
-                with_vectors=with_vectors,
-            )
-            for r in page:
-                yield common.to_hit(r, with_vectors)
-            if offset is None:
-                return
+    def _page(self, name: str, native_filter: Any, offset: Any, with_vectors: bool) -> tuple[list[Any], Any]:
+        return self._call(
+            name,
+            self.client.scroll,
+            name,
+            scroll_filter=native_filter,
+            limit=SCROLL_PAGE,
+            offset=offset,
+            with_payload=True,
+            with_vectors=with_vectors,
+        )
 
     def count(self, name: str, flt: Filter | None = None) -> int:
         record = self._record(name)
@@ -338,12 +306,3 @@ class ServerStore:
         if self._owns_client:
             self.client.close()
         self._records.clear()
-
-    def __enter__(self) -> ServerStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"ServerStore({self.location!r})"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conchdb.model.checkpoint import save_checkpoint
-from conchdb.model.config import ConchConfig
 from conchdb.model.conch import ConchModel
+from conchdb.model.config import ConchConfig
 from conchdb.model.encoder import Encoder
 
 

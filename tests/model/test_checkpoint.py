@@ -15,8 +15,8 @@ from conchdb.model.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from conchdb.model.config import ConchConfig, VisionConfig
 from conchdb.model.conch import ConchModel
+from conchdb.model.config import ConchConfig, VisionConfig
 from conchdb.model.encoder import Encoder
 
 from .conftest import make_tiny_model

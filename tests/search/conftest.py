@@ -133,11 +133,11 @@ def corpus(tmp_path_factory, encoder) -> Corpus:
 
 
 def fill_store(store: Store, name: str, corpus: Corpus, encoder: Encoder, schema: bool = True) -> None:
-    """A tiles collection as ingest leaves it; `schema=False` leaves out `payload_schema`."""
+    """A tiles collection as ingest leaves it, its payload fields indexed (the store reports
+    them as `payload_schema`); `schema=False` makes one without indexes, hence without schema."""
     metadata = {**encoder.describe(), "tiling": {"target_mpp": 0.5, "tile_px": TILE}}
-    if schema:
-        metadata["payload_schema"] = dict(SCHEMA)
-    store.ensure_collection(CollectionSpec(name, 512, metadata, dict(SCHEMA)))  # type: ignore[arg-type]
+    indexes = dict(SCHEMA) if schema else {}
+    store.ensure_collection(CollectionSpec(name, 512, metadata, indexes))  # type: ignore[arg-type]
     store.upsert(name, corpus.points)
 
 

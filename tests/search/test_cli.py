@@ -124,7 +124,7 @@ def test_grouped_export_writes_every_tile_of_each_group(env, corpus, tmp_path):
         (["search"], "exactly one"),
         (["search", "--point", "6f1c1d2e-0000-4000-8000-000000000000"], "no point with id"),
         (["search", "--image", "missing.png"], "image not found"),
-        (["search", "tumor", "--where", "grade=high"], r"'grade=high'.*not a integer"),
+        (["search", "tumor", "--where", "grade=high"], r"'grade=high'.*not an integer"),
         (["search", "tumor", "--where", "grade==2"], "unknown operator"),
         (["search", "tumor", "--where", "nosuchfield=1"], "no field 'nosuchfield'"),
         (["search", "tumor", "--top-k", "0"], "top-k 0"),

@@ -59,8 +59,8 @@ def test_expressions_combine_with_and():
         ("grade>=", "no value"),
         ("diagnosis=a,,b", "a value is missing"),
         ("grade>1,2", "takes one value"),
-        ("grade=high", "'high' is not a integer value"),
-        ("grade=2.5", "'2.5' is not a integer value"),
+        ("grade=high", "'high' is not an integer value"),
+        ("grade=2.5", "'2.5' is not an integer value"),
         ("age>=old", "'old' is not a float value"),
         ("consented=maybe", "'maybe' is not a bool value"),
         ("diagnosis>3", "have no order"),
@@ -87,7 +87,7 @@ def test_the_unknown_field_error_lists_the_fields():
 def test_inferred_types_still_catch_mismatches_but_allow_unseen_fields():
     types = FieldTypes(infer_types([{"grade": 1, "age": 2, "n": "x"}, {"age": 2.5, "n": 3}]), declared=False)
     assert types.types == {"grade": "integer", "age": "float"}
-    with pytest.raises(QueryError, match="not a integer"):
+    with pytest.raises(QueryError, match="not an integer"):
         parse_where(["grade=two"], types)
     assert parse_where(["other=7"], types).must == (Condition("other", "eq", 7),)
 
@@ -158,7 +158,7 @@ def test_a_filter_type_error_without_a_recorded_schema(tmp_path, corpus, encoder
     fill_store(store, "tiles", corpus, encoder, schema=False)
     searcher = Searcher(None, store, collection="tiles")
     assert not searcher.field_types().declared
-    with pytest.raises(QueryError, match="'high' is not a integer value"):
+    with pytest.raises(QueryError, match="'high' is not an integer value"):
         searcher.parse_where(["grade=high"])
     hits = searcher.search(corpus.vectors[0], k=1000, flt=searcher.parse_where(["grade>=2"]))
     assert {h.payload["grade"] for h in hits} == {2, 3}

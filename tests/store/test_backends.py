@@ -197,6 +197,7 @@ def test_collection_records_metadata_and_refuses_another_model(store, name):
     store.ensure_collection(spec(name))  # same model again: fine
     meta = store.collection_metadata(name)
     assert meta["model_fingerprint"] == FINGERPRINT and meta["tiling"]["target_mpp"] == 0.5
+    assert meta["payload_schema"] == spec(name).indexes
     assert name in store.collections()
     with pytest.raises(StoreError) as err:
         store.ensure_collection(spec(name, fingerprint="sha256:other-model"))
@@ -216,6 +217,7 @@ def test_new_indexes_are_added_to_an_existing_collection(store, name):
     wider.indexes["note"] = "keyword"
     store.ensure_collection(wider)
     assert store.count(name, Filter((Condition("note", "eq", "tile 3"),))) == 1
+    assert store.collection_metadata(name)["payload_schema"]["note"] == "keyword"
     clash = spec(name)
     clash.indexes["x"] = "keyword"
     with pytest.raises(StoreError, match="'x' is indexed as integer"):
