@@ -59,23 +59,35 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(t.width, eps=1e-5)
         self.text_projection = nn.Parameter(torch.zeros(t.width, config.embed_dim))
 
-    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """Boolean mask (N * heads, L + 1, L + 1), True where attention is forbidden."""
+    def attention_mask(self, ids: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (N * heads, L + 1, L + 1), True where attention is forbidden.
+
+        `ids` may be a prefix of the 127 ids (see `forward`); `full` says, per text, whether
+        all 127 ids are real, the one case where the CLS position may attend to itself."""
         n, length = ids.shape
         size = length + 1
         causal = torch.ones(size, size, dtype=torch.bool, device=ids.device).triu(1)
         mask = causal.unsqueeze(0).repeat(n, 1, 1)
         cls_row = torch.zeros(n, size, dtype=torch.bool, device=ids.device)
-        cls_row[:, 1:] = ids == self.pad_id
+        cls_row[:, 1:length] = ids[:, :-1] == self.pad_id
+        cls_row[:, length] = ~full
         mask[:, -1, :] = cls_row
         return mask.repeat_interleave(self.heads, dim=0)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         ids = token_ids[:, :-1]  # the last id is the placeholder that the CLS embedding replaces
-        x = self.token_embedding(ids)
-        cls = self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1)
+        context = ids.shape[1]
+        real = ids != self.pad_id
+        # Causal attention means no position sees a later one, and the CLS position sees only
+        # the real tokens and the first pad; the pads after that change nothing, so they are
+        # not computed: a short query runs on a handful of positions instead of 128.
+        last = torch.where(real.any(0), torch.arange(context, device=ids.device), -1).max()
+        keep = int(min(context, int(last) + 2))
+        full = real[:, -1]
+        ids = ids[:, :keep]
+        x = self.token_embedding(ids) + self.positional_embedding[:keep].to(self.token_embedding.weight.dtype)
+        cls = (self.cls_emb + self.positional_embedding[context]).to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([x, cls], dim=1)
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        x = self.transformer(x, self.attention_mask(ids))
+        x = self.transformer(x, self.attention_mask(ids, full))
         pooled = self.ln_final(x[:, -1])
         return pooled @ self.text_projection
