@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -207,7 +208,7 @@ def sort_groups(groups: list[Group]) -> list[Group]:
     return sorted(groups, key=lambda g: -g.hits[0].score)
 
 
-class BackendBase:
+class BackendBase(ABC):
     """What both backends do the same way around their engine calls.
 
     A backend sets `dialect` and supplies `_read_record` (None when the collection is
@@ -219,23 +220,29 @@ class BackendBase:
     location: str
     dialect: Dialect
 
+    @abstractmethod
     def _read_record(self, name: str) -> CollectionRecord | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _save_record(self, record: CollectionRecord) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _create_indexes(self, name: str, indexes: dict[str, FieldType], graph: set[str]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def _page(self, name: str, native_filter: Any, offset: Any, with_vectors: bool) -> tuple[list[Any], Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
     def collection_metadata(self, name: str) -> dict[str, Any] | None:
         """The metadata recorded at creation plus `payload_schema` (the indexed field types), or None."""
