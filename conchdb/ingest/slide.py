@@ -49,7 +49,7 @@ def flatten_on_white(image: Image.Image) -> Image.Image:
         return image
     if image.mode not in ("RGBA", "LA", "P", "PA", "RGBa"):
         return image.convert("RGB")
-    rgba = image.convert("RGBA")
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # OpenSlide gives RGBA: no copy
     if rgba.getchannel("A").getextrema()[0] == 255:  # opaque: the common case, kept cheap
         return rgba.convert("RGB")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
