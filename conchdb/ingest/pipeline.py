@@ -338,7 +338,10 @@ class Ingest:
         return self.options.slide_mpp, "--slide-mpp"
 
     def run(self) -> IngestSummary:
-        summary = IngestSummary(self.store.location, self.collection, not_slides=len(self.cohort.skipped))
+        # The manifest lies among the cohort's files but is not a slide passed over.
+        manifest = self.manifest.path.resolve() if self.manifest.path else None
+        not_slides = sum(Path(f).resolve() != manifest for f in self.cohort.skipped)
+        summary = IngestSummary(self.store.location, self.collection, not_slides=not_slides)
         summary.manifest = str(self.manifest.path) if self.manifest.path else None
         summary.manifest_unmatched = [f"line {line}: {value}" for line, value in self.manifest.unmatched]
         summary.manifest_missing = list(self.manifest.missing) if self.manifest.path else []
