@@ -3,9 +3,11 @@
     python benchmarks/store.py [--n 1000000] [--queries 200] [--json]
 
 Makes N clustered 512-d unit vectors (tiles of ~2,000 per slide, each slide drawing on
-100 of 1,000 tissue "patterns", so that a kind of tissue recurs across slides) with slide-like payloads; writes them
-into the embedded store (qdrant-edge) through the conchdb store interface; builds the
-index; then measures query latency and recall@10 against exact numpy search, plain and
+100 of 1,000 tissue "patterns", so that a kind of tissue recurs across slides) with the
+payload `conchdb ingest` writes (its fields, its payload indexes, a manifest column
+`site`); writes them into the embedded store (qdrant-edge) through the conchdb store
+interface as ingest does: per slide, in batches, the slide's fields shared by the batch;
+builds the index; then measures query latency and recall@10 against exact numpy search, plain and
 with a one-field filter that keeps about 20% of the points. qdrant-client's local mode,
 the in-process option a user would otherwise pick, is measured on the first 20,000
 points, since it searches by brute force in Python and would take hours at 1M.
@@ -22,22 +24,22 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from qdrant_client import QdrantClient
 
+from conchdb.ingest.pipeline import TILE_FIELDS, TILE_INDEXED
 from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id
 from conchdb.store.edge import EdgeStore
 from conchdb.store.server import ServerStore
 
 DIM = 512
 K = 10
-BATCH = 1024
 SITES = ["lung", "breast", "colon", "skin", "kidney"]
-INDEXES = {"slide_id": "keyword", "site": "keyword", "cohort": "keyword", "x": "integer", "tissue": "float"}
+PER_SLIDE = 2000
 FILTER = Filter((Condition("site", "eq", "lung"),))
 LOCAL_N = 20_000
 # The --json keys, in the issue's order.
@@ -73,26 +75,36 @@ class Data:
     y: np.ndarray
     tissue: np.ndarray
 
-    def points(self, start: int, stop: int) -> list[Point]:
-        out = []
-        for i in range(start, stop):
-            slide = int(self.slide[i])
-            payload = {
+    def batches(self, n: int, size: int) -> Iterator[tuple[list[Point], dict]]:
+        """The first n points as ingest hands them to the store: per slide, `size` at a time,
+        each tile with its own x, y and tissue and the slide's fields shared by the batch."""
+        start = 0
+        while start < n:
+            slide = int(self.slide[start])
+            stop = min(n, start + size, (slide + 1) * PER_SLIDE if slide < self.slide[-1] else n)
+            shared = {
                 "slide_id": f"slide-{slide:05d}",
-                "path": f"/cohort/slide-{slide:05d}.svs",
-                "x": int(self.x[i]),
-                "y": int(self.y[i]),
+                "path": f"/data/cohort/slide-{slide:05d}.svs",
+                "cohort": "bench",
                 "size": 1024,
-                "mpp": 0.25,
+                "mpp": 0.2498,
                 "mpp_source": "openslide",
                 "target_mpp": 0.5,
                 "tile_px": 512,
-                "tissue": float(self.tissue[i]),
-                "cohort": "bench",
-                "site": SITES[int(self.site[i])],
+                "tiling": "0.5um-512px-s512",
+                "ingest_run": "0b1c9e5e-3f6a-4d7e-9a51-6f1f3c2d8e77",
+                "site": SITES[int(self.site[start])],
             }
-            out.append(Point(stable_id("bench", i), self.vectors[i], payload))
-        return out
+            points = [
+                Point(
+                    stable_id("bench", i),
+                    self.vectors[i],
+                    {"x": int(self.x[i]), "y": int(self.y[i]), "tissue": float(self.tissue[i])},
+                )
+                for i in range(start, stop)
+            ]
+            yield points, shared
+            start = stop
 
 
 def _clustered(rng: np.random.Generator, centers: np.ndarray, which: np.ndarray, noise: float) -> np.ndarray:
@@ -106,7 +118,7 @@ def make_data(n: int, n_queries: int, seed: int = 0) -> tuple[Data, np.ndarray]:
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((1000, DIM), dtype=np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    per_slide = 2000
+    per_slide = PER_SLIDE
     n_slides = max(5, -(-n // per_slide))
     slide_patterns = rng.integers(0, len(centers), size=(n_slides, PATTERNS_PER_SLIDE))
     slide = np.minimum(np.arange(n) // per_slide, n_slides - 1)
@@ -142,19 +154,19 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, mask: np.ndarray | None)
     return out
 
 
-def upsert_rate(store: Store, name: str, data: Data, n: int) -> float:
+def upsert_rate(store: Store, name: str, data: Data, n: int, batch: int) -> float:
     """Points per second through `Store.upsert`, batch by batch as an ingest writes them.
 
     Only the `upsert` calls are timed: making the payload dicts is the caller's work.
     """
-    spent = 0.0
-    for start in range(0, n, BATCH):
-        batch = data.points(start, min(n, start + BATCH))
+    spent, done = 0.0, 0
+    for points, shared in data.batches(n, batch):
         started = time.perf_counter()
-        store.upsert(name, batch)
+        store.upsert(name, points, shared)
         spent += time.perf_counter() - started
-        if start and start % 100_000 < BATCH:
-            log(f"  {start:,} points, {start / spent:,.0f}/s")
+        if done // 100_000 != (done + len(points)) // 100_000:
+            log(f"  {done + len(points):,} points, {(done + len(points)) / spent:,.0f}/s")
+        done += len(points)
     return n / spent
 
 
@@ -182,7 +194,14 @@ def run(args: argparse.Namespace) -> dict:
     data, queries = make_data(n, args.queries)
     mask = data.site == SITES.index("lung")
     ids = [stable_id("bench", i) for i in range(n)]
-    spec = CollectionSpec("bench", dim=DIM, metadata={"model_fingerprint": "bench"}, indexes=INDEXES)
+    spec = CollectionSpec(
+        "bench",
+        dim=DIM,
+        metadata={"model_fingerprint": "bench"},
+        fields={**TILE_FIELDS, "site": "keyword"},
+        graph_fields=("slide_id", "cohort", "site"),  # as ingest: the slide, the cohort, keyword manifest columns
+        indexed=(*TILE_INDEXED, "site"),
+    )
     result: dict = {"n": n}
 
     with tempfile.TemporaryDirectory(prefix="conchdb-bench-") as tmp:
@@ -190,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         options = {k: v for k, v in (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct)) if v}
         edge = EdgeStore(Path(tmp) / "edge", **options, **({"hnsw_ef": args.ef} if args.ef else {}))
         edge.ensure_collection(spec)
-        result["upsert_per_s"] = upsert_rate(edge, "bench", data, n)
+        result["upsert_per_s"] = upsert_rate(edge, "bench", data, n, args.batch)
         log(f"embedded store: {result['upsert_per_s']:,.0f} points/s; building the index")
         started = time.perf_counter()
         edge.finish_bulk_load("bench")
@@ -220,21 +239,23 @@ def run(args: argparse.Namespace) -> dict:
 
         local_n = min(n, LOCAL_N)
         log(f"qdrant-client local mode on {local_n:,} points (persisted in a folder, like the embedded store)")
-        local_rate, local_ms = local_mode(Path(tmp) / "local", spec, data, local_n, queries[:20])
+        local_rate, local_ms = local_mode(Path(tmp) / "local", spec, data, local_n, queries[:20], args.batch)
         result["local_mode_upsert_per_s"] = local_rate
         result["local_mode_filtered_p50_ms"] = float(np.percentile(local_ms, 50))
 
-    extra = {"selectivity": float(mask.mean()), "local_n": local_n, "queries": len(queries)}
+    extra = {"selectivity": float(mask.mean()), "local_n": local_n, "queries": len(queries), "batch": args.batch}
     return {"result": {key: result[key] for key in KEYS}, "extra": extra}
 
 
-def local_mode(path: Path, spec: CollectionSpec, data: Data, n: int, queries: np.ndarray) -> tuple[float, np.ndarray]:
+def local_mode(
+    path: Path, spec: CollectionSpec, data: Data, n: int, queries: np.ndarray, batch: int
+) -> tuple[float, np.ndarray]:
     """qdrant-client local mode persisted in a folder (like the embedded store), through the same interface."""
     warnings.filterwarnings("ignore", message="(Payload indexes have no effect|Local mode performs exact)")
     client = QdrantClient(path=str(path))
     store = ServerStore(client=client)
     store.ensure_collection(spec)
-    rate = upsert_rate(store, spec.name, data, n)
+    rate = upsert_rate(store, spec.name, data, n, batch)
     ms, _ = timed(lambda q: store.query(spec.name, q, k=K, flt=FILTER), queries)
     client.close()
     return rate, ms
@@ -259,8 +280,8 @@ def table(result: dict, extra: dict) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
-        f"conchdb store benchmark: {r['n']:,} x {DIM}-d unit vectors, {extra['queries']} queries, k={K}, "
-        f"filter site=lung keeps {extra['selectivity']:.1%}",
+        f"conchdb store benchmark: {r['n']:,} x {DIM}-d unit vectors, upserts of {extra['batch']}, "
+        f"{extra['queries']} queries, k={K}, filter site=lung keeps {extra['selectivity']:.1%}",
     ]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
@@ -270,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="number of points (default 1,000,000)")
     parser.add_argument("--queries", type=int, default=200, help="number of queries (default 200)")
+    parser.add_argument("--batch", type=int, default=256, help="points per upsert (default 256)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--m", type=int, default=None, help="HNSW m (default: the store's)")
     parser.add_argument("--ef-construct", type=int, default=None, help="HNSW ef_construct (default: the store's)")

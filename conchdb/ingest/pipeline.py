@@ -56,6 +56,11 @@ TILE_FIELDS: dict[str, FieldType] = {
     "tiling": "keyword",
     "ingest_run": "keyword",
 }
+# The tile fields that get a payload index: those that pick out a slide and its tiling
+# (selective filters, used to clean up a slide's tiles). Each index costs about 10 us a
+# point on every write; x, y, size and tissue filters keep most points, so the engine
+# checks them on the payload, and the rest are for reading. Manifest columns are indexed.
+TILE_INDEXED = ("slide_id", "cohort", "tiling")
 SLIDE_FIELDS: dict[str, FieldType] = {
     "slide_id": "keyword",
     "cohort": "keyword",
@@ -166,20 +171,20 @@ class _Writer:
 
     def __init__(self, store: Store, collection: str, timings: dict[str, float]):
         self._store, self._collection, self._timings = store, collection, timings
-        self._queue: queue.Queue[list[Point] | None] = queue.Queue(maxsize=4)
+        self._queue: queue.Queue[tuple[list[Point], dict[str, Any]] | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="conchdb-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            points = self._queue.get()
+            item = self._queue.get()
             try:
-                if points is None:
+                if item is None:
                     return
                 if self._error is None:
                     start = time.perf_counter()
-                    self._store.upsert(self._collection, points)
+                    self._store.upsert(self._collection, *item)
                     self._timings["write_s"] = self._timings.get("write_s", 0.0) + time.perf_counter() - start
             except BaseException as exc:  # handed to the caller's thread by flush()/put()
                 self._error = exc
@@ -191,9 +196,9 @@ class _Writer:
             error, self._error = self._error, None
             raise error
 
-    def put(self, points: list[Point]) -> None:
+    def put(self, points: list[Point], shared: dict[str, Any]) -> None:
         self._raise()
-        self._queue.put(points)
+        self._queue.put((points, shared))
 
     def flush(self) -> None:
         self._queue.join()
@@ -270,11 +275,14 @@ class Ingest:
                 f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
                 hint="rename those columns in the manifest",
             )
-        indexes = {**TILE_FIELDS, **manifest_fields}
+        fields = {**TILE_FIELDS, **manifest_fields}
         # Per-value HNSW graphs only where searches filter by category: the cohort's metadata
-        # and the slide, not bookkeeping fields like ingest_run (each graph costs a build).
+        # and the slide, not bookkeeping fields like tiling (each graph costs a build).
         graphs = ("slide_id", "cohort", *(k for k, v in manifest_fields.items() if v in ("keyword", "bool")))
-        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, indexes, graphs))
+        indexed = (*TILE_INDEXED, *manifest_fields)
+        self.store.ensure_collection(
+            CollectionSpec(self.collection, self.encoder.dim, metadata, fields, graphs, indexed)
+        )
         slide_indexes = {**SLIDE_FIELDS, **manifest_fields}
         self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes, ()))
 
@@ -426,10 +434,12 @@ class Ingest:
         assert grid is not None
         if self.progress.on_slide:
             self.progress.on_slide(slide.id, len(grid))
-        base = {
+        # What every tile of the slide shares goes to the store once per batch, not per tile.
+        shared = {
             "slide_id": slide.id,
             "path": str(slide.path),
             "cohort": self.cohort_name,
+            "size": grid.tile_size_level0,
             "mpp": plan.info.get("mpp"),
             "mpp_source": plan.info.get("mpp_source"),
             "target_mpp": grid.target_mpp,
@@ -459,11 +469,11 @@ class Ingest:
                     Point(
                         tile_point_id(identity, t.x, t.y, t.size, grid.target_mpp, self.encoder.fingerprint),
                         vec,
-                        {**base, "x": t.x, "y": t.y, "size": t.size, "tissue": t.tissue},
+                        {"x": t.x, "y": t.y, "tissue": t.tissue},
                     )
                     for t, vec in zip(tiles, vectors, strict=True)
                 ]
-                writer.put(points)
+                writer.put(points, shared)
                 if self.progress.on_batch:
                     self.progress.on_batch(len(points))
         norm = np.linalg.norm(total)

@@ -119,10 +119,10 @@ def add_texts(texts: TextFile, encoder: Encoder, store: Store, collection: str) 
     The collection is created on first use with the encoder's description (its fingerprint
     guards against mixing models), with indexes on `source` and on the CSV's columns.
     """
-    indexes: dict[str, FieldType] = {"source": "keyword", "line": "integer"}
-    indexes.update({name: TYPE_NAMES[kind] for name, kind in texts.columns.items()})
+    fields: dict[str, FieldType] = {"source": "keyword", "line": "integer"}
+    fields.update({name: TYPE_NAMES[kind] for name, kind in texts.columns.items()})
     metadata = {**encoder.describe(), "kind": "texts"}
-    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, indexes))
+    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, fields))
     written: set[str] = set()
     for chunk in batches(texts.records):
         vectors = encoder.encode_texts([r.text for r in chunk])

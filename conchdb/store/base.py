@@ -73,10 +73,16 @@ class Group:
 
 @dataclass
 class CollectionSpec:
-    """What a collection is: vector size, what built it, and which payload fields are indexed.
+    """What a collection is: vector size, what built it, its payload fields and their indexes.
 
     `metadata` records the model fingerprint, preprocessing and tiling parameters; a
     collection refuses writers whose `metadata["model_fingerprint"]` differs.
+
+    `fields` declares the payload fields and their types (the record's `payload_schema`,
+    which lets readers type-check filters). `indexed` names those that get a payload index
+    (None: all of them). Every index costs time on each write (about 10 us a point in
+    qdrant-edge, measured with benchmarks/store.py) and RAM, so a field is worth one when
+    filters on it are selective; filters on the others still work, by reading payloads.
 
     `graph_fields` are the indexed fields that searches often filter on (a manifest's
     `diagnosis`, `site`, `cohort`): the engine links each of their values' points into an
@@ -89,8 +95,15 @@ class CollectionSpec:
     name: str
     dim: int = 512
     metadata: dict[str, Any] = field(default_factory=dict)
-    indexes: dict[str, FieldType] = field(default_factory=dict)
+    fields: dict[str, FieldType] = field(default_factory=dict)
     graph_fields: tuple[str, ...] | None = None
+    indexed: tuple[str, ...] | None = None
+
+    def index_fields(self) -> dict[str, FieldType]:
+        """The fields that get a payload index, with their types."""
+        if self.indexed is None:
+            return dict(self.fields)
+        return {key: kind for key, kind in self.fields.items() if key in self.indexed}
 
 
 class Store(Protocol):
@@ -104,15 +117,20 @@ class Store(Protocol):
     def collection_metadata(self, name: str) -> dict[str, Any] | None:
         """The metadata recorded at creation, or None if the collection does not exist.
 
-        It also holds `payload_schema`: the indexed payload fields and their types, as
-        declared by `CollectionSpec.indexes` (so readers can type-check filters).
+        It also holds `payload_schema`: the payload fields and their types, as declared
+        by `CollectionSpec.fields` (so readers can type-check filters).
         """
 
     def collections(self) -> list[str]:
         """Names of the conchdb collections in this store."""
 
-    def upsert(self, name: str, points: Sequence[Point]) -> None:
-        """Insert or overwrite points by id."""
+    def upsert(self, name: str, points: Sequence[Point], shared: dict[str, Any] | None = None) -> None:
+        """Insert or overwrite points by id, all or none of them.
+
+        `shared` holds payload fields that every point of the batch gets (a slide's path,
+        pixel size, manifest row): passed once instead of in each point's payload, which
+        the embedded store writes far faster. Where a key is in both, `shared` wins.
+        """
 
     def delete(self, name: str, flt: Filter) -> None:
         """Remove every point matching the filter."""

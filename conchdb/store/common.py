@@ -1,7 +1,7 @@
 """What both backends do the same way: the collection record, checks, and result conversion.
 
 The collection record is what conchdb writes beside a collection when it creates it:
-its vector size, its payload indexes and the metadata of the model, preprocessing and
+its vector size, its payload fields and indexes and the metadata of the model, preprocessing and
 tiling that built it. The embedded store keeps it as `collection.json` beside the shard,
 the server store in the collection's own Qdrant metadata under the key `conchdb`; both
 read and check it here, so the two refuse the same things with the same words.
@@ -24,17 +24,25 @@ from conchdb.errors import StoreError
 from conchdb.store.base import CollectionSpec, FieldType, Filter, Group, Hit, Point
 from conchdb.store.filters import Dialect, translate
 
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 1 had `indexes` only: every declared field was indexed
 # Index and search defaults of both backends, chosen with benchmarks/store.py on 200k
 # slide-like points, 2 cores: hnsw_ef=192 gave recall@10 1.0 plain and 0.98 with a 20%
 # filter at p50 3.5 / 5 ms; 128 gave 0.97 filtered, too little margin for 1M points.
 HNSW_M = 16
+# The engine gives each value of a graph field (one slide, one site) HNSW links of its own
+# when the value holds vectors worth more than this many KB (500 of 512-d float32), and
+# searches smaller filtered sets exhaustively. At Qdrant's default, 10,000 KB, a filter that
+# keeps a few thousand points fell between the two, searched the main graph without links
+# of its own and found 0.86 of its true top 10 (30k points, site = 20%); at 1,000 KB: 0.98,
+# and 0.99 at 200k, for a 5-25% longer index build.
+FULL_SCAN_THRESHOLD_KB = 1_000
 HNSW_EF_CONSTRUCT = 100
 HNSW_EF = 192
 OVERSAMPLING = 2.0
 FINGERPRINT = "model_fingerprint"
 FIELD_TYPES: tuple[FieldType, ...] = ("keyword", "integer", "float", "bool")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -44,7 +52,8 @@ class CollectionRecord:
     name: str
     dim: int
     metadata: dict[str, Any] = field(default_factory=dict)
-    indexes: dict[str, FieldType] = field(default_factory=dict)
+    fields: dict[str, FieldType] = field(default_factory=dict)
+    indexed: list[str] = field(default_factory=list)
     format: int = RECORD_FORMAT
     created_at: str = ""
     created_by: str = ""
@@ -55,13 +64,16 @@ class CollectionRecord:
             name=spec.name,
             dim=int(spec.dim),
             metadata=dict(spec.metadata),
-            indexes=dict(spec.indexes),
+            fields=dict(spec.fields),
+            indexed=sorted(spec.index_fields()),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             created_by=f"conchdb {__version__}",
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CollectionRecord:
+        if "fields" not in data and "indexes" in data:  # format 1
+            data = {**data, "fields": data["indexes"], "indexed": sorted(data["indexes"])}
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -84,12 +96,18 @@ def check_spec(spec: CollectionSpec) -> None:
     check_name(spec.name)
     if not isinstance(spec.dim, int) or spec.dim <= 0:
         raise StoreError(f"collection '{spec.name}': vector size {spec.dim!r} must be a positive integer")
-    for key, kind in spec.indexes.items():
+    for key, kind in spec.fields.items():
         if kind not in FIELD_TYPES:
             raise StoreError(
-                f"collection '{spec.name}': index on '{key}' has unknown type {kind!r}",
+                f"collection '{spec.name}': field '{key}' has unknown type {kind!r}",
                 hint=f"use one of {', '.join(FIELD_TYPES)}",
             )
+    undeclared = sorted(set(spec.indexed or ()) - set(spec.fields))
+    if undeclared:
+        raise StoreError(
+            f"collection '{spec.name}': cannot index {', '.join(undeclared)}, which the spec does not declare",
+            hint="add them to the spec's fields with their types",
+        )
 
 
 def check_compatible(location: str, record: CollectionRecord, spec: CollectionSpec) -> None:
@@ -117,23 +135,23 @@ def check_compatible(location: str, record: CollectionRecord, spec: CollectionSp
 
 def graph_fields(spec: CollectionSpec) -> set[str]:
     """The indexed fields whose values get HNSW graphs of their own (see CollectionSpec.graph_fields)."""
-    categorical = {key for key, kind in spec.indexes.items() if kind in ("keyword", "bool")}
+    categorical = {key for key, kind in spec.index_fields().items() if kind in ("keyword", "bool")}
     return categorical if spec.graph_fields is None else categorical & set(spec.graph_fields)
 
 
-def missing_indexes(record: CollectionRecord, spec: CollectionSpec) -> dict[str, FieldType]:
-    """Indexes the spec asks for that the collection lacks; a changed type is an error."""
-    new: dict[str, FieldType] = {}
-    for key, kind in spec.indexes.items():
-        have = record.indexes.get(key)
-        if have is None:
-            new[key] = kind
-        elif have != kind:
+def widen(record: CollectionRecord, spec: CollectionSpec) -> tuple[dict[str, FieldType], dict[str, FieldType]]:
+    """The spec's fields that the record lacks, and those that need an index the
+    collection lacks. A field declared with another type is an error."""
+    for key, kind in spec.fields.items():
+        have = record.fields.get(key)
+        if have is not None and have != kind:
             raise StoreError(
-                f"collection '{record.name}': field '{key}' is indexed as {have}, not {kind}",
+                f"collection '{record.name}': field '{key}' is declared as {have}, not {kind}",
                 hint=f"write '{key}' as {have} values, or use another collection",
             )
-    return new
+    new_fields = {key: kind for key, kind in spec.fields.items() if key not in record.fields}
+    new_indexes = {key: kind for key, kind in spec.index_fields().items() if key not in record.indexed}
+    return new_fields, new_indexes
 
 
 def no_collection(location: str, name: str) -> StoreError:
@@ -147,6 +165,8 @@ def no_collection(location: str, name: str) -> StoreError:
 def vectors_of(points: Sequence[Point], record: CollectionRecord, location: str) -> np.ndarray:
     """The points' vectors as one float32 (n, dim) array, after checking ids and sizes."""
     for p in points:
+        if isinstance(p.id, str) and _CANONICAL_UUID.fullmatch(p.id):
+            continue  # what ids.py makes; 7x cheaper to check than parsing with uuid.UUID
         try:
             uuid.UUID(p.id)
         except (ValueError, TypeError, AttributeError):
@@ -163,6 +183,19 @@ def vectors_of(points: Sequence[Point], record: CollectionRecord, location: str)
     if not np.isfinite(vectors).all():
         raise StoreError(f"vectors for collection '{record.name}' contain NaN or infinity")
     return vectors
+
+
+def check_shared(points: Sequence[Point], shared: dict[str, Any]) -> None:
+    """`shared` fields must not also be in a point's own payload (which value would win is
+    then a guess, and the embedded store tells half-written batches by their absence)."""
+    keys = shared.keys()
+    for p in points:
+        if not keys.isdisjoint(p.payload):
+            both = sorted(keys & p.payload.keys())
+            raise StoreError(
+                f"payload field(s) {', '.join(both)} of point {p.id} are also in the batch's shared fields",
+                hint="give each field either in the points' payloads or in `shared`, not both",
+            )
 
 
 def query_vector(vector: np.ndarray, record: CollectionRecord, location: str) -> list[float]:
@@ -245,14 +278,14 @@ class BackendBase(ABC):
         ...
 
     def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        """The metadata recorded at creation plus `payload_schema` (the indexed field types), or None."""
+        """The metadata recorded at creation plus `payload_schema` (the declared field types), or None."""
         record = self._read_record(name)
         if record is None:
             return None
-        return {**record.metadata, "payload_schema": dict(record.indexes)}
+        return {**record.metadata, "payload_schema": dict(record.fields)}
 
     def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
-        return translate(flt, self.dialect, record.indexes)
+        return translate(flt, self.dialect, record.fields)
 
     def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
         """Points by id, in the order asked, missing ones left out."""
@@ -280,12 +313,14 @@ class BackendBase(ABC):
         return record
 
     def _join(self, record: CollectionRecord, spec: CollectionSpec) -> None:
-        """An existing collection: refuse another model, then add the indexes the spec asks for."""
+        """An existing collection: refuse another model, then add the fields and indexes the spec asks for."""
         check_compatible(self.location, record, spec)
-        new = missing_indexes(record, spec)
-        if new:
-            self._create_indexes(spec.name, new, graph_fields(spec))
-            record.indexes.update(new)
+        new_fields, new_indexes = widen(record, spec)
+        if new_indexes:
+            self._create_indexes(spec.name, new_indexes, graph_fields(spec))
+        if new_fields or new_indexes:
+            record.fields.update(new_fields)
+            record.indexed = sorted({*record.indexed, *new_indexes})
             self._save_record(record)
 
     def _delete_filter(self, name: str, flt: Filter) -> CollectionRecord:

@@ -159,7 +159,9 @@ class ServerStore(common.BackendBase):
                 self.client.create_collection,
                 spec.name,
                 vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
-                hnsw_config=models.HnswConfigDiff(m=0, ef_construct=self.hnsw_ef_construct),
+                hnsw_config=models.HnswConfigDiff(
+                    m=0, ef_construct=self.hnsw_ef_construct, full_scan_threshold=common.FULL_SCAN_THRESHOLD_KB
+                ),
                 quantization_config=quantization,
                 metadata={META_KEY: record.to_dict()},
             )
@@ -168,7 +170,7 @@ class ServerStore(common.BackendBase):
                 return False
             raise
         self._records[spec.name] = record
-        self._create_indexes(spec.name, record.indexes, common.graph_fields(spec))
+        self._create_indexes(spec.name, spec.index_fields(), common.graph_fields(spec))
         return True
 
     def ensure_collection(self, spec: CollectionSpec) -> None:
@@ -199,11 +201,16 @@ class ServerStore(common.BackendBase):
 
     # -- writes ------------------------------------------------------------------------
 
-    def upsert(self, name: str, points: Sequence[Point]) -> None:
+    def upsert(self, name: str, points: Sequence[Point], shared: dict[str, Any] | None = None) -> None:
+        """Insert or overwrite points; `shared` is merged into each payload (one request, all or none)."""
         if not points:
             return
         vectors = common.vectors_of(points, self._record(name), self.location)
-        batch = models.Batch(ids=[p.id for p in points], vectors=vectors.tolist(), payloads=[p.payload for p in points])
+        payloads = [p.payload for p in points]
+        if shared:
+            common.check_shared(points, shared)
+            payloads = [{**payload, **shared} for payload in payloads]
+        batch = models.Batch(ids=[p.id for p in points], vectors=vectors.tolist(), payloads=payloads)
         self._call(name, self.client.upsert, name, points=batch, wait=True)
 
     def delete(self, name: str, flt: Filter) -> None:
@@ -214,7 +221,9 @@ class ServerStore(common.BackendBase):
     def finish_bulk_load(self, name: str) -> None:
         """Switch HNSW on (`m` > 0); the server builds the index in the background."""
         self._record(name)
-        hnsw = models.HnswConfigDiff(m=self.hnsw_m, ef_construct=self.hnsw_ef_construct)
+        hnsw = models.HnswConfigDiff(
+            m=self.hnsw_m, ef_construct=self.hnsw_ef_construct, full_scan_threshold=common.FULL_SCAN_THRESHOLD_KB
+        )
         self._call(name, self.client.update_collection, name, hnsw_config=hnsw)
 
     # -- reads -------------------------------------------------------------------------

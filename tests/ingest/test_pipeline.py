@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conchdb.cli import app
-from conchdb.ingest.pipeline import IngestOptions, Progress, ingest, slides_collection
+from conchdb.ingest.pipeline import TILE_FIELDS, TILE_INDEXED, IngestOptions, Progress, ingest, slides_collection
 from conchdb.ingest.pyramid import write_pyramid_tiff
 from conchdb.ingest.slide import open_slide
 from conchdb.model.checkpoint import save_checkpoint
@@ -259,6 +259,15 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
         site = store.count(COLLECTION, Filter((Condition("site", "eq", "colon"),)))
         grade = store.count(COLLECTION, Filter((Condition("grade", "gte", 2),)))
         total = store.count(COLLECTION)
+        # tissue has no payload index: the engine reads it from the payloads.
+        values = sorted(h.payload["tissue"] for h in store.scroll(COLLECTION))
+        cut = values[len(values) // 2]
+        tissue = store.count(COLLECTION, Filter((Condition("tissue", "gte", str(cut)),)))
+        schema = store.collection_metadata(COLLECTION)["payload_schema"]
     finally:
         store.close()
-    assert site == 1 and grade == total - 1
+    assert site == 1 and grade == total - 1 and tissue == sum(v >= cut for v in values) > 0
+    record = json.loads((store_path / "collections" / COLLECTION / "collection.json").read_text())
+    manifest_columns = set(schema) - set(TILE_FIELDS)
+    assert {"site", "grade", "diagnosis"} <= manifest_columns
+    assert set(record["indexed"]) == {*TILE_INDEXED, *manifest_columns}

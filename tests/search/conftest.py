@@ -134,10 +134,10 @@ def corpus(tmp_path_factory, encoder) -> Corpus:
 
 def fill_store(store: Store, name: str, corpus: Corpus, encoder: Encoder, schema: bool = True) -> None:
     """A tiles collection as ingest leaves it, its payload fields indexed (the store reports
-    them as `payload_schema`); `schema=False` makes one without indexes, hence without schema."""
+    them as `payload_schema`); `schema=False` makes one that declares no fields, hence no schema."""
     metadata = {**encoder.describe(), "tiling": {"target_mpp": 0.5, "tile_px": TILE}}
-    indexes = dict(SCHEMA) if schema else {}
-    store.ensure_collection(CollectionSpec(name, 512, metadata, indexes))  # type: ignore[arg-type]
+    fields = dict(SCHEMA) if schema else {}
+    store.ensure_collection(CollectionSpec(name, 512, metadata, fields))  # type: ignore[arg-type]
     store.upsert(name, corpus.points)
 
 

@@ -28,7 +28,7 @@ QUIET_LOCAL_MODE = pytest.mark.filterwarnings(
 LIVE_URL = os.environ.get("CONCHDB_TEST_QDRANT_URL")
 DIM = 32
 N = 240
-INDEXES = {"slide_id": "keyword", "site": "keyword", "x": "integer", "tissue": "float", "flag": "bool"}
+FIELDS = {"slide_id": "keyword", "site": "keyword", "x": "integer", "tissue": "float", "flag": "bool"}
 FINGERPRINT = "sha256:test-model-a"
 
 
@@ -73,7 +73,7 @@ def spec(name: str, fingerprint: str = FINGERPRINT, dim: int = DIM) -> Collectio
         name=name,
         dim=dim,
         metadata={"model_fingerprint": fingerprint, "tiling": {"target_mpp": 0.5, "tile_px": 512}},
-        indexes=dict(INDEXES),
+        fields=dict(FIELDS),
     )
 
 

@@ -197,7 +197,7 @@ def test_collection_records_metadata_and_refuses_another_model(store, name):
     store.ensure_collection(spec(name))  # same model again: fine
     meta = store.collection_metadata(name)
     assert meta["model_fingerprint"] == FINGERPRINT and meta["tiling"]["target_mpp"] == 0.5
-    assert meta["payload_schema"] == spec(name).indexes
+    assert meta["payload_schema"] == spec(name).fields
     assert name in store.collections()
     with pytest.raises(StoreError) as err:
         store.ensure_collection(spec(name, fingerprint="sha256:other-model"))
@@ -209,19 +209,47 @@ def test_collection_records_metadata_and_refuses_another_model(store, name):
     assert store.collection_metadata(f"{name}_absent") is None
 
 
-def test_new_indexes_are_added_to_an_existing_collection(store, name):
+def test_new_fields_and_indexes_are_added_to_an_existing_collection(store, name):
     data = make_data(n=30)
     store.ensure_collection(spec(name))
     store.upsert(name, data.points())
     wider = spec(name)
-    wider.indexes["note"] = "keyword"
+    wider.fields["note"] = "keyword"
     store.ensure_collection(wider)
     assert store.count(name, Filter((Condition("note", "eq", "tile 3"),))) == 1
     assert store.collection_metadata(name)["payload_schema"]["note"] == "keyword"
     clash = spec(name)
-    clash.indexes["x"] = "keyword"
-    with pytest.raises(StoreError, match="'x' is indexed as integer"):
+    clash.fields["x"] = "keyword"
+    with pytest.raises(StoreError, match="'x' is declared as integer"):
         store.ensure_collection(clash)
+
+
+def test_declared_fields_without_an_index_are_filtered_by_their_type(store, name):
+    data = make_data(n=60)
+    narrow = spec(name)
+    narrow.indexed = ("slide_id",)
+    store.ensure_collection(narrow)
+    store.upsert(name, data.points())
+    # `x` has no index but its declared type still reads "32" as an integer.
+    assert store.count(name, Filter((Condition("x", "lt", "32"),))) == 2
+    assert store.count(name, Filter((Condition("flag", "eq", True),))) == sum(p["flag"] for p in data.payloads)
+    assert store.collection_metadata(name)["payload_schema"] == narrow.fields
+    with pytest.raises(StoreError, match="cannot index nope"):
+        store.ensure_collection(CollectionSpec(f"{name}_bad", 32, fields={"x": "integer"}, indexed=("nope",)))
+
+
+def test_shared_fields_reach_every_point_of_the_batch(store, name):
+    data = make_data(n=40)
+    store.ensure_collection(spec(name))
+    own = [Point(p.id, p.vector, {"x": p.payload["x"]}) for p in data.points()]
+    store.upsert(name, own[:20], {"slide_id": "slide-a", "site": "lung", "flag": True})
+    store.upsert(name, own[20:], {"slide_id": "slide-b", "site": "colon", "flag": False})
+    assert store.count(name, Filter((Condition("site", "eq", "lung"), Condition("flag", "eq", True)))) == 20
+    hit = store.retrieve(name, [own[25].id])[0]
+    assert hit.payload == {"x": own[25].payload["x"], "slide_id": "slide-b", "site": "colon", "flag": False}
+    with pytest.raises(StoreError, match="x of point .* also in the batch's shared fields"):
+        store.upsert(name, own[:2], {"x": 3})
+    assert store.retrieve(name, [own[0].id])[0].payload["x"] == own[0].payload["x"]
 
 
 def test_missing_collection_and_bad_input_are_store_errors(store, name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conchdb.errors import StoreError
-from conchdb.store import Condition, Filter, open_store
+from conchdb.store import Condition, Filter, Point, open_store
 from conchdb.store.edge import EdgeStore
 from tests.store.conftest import FINGERPRINT, make_data, spec
 
@@ -136,3 +137,52 @@ def test_open_store_picks_the_embedded_store_for_a_path(tmp_path):
         store.close()
     with pytest.raises(StoreError, match="no store given"):
         open_store()
+
+
+class _DiesAfter:
+    """A shard that lets `writes` updates through, then dies the way a killed process would."""
+
+    def __init__(self, shard, writes: int):
+        self._shard, self._writes = shard, writes
+
+    def update(self, operation) -> None:
+        if self._writes == 0:
+            raise KeyboardInterrupt
+        self._writes -= 1
+        self._shard.update(operation)
+
+    def __getattr__(self, name):
+        return getattr(self._shard, name)
+
+
+@pytest.mark.parametrize("writes", [0, 1])
+def test_an_upsert_cut_between_its_writes_lands_whole_or_not_at_all(tmp_path, writes):
+    data = make_data(n=20)
+    before = [Point(p.id, p.vector, {"x": 1}) for p in data.points()]
+    after = [Point(p.id, p.vector, {"x": 2}) for p in data.points()]
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", before, {"slide_id": "s1", "site": "colon"})
+        store._shards["tiles"] = _DiesAfter(store._shards["tiles"], writes)
+        with pytest.raises(KeyboardInterrupt):
+            store.upsert("tiles", after, {"slide_id": "s1", "site": "lung"})
+        assert (tmp_path / "s" / "collections" / "tiles" / "pending.json").is_file()
+    with EdgeStore(tmp_path / "s") as store:
+        payloads = [h.payload for h in store.retrieve("tiles", data.ids)]
+        expected = {"x": 1, "site": "colon"} if writes == 0 else {"x": 2, "site": "lung"}
+        assert payloads == [{**expected, "slide_id": "s1"}] * 20
+        assert not (tmp_path / "s" / "collections" / "tiles" / "pending.json").exists()
+
+
+def test_a_record_of_format_1_reads_every_field_as_indexed(tmp_path):
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+    file = tmp_path / "s" / "collections" / "tiles" / "collection.json"
+    record = json.loads(file.read_text())
+    record["indexes"] = record.pop("fields")
+    del record["indexed"]
+    file.write_text(json.dumps({**record, "format": 1}))
+    with EdgeStore(tmp_path / "s") as store:
+        assert store.collection_metadata("tiles")["payload_schema"] == spec("tiles").fields
+        store.ensure_collection(spec("tiles"))  # nothing new to index
+    assert json.loads(file.read_text())["format"] == 1
