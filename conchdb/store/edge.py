@@ -185,7 +185,8 @@ class EdgeStore(common.BackendBase):
         return shard
 
     def _complete_pending(self, name: str, shard: qe.EdgeShard) -> None:
-        """Finish an upsert with `shared` that a dead process left between its two writes.
+        """Finish an upsert with `shared` cut between its two writes (by an error, or by a
+        process that died: then on the next open).
 
         The points that carry none of the shared keys are the ones its first write put
         there; they get the shared fields now. If the first write never landed, the points
@@ -194,7 +195,11 @@ class EdgeStore(common.BackendBase):
         pending = self._dir(name) / PENDING_FILE
         if not pending.is_file():
             return
-        note = json.loads(pending.read_text())
+        try:
+            note = json.loads(pending.read_text())
+        except ValueError:  # cut while being written, so before the first write began
+            pending.unlink()
+            return
         keys = set(note["payload"])
         found = shard.retrieve(note["ids"], with_payload=True, with_vector=False)
         bare = [r.id for r in found if keys.isdisjoint(r.payload or {})]
@@ -266,8 +271,12 @@ class EdgeStore(common.BackendBase):
         second = qe.UpdateOperation.set_payload(ids, shared)  # converted here: a bad value fails before any write
         pending = self._dir(name) / PENDING_FILE
         pending.write_text(json.dumps({"ids": ids, "payload": shared}, default=_plain))
-        shard.update(qe.UpdateOperation.upsert_points(batch))
-        shard.update(second)
+        try:
+            shard.update(qe.UpdateOperation.upsert_points(batch))
+            shard.update(second)
+        except BaseException:
+            self._complete_pending(name, shard)  # what landed of the batch gets its shared fields
+            raise
         pending.unlink()
 
     def delete(self, name: str, flt: Filter) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,39 +140,89 @@ def test_open_store_picks_the_embedded_store_for_a_path(tmp_path):
         open_store()
 
 
-class _DiesAfter:
-    """A shard that lets `writes` updates through, then dies the way a killed process would."""
+_DIES_BETWEEN_WRITES = """
+import os, sys
+from conchdb.store.edge import EdgeStore
+from conchdb.store import Point
+from tests.store.conftest import make_data, spec
 
-    def __init__(self, shard, writes: int):
-        self._shard, self._writes = shard, writes
+path, writes = sys.argv[1], int(sys.argv[2])
+points = make_data(n=20).points()
+store = EdgeStore(path)
+store.ensure_collection(spec("tiles"))
+store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in points], {"slide_id": "s1", "site": "colon"})
+store.close()
+store = EdgeStore(path)
+shard = store._shard("tiles")
 
-    def update(self, operation) -> None:
-        if self._writes == 0:
-            raise KeyboardInterrupt
-        self._writes -= 1
-        self._shard.update(operation)
 
-    def __getattr__(self, name):
-        return getattr(self._shard, name)
+class DiesAfter:  # the process is killed after `writes` engine writes: no cleanup runs
+    def update(self, operation):
+        global writes
+        if writes == 0:
+            os._exit(9)
+        writes -= 1
+        shard.update(operation)
+
+
+store._shards["tiles"] = DiesAfter()
+store.upsert("tiles", [Point(p.id, p.vector, {"x": 2}) for p in points], {"slide_id": "s1", "site": "lung"})
+"""
 
 
 @pytest.mark.parametrize("writes", [0, 1])
 def test_an_upsert_cut_between_its_writes_lands_whole_or_not_at_all(tmp_path, writes):
+    store_path = tmp_path / "s"
+    run = subprocess.run(
+        [sys.executable, "-c", _DIES_BETWEEN_WRITES, str(store_path), str(writes)],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 9, run.stderr
+    assert (store_path / "collections" / "tiles" / "pending.json").is_file()
     data = make_data(n=20)
-    before = [Point(p.id, p.vector, {"x": 1}) for p in data.points()]
-    after = [Point(p.id, p.vector, {"x": 2}) for p in data.points()]
+    with EdgeStore(store_path) as store:
+        payloads = [h.payload for h in store.retrieve("tiles", data.ids)]
+    expected = {"x": 1, "site": "colon"} if writes == 0 else {"x": 2, "site": "lung"}
+    assert payloads == [{**expected, "slide_id": "s1"}] * 20
+    assert not (store_path / "collections" / "tiles" / "pending.json").exists()
+
+
+def test_an_engine_error_in_the_second_write_still_completes_the_batch(tmp_path):
+    data = make_data(n=10)
     with EdgeStore(tmp_path / "s") as store:
         store.ensure_collection(spec("tiles"))
-        store.upsert("tiles", before, {"slide_id": "s1", "site": "colon"})
-        store._shards["tiles"] = _DiesAfter(store._shards["tiles"], writes)
-        with pytest.raises(KeyboardInterrupt):
-            store.upsert("tiles", after, {"slide_id": "s1", "site": "lung"})
-        assert (tmp_path / "s" / "collections" / "tiles" / "pending.json").is_file()
+        shard = store._shard("tiles")
+
+        class FailsSecond:
+            calls = 0
+
+            def update(self, operation):
+                FailsSecond.calls += 1
+                if FailsSecond.calls == 2:
+                    raise RuntimeError("engine error")
+                shard.update(operation)
+
+            def __getattr__(self, name):
+                return getattr(shard, name)
+
+        store._shards["tiles"] = FailsSecond()
+        with pytest.raises(RuntimeError):
+            store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in data.points()], {"site": "lung"})
+        store._shards["tiles"] = shard
+        assert [h.payload for h in store.retrieve("tiles", data.ids)] == [{"x": 1, "site": "lung"}] * 10
+    assert not (tmp_path / "s" / "collections" / "tiles" / "pending.json").exists()
+
+
+def test_a_note_cut_while_being_written_is_dropped(tmp_path):
+    data = make_data(n=5)
     with EdgeStore(tmp_path / "s") as store:
-        payloads = [h.payload for h in store.retrieve("tiles", data.ids)]
-        expected = {"x": 1, "site": "colon"} if writes == 0 else {"x": 2, "site": "lung"}
-        assert payloads == [{**expected, "slide_id": "s1"}] * 20
-        assert not (tmp_path / "s" / "collections" / "tiles" / "pending.json").exists()
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", data.points())
+    pending = tmp_path / "s" / "collections" / "tiles" / "pending.json"
+    pending.write_text('{"ids": ["')
+    with EdgeStore(tmp_path / "s") as store:
+        assert [h.payload for h in store.retrieve("tiles", data.ids)] == data.payloads
+    assert not pending.exists()
 
 
 def test_a_record_of_format_1_reads_every_field_as_indexed(tmp_path):
