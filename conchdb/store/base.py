@@ -129,7 +129,7 @@ class Store(Protocol):
 
         `shared` holds payload fields that every point of the batch gets (a slide's path,
         pixel size, manifest row): passed once instead of in each point's payload, which
-        the embedded store writes far faster. Where a key is in both, `shared` wins.
+        the embedded store writes far faster. A key may not be in both (StoreError).
         """
 
     def delete(self, name: str, flt: Filter) -> None:
