@@ -62,6 +62,9 @@ TILE_FIELDS: dict[str, FieldType] = {
 # narrow a slide's tiles further, x, y, size and tissue filters keep most points, so the
 # engine checks those on the payload. Manifest columns are indexed.
 TILE_INDEXED = ("slide_id", "cohort")
+# Indexed while ingest writes into a new collection (it finds a slide's tiles by slide_id);
+# the embedded store builds the other indexes once, when the ingest ends.
+TILE_LOAD_INDEXED = ("slide_id",)
 SLIDE_FIELDS: dict[str, FieldType] = {
     "slide_id": "keyword",
     "cohort": "keyword",
@@ -282,7 +285,7 @@ class Ingest:
         graphs = ("slide_id", "cohort", *(k for k, v in manifest_fields.items() if v in ("keyword", "bool")))
         indexed = (*TILE_INDEXED, *manifest_fields)
         self.store.ensure_collection(
-            CollectionSpec(self.collection, self.encoder.dim, metadata, fields, graphs, indexed)
+            CollectionSpec(self.collection, self.encoder.dim, metadata, fields, graphs, indexed, TILE_LOAD_INDEXED)
         )
         slide_indexes = {**SLIDE_FIELDS, **manifest_fields}
         self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes, ()))
@@ -386,10 +389,11 @@ class Ingest:
             finally:
                 writer.close()
                 summary.seconds = time.perf_counter() - start
-        if any(o.status == DONE for o in summary.outcomes):
-            t = time.perf_counter()
-            self.store.finish_bulk_load(self.collection)
-            self.timings["index_s"] = time.perf_counter() - t
+        # Also when nothing was written now: a run that died before this point left its
+        # slides done but their index unbuilt (a no-op on a finished collection).
+        t = time.perf_counter()
+        self.store.finish_bulk_load(self.collection)
+        self.timings["index_s"] = time.perf_counter() - t
         summary.seconds = time.perf_counter() - start
         return summary
 

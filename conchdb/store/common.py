@@ -54,6 +54,7 @@ class CollectionRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, FieldType] = field(default_factory=dict)
     indexed: list[str] = field(default_factory=list)
+    graph: list[str] = field(default_factory=list)  # indexed fields with per-value HNSW graphs
     format: int = RECORD_FORMAT
     created_at: str = ""
     created_by: str = ""
@@ -66,6 +67,7 @@ class CollectionRecord:
             metadata=dict(spec.metadata),
             fields=dict(spec.fields),
             indexed=sorted(spec.index_fields()),
+            graph=sorted(graph_fields(spec)),
             created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             created_by=f"conchdb {__version__}",
         )
@@ -107,6 +109,12 @@ def check_spec(spec: CollectionSpec) -> None:
         raise StoreError(
             f"collection '{spec.name}': cannot index {', '.join(undeclared)}, which the spec does not declare",
             hint="add them to the spec's fields with their types",
+        )
+    unindexed = sorted(set(spec.load_indexed or ()) - set(spec.index_fields()))
+    if unindexed:
+        raise StoreError(
+            f"collection '{spec.name}': load_indexed names {', '.join(unindexed)}, which get no index",
+            hint="list only fields that `indexed` names",
         )
 
 
@@ -321,6 +329,7 @@ class BackendBase(ABC):
         if new_fields or new_indexes:
             record.fields.update(new_fields)
             record.indexed = sorted({*record.indexed, *new_indexes})
+            record.graph = sorted({*record.graph, *(graph_fields(spec) & set(new_indexes))})
             self._save_record(record)
 
     def _delete_filter(self, name: str, flt: Filter) -> CollectionRecord:

@@ -264,6 +264,7 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
         cut = values[len(values) // 2]
         tissue = store.count(COLLECTION, Filter((Condition("tissue", "gte", str(cut)),)))
         schema = store.collection_metadata(COLLECTION)["payload_schema"]
+        built = set(store._shard(COLLECTION).info().payload_schema)
     finally:
         store.close()
     assert site == 1 and grade == total - 1 and tissue == sum(v >= cut for v in values) > 0
@@ -271,3 +272,5 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
     manifest_columns = set(schema) - set(TILE_FIELDS)
     assert {"site", "grade", "diagnosis"} <= manifest_columns
     assert set(record["indexed"]) == {*TILE_INDEXED, *manifest_columns}
+    # Written with only slide_id indexed; the ingest's end built the others.
+    assert built == set(record["indexed"])

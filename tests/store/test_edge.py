@@ -130,6 +130,38 @@ def test_only_graph_fields_get_per_value_hnsw_links(tmp_path):
     assert linked == {"tiles": {"slide_id", "site", "flag"}, "chosen": {"site"}}
 
 
+def test_a_bulk_load_defers_the_indexes_it_does_not_filter_on(tmp_path):
+    """A new collection is written with only its `load_indexed` fields indexed; finish_bulk_load
+    builds the others with their per-value graphs, also when the loading process died first."""
+    data = make_data(n=300)
+    deferred = spec("tiles")
+    deferred.load_indexed = ("slide_id",)
+    lung = Filter((Condition("site", "eq", "lung"),))
+    want = sum(p.get("site") == "lung" for p in data.payloads)
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(deferred)
+        store.upsert("tiles", data.points())
+        assert set(store._shard("tiles").info().payload_schema) == {"slide_id"}
+        assert store.count("tiles", lung) == want  # meanwhile read from the payloads
+    with EdgeStore(tmp_path / "s") as store:  # closed without finishing, as a crashed ingest leaves it
+        store.ensure_collection(deferred)
+        assert set(store._shard("tiles").info().payload_schema) == {"slide_id"}
+        store.finish_bulk_load("tiles")
+        schema = store._shard("tiles").info().payload_schema
+        assert set(schema) == set(deferred.index_fields())
+        assert {k for k, v in schema.items() if v.params.enable_hnsw} == {"slide_id", "site", "flag"}
+        assert store.count("tiles", lung) == want
+        store.finish_bulk_load("tiles")  # nothing left to build
+
+
+def test_load_indexed_must_name_indexed_fields(tmp_path):
+    bad = spec("tiles")
+    bad.indexed, bad.load_indexed = ("slide_id",), ("site",)
+    with EdgeStore(tmp_path / "s") as store, pytest.raises(StoreError, match="load_indexed names site"):
+        store.ensure_collection(bad)
+    assert not (tmp_path / "s" / "collections" / "tiles").exists()
+
+
 def test_open_store_picks_the_embedded_store_for_a_path(tmp_path):
     store = open_store(store_path=tmp_path / "s")
     try:
@@ -178,13 +210,14 @@ def test_an_upsert_cut_between_its_writes_lands_whole_or_not_at_all(tmp_path, wr
         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 9, run.stderr
-    assert (store_path / "collections" / "tiles" / "pending.json").is_file()
+    note = store_path / "collections" / "tiles" / "pending.json"
+    assert note.stat().st_size > 0
     data = make_data(n=20)
     with EdgeStore(store_path) as store:
         payloads = [h.payload for h in store.retrieve("tiles", data.ids)]
     expected = {"x": 1, "site": "colon"} if writes == 0 else {"x": 2, "site": "lung"}
     assert payloads == [{**expected, "slide_id": "s1"}] * 20
-    assert not (store_path / "collections" / "tiles" / "pending.json").exists()
+    assert note.stat().st_size == 0
 
 
 def test_an_engine_error_in_the_second_write_still_completes_the_batch(tmp_path):
@@ -210,7 +243,37 @@ def test_an_engine_error_in_the_second_write_still_completes_the_batch(tmp_path)
             store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in data.points()], {"site": "lung"})
         store._shards["tiles"] = shard
         assert [h.payload for h in store.retrieve("tiles", data.ids)] == [{"x": 1, "site": "lung"}] * 10
-    assert not (tmp_path / "s" / "collections" / "tiles" / "pending.json").exists()
+    assert (tmp_path / "s" / "collections" / "tiles" / "pending.json").stat().st_size == 0
+
+
+def test_a_batch_left_half_written_goes_first_in_the_next_upsert(tmp_path):
+    """If even completing a batch fails, its note stays, and the next upsert completes it
+    before writing its own note over it."""
+    data = make_data(n=10)
+    points = data.points()
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+        shard = store._shard("tiles")
+
+        class OnlyFirstWriteLands:
+            calls = 0
+
+            def update(self, operation):
+                OnlyFirstWriteLands.calls += 1
+                if OnlyFirstWriteLands.calls > 1:
+                    raise RuntimeError("engine error")
+                shard.update(operation)
+
+            def __getattr__(self, name):
+                return getattr(shard, name)
+
+        store._shards["tiles"] = OnlyFirstWriteLands()
+        with pytest.raises(RuntimeError):
+            store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in points[:5]], {"site": "lung"})
+        store._shards["tiles"] = shard
+        store.upsert("tiles", [Point(p.id, p.vector, {"x": 2}) for p in points[5:]], {"site": "colon"})
+        payloads = [h.payload for h in store.retrieve("tiles", data.ids)]
+    assert payloads == [{"x": 1, "site": "lung"}] * 5 + [{"x": 2, "site": "colon"}] * 5
 
 
 def test_a_note_cut_while_being_written_is_dropped(tmp_path):
@@ -222,7 +285,7 @@ def test_a_note_cut_while_being_written_is_dropped(tmp_path):
     pending.write_text('{"ids": ["')
     with EdgeStore(tmp_path / "s") as store:
         assert [h.payload for h in store.retrieve("tiles", data.ids)] == data.payloads
-    assert not pending.exists()
+    assert pending.stat().st_size == 0
 
 
 def test_a_record_of_format_1_reads_every_field_as_indexed(tmp_path):
