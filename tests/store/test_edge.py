@@ -220,25 +220,28 @@ def test_an_upsert_cut_between_its_writes_lands_whole_or_not_at_all(tmp_path, wr
     assert note.stat().st_size == 0
 
 
+class _FailingShard:
+    """A shard whose `update` raises on the calls that `fails` picks (counted from 1)."""
+
+    def __init__(self, shard, fails):
+        self.shard, self.fails, self.calls = shard, fails, 0
+
+    def update(self, operation):
+        self.calls += 1
+        if self.fails(self.calls):
+            raise RuntimeError("engine error")
+        self.shard.update(operation)
+
+    def __getattr__(self, name):
+        return getattr(self.shard, name)
+
+
 def test_an_engine_error_in_the_second_write_still_completes_the_batch(tmp_path):
     data = make_data(n=10)
     with EdgeStore(tmp_path / "s") as store:
         store.ensure_collection(spec("tiles"))
         shard = store._shard("tiles")
-
-        class FailsSecond:
-            calls = 0
-
-            def update(self, operation):
-                FailsSecond.calls += 1
-                if FailsSecond.calls == 2:
-                    raise RuntimeError("engine error")
-                shard.update(operation)
-
-            def __getattr__(self, name):
-                return getattr(shard, name)
-
-        store._shards["tiles"] = FailsSecond()
+        store._shards["tiles"] = _FailingShard(shard, lambda call: call == 2)
         with pytest.raises(RuntimeError):
             store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in data.points()], {"site": "lung"})
         store._shards["tiles"] = shard
@@ -254,20 +257,7 @@ def test_a_batch_left_half_written_goes_first_in_the_next_upsert(tmp_path):
     with EdgeStore(tmp_path / "s") as store:
         store.ensure_collection(spec("tiles"))
         shard = store._shard("tiles")
-
-        class OnlyFirstWriteLands:
-            calls = 0
-
-            def update(self, operation):
-                OnlyFirstWriteLands.calls += 1
-                if OnlyFirstWriteLands.calls > 1:
-                    raise RuntimeError("engine error")
-                shard.update(operation)
-
-            def __getattr__(self, name):
-                return getattr(shard, name)
-
-        store._shards["tiles"] = OnlyFirstWriteLands()
+        store._shards["tiles"] = _FailingShard(shard, lambda call: call > 1)  # only the first write lands
         with pytest.raises(RuntimeError):
             store.upsert("tiles", [Point(p.id, p.vector, {"x": 1}) for p in points[:5]], {"site": "lung"})
         store._shards["tiles"] = shard
