@@ -97,7 +97,7 @@ class CollectionSpec:
     rest in `finish_bulk_load`. This saves no work (an index costs about 5 us a point
     whether kept up to date on every write or built at the end, 5-13 us measured on 100k
     points), but it moves that work out of the writes, which hold the interpreter while
-    ingest embeds the next tiles, into the final build, where it is 1-2% of the HNSW
+    ingest embeds the next tiles, into the final build, where it is 1-3% of the HNSW
     build. Until then, filters on the other fields read payloads (right, but slower).
     None: every index from the start. The server store always indexes from the start.
     """
