@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="conchdb-bench-") as tmp:
         # The baseline goes first, on a disk that the embedded store's gigabytes have not
         # yet filled with writeback: local mode commits once per point, so its rate is the
-        # disk's sync latency, and measuring it on a busy disk would flatter the ratio.
+        # disk's sync latency, and measuring it on a busy disk could flatter the ratio.
         local_n = min(n, LOCAL_N)
         log(f"qdrant-client local mode on {local_n:,} points (persisted in a folder, like the embedded store)")
         local_rate, local_ms = local_mode(Path(tmp) / "local", spec, data, local_n, queries[:20], args.batch)
