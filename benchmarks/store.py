@@ -25,14 +25,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from qdrant_client import QdrantClient
 
-from conchdb.ingest.pipeline import TILE_FIELDS, TILE_INDEXED, TILE_LOAD_INDEXED
-from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id
+from conchdb.catalog import tiles_layout
+from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, StoreTuning, stable_id
 from conchdb.store.edge import EdgeStore
 from conchdb.store.server import ServerStore
 
@@ -194,15 +194,8 @@ def run(args: argparse.Namespace) -> dict:
     data, queries = make_data(n, args.queries)
     mask = data.site == SITES.index("lung")
     ids = [stable_id("bench", i) for i in range(n)]
-    spec = CollectionSpec(
-        "bench",
-        dim=DIM,
-        metadata={"model_fingerprint": "bench"},
-        fields={**TILE_FIELDS, "site": "keyword"},
-        graph_fields=("slide_id", "cohort", "site"),  # as ingest: the slide, the cohort, keyword manifest columns
-        indexed=(*TILE_INDEXED, "site"),
-        load_indexed=TILE_LOAD_INDEXED,
-    )
+    layout = tiles_layout({"site": "string"})  # as ingest lays out a cohort with a manifest column `site`
+    spec = CollectionSpec("bench", DIM, {"model_fingerprint": "bench"}, **asdict(layout))
     result: dict = {"n": n}
 
     with tempfile.TemporaryDirectory(prefix="conchdb-bench-") as tmp:
@@ -217,8 +210,9 @@ def run(args: argparse.Namespace) -> dict:
         log(f"local mode: {local_rate:,.0f} points/s")
 
         log("embedded store: upserting")
-        options = {k: v for k, v in (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct)) if v}
-        edge = EdgeStore(Path(tmp) / "edge", **options, **({"hnsw_ef": args.ef} if args.ef else {}))
+        chosen = (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct), ("hnsw_ef", args.ef))
+        options = {k: v for k, v in chosen if v}
+        edge = EdgeStore(Path(tmp) / "edge", tuning=StoreTuning(**options))
         edge.ensure_collection(spec)
         result["upsert_per_s"] = upsert_rate(edge, "bench", data, n, args.batch)
         log(f"embedded store: {result['upsert_per_s']:,.0f} points/s; building the index")

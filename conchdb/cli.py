@@ -687,7 +687,8 @@ def texts_add(
     precision: PrecisionOpt = None,
 ) -> None:
     """Embed captions, report sentences or terms into the texts collection that `describe` ranks."""
-    from conchdb.search.texts import add_texts, read_text_file, texts_collection
+    from conchdb.catalog import texts_collection
+    from conchdb.search.texts import add_texts, read_text_file
 
     texts = read_text_file(file)  # a bad file fails before the model loads
     opened, name = open_store_from_options(store, qdrant_url, collection)

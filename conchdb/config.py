@@ -13,6 +13,8 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conchdb.catalog import TILES_COLLECTION
+
 
 def default_home() -> Path:
     return Path(platformdirs.user_data_dir("conchdb", appauthor=False))
@@ -31,7 +33,7 @@ class Settings(BaseSettings):
     store: Path | None = Field(None, description="embedded Qdrant store folder (default $CONCHDB_HOME/store)")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, the server backend is used")
     qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
-    collection: str = Field("conch_tiles", description="tiles collection name")
+    collection: str = Field(TILES_COLLECTION, description="tiles collection name")
 
     @property
     def models_dir(self) -> Path:

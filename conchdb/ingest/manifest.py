@@ -14,10 +14,7 @@ a row, are reported.
 
 from __future__ import annotations
 
-import csv
-import re
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,14 +22,11 @@ from typing import Any
 from conchdb.errors import ConchdbError
 from conchdb.ingest.cohort import Cohort
 from conchdb.ingest.mpp import validate_override
+from conchdb.tabular import ColumnType, read_table
 
 DEFAULT_NAME = "manifest.csv"
 SLIDE_COLUMN = "slide"
 MPP_COLUMN = "mpp"
-
-_INT = re.compile(r"^[+-]?(0|[1-9][0-9]*)$")
-_FLOAT = re.compile(r"^[+-]?((0|[1-9][0-9]*)(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
-_BOOLS = {"true": True, "false": False, "yes": True, "no": False}
 
 
 class ManifestError(ConchdbError):
@@ -55,7 +49,7 @@ class Manifest:
 
     path: Path | None
     rows: dict[str, ManifestRow] = field(default_factory=dict)
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, ColumnType] = field(default_factory=dict)
     unmatched: tuple[tuple[int, str], ...] = ()
     missing: tuple[str, ...] = ()
 
@@ -66,32 +60,6 @@ class Manifest:
     def payload_for(self, slide_id: str) -> dict[str, Any]:
         row = self.rows.get(slide_id)
         return dict(row.payload) if row else {}
-
-
-def infer_type(cells: list[str]) -> str:
-    """The narrowest of int, float, bool, string that fits every non-empty cell.
-
-    Numbers with leading zeros (identifiers such as 007) and nan/inf stay strings."""
-    values = [c for c in cells if c]
-    if not values:
-        return "string"
-    if all(_INT.match(v) for v in values):
-        return "int"
-    if all(_FLOAT.match(v) for v in values):
-        return "float"
-    if all(v.lower() in _BOOLS for v in values):
-        return "bool"
-    return "string"
-
-
-def convert(cell: str, kind: str) -> Any:
-    if kind == "int":
-        return int(cell)
-    if kind == "float":
-        return float(cell)
-    if kind == "bool":
-        return _BOOLS[cell.lower()]
-    return cell
 
 
 def _normalise(value: str) -> str:
@@ -108,51 +76,6 @@ def _lookup(cohort: Cohort) -> dict[str, set[str]]:
             for name in (relative, file.name, file.stem, str(file)):
                 names[name].add(slide.id)
     return names
-
-
-def _delimiter(header: str) -> str:
-    for candidate in (",", ";", "\t"):
-        if candidate in header:
-            return candidate
-    return ","
-
-
-def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line, stripped cells) of every non-blank record; the first is the header."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            hint="save the manifest as UTF-8 CSV") from None
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest: {exc.strerror}", hint="check the path") from None
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=_delimiter(first_line), strict=True)
-    try:
-        for cells in reader:
-            if any(c.strip() for c in cells):
-                yield reader.line_num, [c.strip() for c in cells]
-    except csv.Error as exc:
-        raise ManifestError(f"{path}, line {reader.line_num}: unparsable CSV: {exc}",
-                            hint="check the quoting on that line") from None
-
-
-def _header(path: Path, line: int, cells: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    for column, name in enumerate(cells, start=1):
-        if not name:
-            raise ManifestError(f"{path}, line {line}, column {column}: empty column name",
-                                hint="give every column a name")
-        if name.lower() in seen:
-            raise ManifestError(
-                f"{path}, line {line}: column '{name}' appears twice (columns {seen[name.lower()]} and {column})",
-                hint="rename or remove one of them",
-            )
-        seen[name.lower()] = column
-    if SLIDE_COLUMN not in seen:
-        raise ManifestError(f"{path}, line {line}: no '{SLIDE_COLUMN}' column (columns: {', '.join(cells)})",
-                            hint="add a 'slide' column with each slide's file name or path in the cohort")
-    return cells
 
 
 def _parse_mpp(path: Path, line: int, column: int, cell: str) -> float | None:
@@ -186,20 +109,18 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
             return Manifest(None, missing=tuple(s.id for s in cohort.slides))
         path = default
     path = Path(path)
-    records = list(_rows(path))
-    if not records:
+    table = read_table(path, ManifestError, "manifest")
+    if table is None:
         raise ManifestError(f"{path}: the manifest is empty", hint="add a header line with a 'slide' column")
-    (header_line, raw_header), body = records[0], records[1:]
-    header = _header(path, header_line, raw_header)
-    lower = [name.lower() for name in header]
-    slide_col, mpp_col = lower.index(SLIDE_COLUMN), lower.index(MPP_COLUMN) if MPP_COLUMN in lower else None
-    for line, cells in body:
-        if len(cells) > len(header):
-            raise ManifestError(f"{path}, line {line}: {len(cells)} cells but {len(header)} columns",
-                                hint="quote cells that contain the delimiter")
-        cells.extend([""] * (len(header) - len(cells)))
+    slide_col, mpp_col = table.index(SLIDE_COLUMN), table.index(MPP_COLUMN)
+    if slide_col is None:
+        raise ManifestError(
+            f"{path}, line {table.header_line}: no '{SLIDE_COLUMN}' column (columns: {', '.join(table.header)})",
+            hint="add a 'slide' column with each slide's file name or path in the cohort",
+        )
+    header, body = table.header, table.rows
     payload_cols = [i for i in range(len(header)) if i not in (slide_col, mpp_col)]
-    kinds = {i: infer_type([cells[i] for _, cells in body]) for i in payload_cols}
+    kinds = table.column_types(payload_cols)
     names = _lookup(cohort)
     rows: dict[str, ManifestRow] = {}
     unmatched: list[tuple[int, str]] = []
@@ -218,8 +139,7 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
                 f"{path}, lines {rows[slide_id].line} and {line}: two rows for slide '{slide_id}'",
                 hint="keep one row per slide",
             )
-        payload = {header[i]: convert(cells[i], kinds[i]) for i in payload_cols if cells[i]}
-        rows[slide_id] = ManifestRow(line, slide_id, mpp, payload)
+        rows[slide_id] = ManifestRow(line, slide_id, mpp, table.typed(cells, kinds))
     return Manifest(
         path=path,
         rows=rows,

@@ -8,7 +8,7 @@ overlap; the next slide is planned while the current one is embedded.
 Consistency comes from ids and records, not from transactions:
 - tile point ids are deterministic, so writing a slide again overwrites instead of
   duplicating, and a crash loses at most the batches in flight;
-- each slide has a record (collection `<tiles>_slides`) whose status says whether the
+- each slide has a record (collection `slides_collection(<tiles>)`) whose status says whether the
   slide is done; a run skips done slides whose file has not changed, and redoes the rest;
 - every point carries the `ingest_run` that wrote it; when a slide completes, points of
   that slide and tiling left by earlier runs (an interrupted run over a file since
@@ -23,12 +23,22 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from conchdb.catalog import (
+    FINISHED,
+    RESERVED_FIELDS,
+    TILES_COLLECTION,
+    SlideStatus,
+    slides_collection,
+    slides_layout,
+    tiles_layout,
+    tiling_key,
+)
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
 from conchdb.ingest.grid import TileGrid, TilingParams, plan_tiles
@@ -36,53 +46,7 @@ from conchdb.ingest.manifest import Manifest, read_manifest
 from conchdb.ingest.reader import TileReader
 from conchdb.ingest.slide import Slide, open_slide
 from conchdb.model.encoder import Encoder
-from conchdb.store import CollectionSpec, Condition, FieldType, Filter, Point, Store, stable_id, tile_point_id
-
-DONE, FAILED, IN_PROGRESS, NO_TISSUE = "done", "failed", "in_progress", "no_tissue"
-
-# Payload fields every tile carries, with the index type that filters on them use.
-TILE_FIELDS: dict[str, FieldType] = {
-    "slide_id": "keyword",
-    "path": "keyword",
-    "cohort": "keyword",
-    "x": "integer",
-    "y": "integer",
-    "size": "integer",
-    "mpp": "float",
-    "mpp_source": "keyword",
-    "target_mpp": "float",
-    "tile_px": "integer",
-    "tissue": "float",
-    "tiling": "keyword",
-    "ingest_run": "keyword",
-}
-# The tile fields that get a payload index: the slide and the cohort (selective filters;
-# a slide's tiles are found by slide_id when a rerun cleans them up). Each index costs
-# 5-10 us a point on every write (benchmarks/store.py); tiling and ingest_run only ever
-# narrow a slide's tiles further, x, y, size and tissue filters keep most points, so the
-# engine checks those on the payload. Manifest columns are indexed.
-TILE_INDEXED = ("slide_id", "cohort")
-# Indexed while ingest writes into a new collection (it finds a slide's tiles by slide_id);
-# the embedded store builds the other indexes once, when the ingest ends.
-TILE_LOAD_INDEXED = ("slide_id",)
-SLIDE_FIELDS: dict[str, FieldType] = {
-    "slide_id": "keyword",
-    "cohort": "keyword",
-    "status": "keyword",
-    "tiling": "keyword",
-    "tiles": "integer",
-}
-MANIFEST_TYPES: dict[str, FieldType] = {"int": "integer", "float": "float", "bool": "bool", "string": "keyword"}
-
-
-def slides_collection(tiles_collection: str) -> str:
-    """Name of the per-slide records collection that belongs to a tiles collection."""
-    return f"{tiles_collection}_slides"
-
-
-def tiling_key(params: TilingParams) -> str:
-    """A short label of what decides a tile's pixels; one slide may be stored at several."""
-    return f"{params.target_mpp:g}um-{params.tile_px}px-s{params.stride}"
+from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id, tile_point_id
 
 
 @dataclass
@@ -101,7 +65,7 @@ class IngestOptions:
 class SlideOutcome:
     slide_id: str
     path: str
-    status: str  # done | skipped | no_tissue | failed
+    status: SlideStatus  # done | skipped | no_tissue | failed
     tiles: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -122,16 +86,16 @@ class IngestSummary:
     interrupted: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
-    def count(self, status: str) -> int:
+    def count(self, status: SlideStatus) -> int:
         return sum(o.status == status for o in self.outcomes)
 
     @property
     def failed(self) -> list[SlideOutcome]:
-        return [o for o in self.outcomes if o.status == FAILED]
+        return [o for o in self.outcomes if o.status == SlideStatus.FAILED]
 
     @property
     def tiles_written(self) -> int:
-        return sum(o.tiles for o in self.outcomes if o.status == DONE)
+        return sum(o.tiles for o in self.outcomes if o.status == SlideStatus.DONE)
 
     @property
     def exit_code(self) -> int:
@@ -142,9 +106,9 @@ class IngestSummary:
             "store": self.store,
             "collection": self.collection,
             "slides": len(self.outcomes),
-            "ingested": self.count(DONE),
-            "skipped": self.count("skipped"),
-            "no_tissue": self.count(NO_TISSUE),
+            "ingested": self.count(SlideStatus.DONE),
+            "skipped": self.count(SlideStatus.SKIPPED),
+            "no_tissue": self.count(SlideStatus.NO_TISSUE),
             "failed": [{"slide": o.path, "slide_id": o.slide_id, "error": o.error} for o in self.failed],
             "not_slides": self.not_slides,
             "tiles_written": self.tiles_written,
@@ -259,7 +223,8 @@ class Ingest:
         self.options = options or IngestOptions()
         self.progress = progress or Progress()
         self.cohort_name = self.options.cohort_name or cohort.root.name
-        self.tiling = tiling_key(self.options.params)
+        params = self.options.params
+        self.tiling = tiling_key(params.target_mpp, params.tile_px, params.stride)
         self.run_id = uuid.uuid4().hex
         self.timings: dict[str, float] = {}
 
@@ -272,23 +237,15 @@ class Ingest:
             "tiling": self.options.params.to_dict(),
             "cohort": self.cohort_name,
         }
-        manifest_fields = {name: MANIFEST_TYPES[kind] for name, kind in self.manifest.columns.items()}
-        clash = sorted(set(manifest_fields) & (set(TILE_FIELDS) | {"status", "tiles", "error", "identity"}))
+        clash = sorted(set(self.manifest.columns) & RESERVED_FIELDS)
         if clash:
             raise ConchdbError(
                 f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
                 hint="rename those columns in the manifest",
             )
-        fields = {**TILE_FIELDS, **manifest_fields}
-        # Per-value HNSW graphs only where searches filter by category: the cohort's metadata
-        # and the slide, not bookkeeping fields like tiling (each graph costs a build).
-        graphs = ("slide_id", "cohort", *(k for k, v in manifest_fields.items() if v in ("keyword", "bool")))
-        indexed = (*TILE_INDEXED, *manifest_fields)
-        self.store.ensure_collection(
-            CollectionSpec(self.collection, self.encoder.dim, metadata, fields, graphs, indexed, TILE_LOAD_INDEXED)
-        )
-        slide_indexes = {**SLIDE_FIELDS, **manifest_fields}
-        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, slide_indexes, ()))
+        tiles, slides = tiles_layout(self.manifest.columns), slides_layout(self.manifest.columns)
+        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, **asdict(tiles)))
+        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, **asdict(slides)))
 
     def record_id(self, slide: CohortSlide) -> str:
         return stable_id("slide", self.cohort_name, slide.id, self.tiling)
@@ -298,7 +255,7 @@ class Ingest:
         return hits[0].payload if hits else None
 
     def _write_record(
-        self, slide: CohortSlide, status: str, vector: np.ndarray | None = None, **extra: Any
+        self, slide: CohortSlide, status: SlideStatus, vector: np.ndarray | None = None, **extra: Any
     ) -> None:
         if vector is None:
             # Records of unfinished slides still need a vector; a fixed axis keeps them apart
@@ -310,7 +267,7 @@ class Ingest:
             "path": str(slide.path),
             "cohort": self.cohort_name,
             "identity": slide.identity,
-            "status": status,
+            "status": status.value,
             "tiling": self.tiling,
             "target_mpp": self.options.params.target_mpp,
             "tile_px": self.options.params.tile_px,
@@ -339,7 +296,7 @@ class Ingest:
         return (
             not self.options.force
             and record is not None
-            and record.get("status") in (DONE, NO_TISSUE)
+            and record.get("status") in FINISHED
             and record.get("identity") == slide.identity
         )
 
@@ -369,7 +326,8 @@ class Ingest:
             pending = [(s, r) for s, r in work if not self._is_done(s, r)]
             for slide, record in work:
                 if self._is_done(slide, record):
-                    self._emit(summary, SlideOutcome(slide.id, str(slide.path), "skipped", int(record.get("tiles", 0))))
+                    skipped = SlideOutcome(slide.id, str(slide.path), SlideStatus.SKIPPED, int(record.get("tiles", 0)))
+                    self._emit(summary, skipped)
             futures: list[Future[_Plan]] = []
             for i, (slide, record) in enumerate(pending):
                 if i == 0:
@@ -404,27 +362,27 @@ class Ingest:
 
     def _ingest_slide(self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer) -> SlideOutcome:
         slide, start = plan.slide, time.perf_counter()
-        outcome = SlideOutcome(slide.id, str(slide.path), FAILED)
+        outcome = SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED)
         if plan.error is None and plan.grid is not None and len(plan.grid) == 0:
-            self._write_record(slide, NO_TISSUE, tiles=0, error=None, **plan.info)
+            self._write_record(slide, SlideStatus.NO_TISSUE, tiles=0, error=None, **plan.info)
             self._delete_stale(slide)
-            outcome.status = NO_TISSUE
+            outcome.status = SlideStatus.NO_TISSUE
             return outcome
         if plan.error is None:
-            self._write_record(slide, IN_PROGRESS, tiles=0, error=None, **plan.info)
+            self._write_record(slide, SlideStatus.IN_PROGRESS, tiles=0, error=None, **plan.info)
             try:
                 mean = self._embed_slide(plan, writer)
                 writer.flush()
                 self._delete_stale(slide)
-                self._write_record(slide, DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
-                outcome.status, outcome.tiles = DONE, len(plan.grid)
+                self._write_record(slide, SlideStatus.DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
+                outcome.status, outcome.tiles = SlideStatus.DONE, len(plan.grid)
             except SlideError as exc:
                 writer.flush()
                 plan.error = str(exc)
         if plan.error is not None:
             outcome.error = plan.error
-            self._write_record(slide, FAILED, tiles=0, error=plan.error, **plan.info)
-            if record is None or record.get("status") != DONE:
+            self._write_record(slide, SlideStatus.FAILED, tiles=0, error=plan.error, **plan.info)
+            if record is None or record.get("status") != SlideStatus.DONE:
                 # Nothing good was stored for this slide before: drop the partial tiles.
                 self.store.delete(self.collection, self._slide_filter(slide))
         outcome.seconds = time.perf_counter() - start
@@ -489,7 +447,7 @@ def ingest(
     path: str | Path,
     encoder: Encoder,
     store: Store,
-    collection: str = "conch_tiles",
+    collection: str = TILES_COLLECTION,
     manifest: str | Path | None = None,
     options: IngestOptions | None = None,
     progress: Progress | None = None,

@@ -12,7 +12,8 @@ Grammar (one condition per expression; several expressions are AND-combined):
     field>x  field>=x  field<x  field<=x     numeric ranges
 
 Values are split on commas; put a value that holds a comma in double quotes
-(`diagnosis="adenoma, tubular"`). Booleans are true/false (also yes/no, 1/0).
+(`diagnosis="adenoma, tubular"`). Booleans are the words of `conchdb.tabular.BOOLEAN_WORDS`
+(true/false, yes/no, 1/0), as in a manifest.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from conchdb.catalog import FieldType
 from conchdb.errors import QueryError
-from conchdb.store.base import Condition, FieldType, Filter
+from conchdb.store import Condition, Filter
+from conchdb.tabular import parse_bool, value_type
 
 GRAMMAR = (
     "field=value | field!=value | field=a,b,c (any of) | field!=a,b (none of) | "
@@ -34,7 +37,6 @@ GRAMMAR = (
 
 OPERATORS: dict[str, str] = {"=": "eq", "!=": "ne", ">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
 _EXPR = re.compile(r"^\s*(?P<field>[A-Za-z_][A-Za-z0-9_.\-]*)\s*(?P<op>[=!<>~]+)\s*(?P<value>.*?)\s*$", re.S)
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,6 @@ class FieldTypes:
 
     def get(self, field: str) -> FieldType | None:
         return self.types.get(field)
-
-
-def value_type(value: Any) -> FieldType | None:
-    """The field type a payload value has (None for lists, dicts and nulls)."""
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "keyword"
-    return None
 
 
 def infer_types(payloads: Iterable[Mapping[str, Any]]) -> dict[str, FieldType]:
@@ -113,9 +102,10 @@ def _typed(expr: str, field: str, text: str, kind: FieldType | None, numeric: bo
     if kind == "keyword":
         return text
     if kind == "bool":
-        if text.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[text.lower()]
-        raise _type_error(expr, field, text, kind)
+        value = parse_bool(text)
+        if value is None:
+            raise _type_error(expr, field, text, kind)
+        return value
     try:
         number = float(text)
     except ValueError:
@@ -135,7 +125,7 @@ def _literal_type(text: str) -> FieldType:
     try:
         number = float(text)
     except ValueError:
-        return "bool" if text.lower() in ("true", "false") else "keyword"
+        return "bool" if parse_bool(text) is not None else "keyword"
     return "integer" if number.is_integer() and re.fullmatch(r"[+-]?\d+", text) else "float"
 
 

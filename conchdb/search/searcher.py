@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from conchdb.catalog import TILE_SCOPE_FIELDS, TILES_COLLECTION, slides_collection, texts_collection
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.search import filters, prompts, regions, vocabulary, zeroshot
-from conchdb.search.texts import texts_collection
 from conchdb.store import Condition, Filter, Hit, Store
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ DEFAULT_TARGET_MPP = 0.5
 SCHEMA_SAMPLE = 256
 """Points read to infer payload types when the collection records no `payload_schema`."""
 GROUP_ALIASES = {"slide": "slide_id"}
-TILE_SCOPE_FIELDS = ("cohort", "tiling")
-"""Fields that tell apart copies of one slide id (another cohort, another tiling)."""
 
 
 @dataclass
@@ -123,13 +121,13 @@ class Searcher:
 
     `encoder` may be None for searches by stored point (no model is loaded); `store` may be
     None for what needs none (classifying an image). `texts` is the texts collection
-    (default `<collection>_texts`); `cache_dir` keeps the vocabulary's vectors between
+    (default `texts_collection(collection)`); `cache_dir` keeps the vocabulary's vectors between
     processes.
     """
 
     encoder: Encoder | None
     store: Store | None
-    collection: str = "conch_tiles"
+    collection: str = TILES_COLLECTION
     texts: str | None = None
     cache_dir: Path | None = None
     _vocabulary: vocabulary.Vocabulary | None = field(default=None, init=False, repr=False)
@@ -274,12 +272,15 @@ class Searcher:
         store = self._store()
         self.metadata()
         if group_by is None:
-            hits = store.query(self.collection, vector, k, flt, min_score, offset)
+            hits = store.query(self.collection, vector, k=k, flt=flt, min_score=min_score, offset=offset)
             return [SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)]
         if not 1 <= group_size <= 100:
             raise QueryError(f"group size {group_size} is outside 1..100", hint="pass --group-size between 1 and 100")
         key = GROUP_ALIASES.get(group_by, group_by)
-        groups = store.query_groups(self.collection, vector, key, offset + k, group_size, flt, min_score)
+        groups = store.query_groups(
+            self.collection, vector, group_by=key, groups=offset + k, group_size=group_size, flt=flt,
+            min_score=min_score,
+        )
         out = []
         for i, group in enumerate(groups[offset:]):
             tiles = [SearchHit(j + 1, h.score, h.id, h.payload) for j, h in enumerate(group.hits)]
@@ -308,7 +309,7 @@ class Searcher:
         if self.has_texts():
             assert self.texts is not None
             self.check_model(self.texts)
-            hits = self._store().query(self.texts, vector, k)
+            hits = self._store().query(self.texts, vector, k=k)
             return [
                 TextMatch(i + 1, h.score, str(h.payload.get("text", "")), self.texts, h.id,
                           {key: v for key, v in h.payload.items() if key != "text"})
@@ -354,7 +355,7 @@ class Searcher:
     def _unknown_slide(self, slide_id: str, filtered: bool) -> QueryError:
         store = self._store()
         known: list[str] = []
-        slides = f"{self.collection}_slides"
+        slides = slides_collection(self.collection)
         if store.collection_metadata(slides) is not None:
             known = sorted({str(h.payload.get("slide_id")) for h in store.scroll(slides)})
         close = difflib.get_close_matches(slide_id, known, n=3)

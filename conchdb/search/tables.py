@@ -12,14 +12,10 @@ from typing import Any
 
 from rich.table import Table
 
+from conchdb.catalog import TILE_FIELDS
 from conchdb.search.searcher import SearchHit, TextMatch
 from conchdb.search.zeroshot import ClassScores, PooledScores
 
-TILE_FIELDS = frozenset(
-    {"slide_id", "path", "x", "y", "size", "mpp", "mpp_source", "target_mpp", "tile_px", "tissue", "cohort",
-     "tiling", "ingest_run"}
-)
-"""Fields every tile carries; the table shows others (manifest columns) by default."""
 MAX_EXTRA_COLUMNS = 5
 
 

@@ -1,35 +1,29 @@
 """A texts collection: captions, report sentences or terms that image -> text ranks.
 
 `conchdb texts add FILE` reads a .txt file (one text per line) or a CSV file (a `text`
-column, every other column kept as typed metadata), embeds the texts and upserts them.
+column, every other column kept as typed metadata, read by the rules of
+`conchdb.tabular`, as manifests are), embeds the texts and upserts them.
 A text's id depends on the text alone, so adding a file twice, or two files that share a
 sentence, stores each text once; the last file's metadata wins.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from conchdb.catalog import TEXT_RESERVED, texts_layout
 from conchdb.errors import ConchdbError
-from conchdb.ingest.manifest import convert, infer_type
-from conchdb.store import CollectionSpec, FieldType, Point, Store, stable_id
+from conchdb.store import CollectionSpec, Point, Store, stable_id
+from conchdb.tabular import ColumnType, parse_table
 
 if TYPE_CHECKING:
     from conchdb.model.encoder import Encoder
 
 TEXT_COLUMN = "text"
 BATCH = 256
-TYPE_NAMES: dict[str, FieldType] = {"int": "integer", "float": "float", "bool": "bool", "string": "keyword"}
-
-
-def texts_collection(tiles_collection: str) -> str:
-    """Name of the texts collection that goes with a tiles collection."""
-    return f"{tiles_collection}_texts"
-
 
 def text_id(text: str) -> str:
     """Deterministic id of a text: the same sentence is one point however often it is added."""
@@ -51,7 +45,7 @@ class TextFile:
 
     path: Path
     records: list[TextRecord]
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, ColumnType] = field(default_factory=dict)
 
 
 def _fail(path: Path, problem: str, hint: str | None = None) -> ConchdbError:
@@ -66,28 +60,19 @@ def _read_txt(path: Path, content: str) -> TextFile:
 
 
 def _read_csv(path: Path, content: str) -> TextFile:
-    rows = list(csv.reader(content.splitlines()))
-    if not rows:
+    table = parse_table(content, path)
+    if table is None:
         raise _fail(path, "the file is empty")
-    header = [h.strip() for h in rows[0]]
-    if TEXT_COLUMN not in header:
-        raise _fail(path, f"no `{TEXT_COLUMN}` column (columns: {', '.join(header)})")
-    if len(set(header)) != len(header) or any(not h for h in header):
-        raise _fail(path, "column names must be unique and non-empty")
-    body = [(n, row) for n, row in enumerate(rows[1:], 2) if any(cell.strip() for cell in row)]
-    for n, row in body:
-        if len(row) != len(header):
-            raise _fail(path, f"line {n} has {len(row)} cells, the header {len(header)}")
-    names = [h for h in header if h != TEXT_COLUMN]
-    columns = {h: infer_type([row[header.index(h)].strip() for _, row in body]) for h in names}
+    text_col = table.index(TEXT_COLUMN)
+    if text_col is None:
+        raise _fail(path, f"no `{TEXT_COLUMN}` column (columns: {', '.join(table.header)})")
+    kinds = table.column_types([i for i in range(len(table.header)) if i != text_col])
     records = []
-    for n, row in body:
-        cells = dict(zip(header, (c.strip() for c in row), strict=True))
-        if not cells[TEXT_COLUMN]:
+    for n, cells in table.rows:
+        if not cells[text_col]:
             raise _fail(path, f"line {n}: the `{TEXT_COLUMN}` cell is empty")
-        meta = {h: convert(cells[h], kind) for h, kind in columns.items() if cells[h]}
-        records.append(TextRecord(cells[TEXT_COLUMN], n, meta))
-    return TextFile(path, records, columns)
+        records.append(TextRecord(cells[text_col], n, table.typed(cells, kinds)))
+    return TextFile(path, records, {table.header[i]: kind for i, kind in kinds.items()})
 
 
 def read_text_file(path: str | Path) -> TextFile:
@@ -102,7 +87,7 @@ def read_text_file(path: str | Path) -> TextFile:
     texts = _read_csv(path, content) if path.suffix.lower() == ".csv" else _read_txt(path, content)
     if not texts.records:
         raise _fail(path, "holds no texts")
-    clash = {"source", "line"} & set(texts.columns)
+    clash = TEXT_RESERVED & set(texts.columns)
     if clash:
         raise _fail(path, f"column(s) {', '.join(sorted(clash))} are reserved", "rename those columns")
     return texts
@@ -119,10 +104,8 @@ def add_texts(texts: TextFile, encoder: Encoder, store: Store, collection: str) 
     The collection is created on first use with the encoder's description (its fingerprint
     guards against mixing models), with indexes on `source` and on the CSV's columns.
     """
-    fields: dict[str, FieldType] = {"source": "keyword", "line": "integer"}
-    fields.update({name: TYPE_NAMES[kind] for name, kind in texts.columns.items()})
     metadata = {**encoder.describe(), "kind": "texts"}
-    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, fields))
+    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, **asdict(texts_layout(texts.columns))))
     written: set[str] = set()
     for chunk in batches(texts.records):
         vectors = encoder.encode_texts([r.text for r in chunk])

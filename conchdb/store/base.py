@@ -1,147 +1,123 @@
-"""The vector-store interface that ingest and search program against.
+"""The vector-store interface that ingest and search program against, declared once.
 
-Two backends implement it: `EdgeStore` (qdrant-edge, the Qdrant engine in-process,
+Two backends subclass `Store`: `EdgeStore` (qdrant-edge, the Qdrant engine in-process,
 the default on one machine) and `ServerStore` (qdrant-client against a Qdrant server
-or cluster). Callers pass typed `Filter`s and get typed `Hit`s back; nothing above
-this package sees a Qdrant type, so the engine can be swapped without touching search.
+or cluster). Callers pass the typed values of `conchdb.store.types` and get them back;
+nothing above this package sees a Qdrant type. The base class also does what both
+backends do the same way around their engine calls (the checks of an existing
+collection, filter translation, `retrieve`, `scroll`, `with`), so a backend writes only
+its engine's calls. As in qdrant-client, every argument after a query's vector is passed
+by name (`query(name, vector, k=10, flt=...)`).
 """
 
 from __future__ import annotations
 
+import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-Op = Literal["eq", "ne", "in", "gt", "gte", "lt", "lte"]
-FieldType = Literal["keyword", "integer", "float", "bool"]
+from conchdb.catalog import FieldType
+from conchdb.errors import StoreError
+from conchdb.store.filters import Dialect, translate
+from conchdb.store.record import CollectionRecord, check_compatible, graph_fields, no_collection, widen
+from conchdb.store.types import CollectionSpec, Filter, Group, Hit, Point
+
+# Index and search defaults of both backends, chosen with benchmarks/store.py on 200k
+# slide-like points, 2 cores: hnsw_ef=192 gave recall@10 1.0 plain and 0.98 with a 20%
+# filter at p50 3.5 / 5 ms; 128 gave 0.97 filtered, too little margin for 1M points.
+HNSW_M = 16
+# The engine gives each value of a graph field (one slide, one site) HNSW links of its own
+# when the value holds vectors worth more than this many KB (500 of 512-d float32), and
+# searches smaller filtered sets exhaustively. At Qdrant's default, 10,000 KB, a filter that
+# keeps a few thousand points fell between the two, searched the main graph without links
+# of its own and found 0.86 of its true top 10 (30k points, site = 20%); at 1,000 KB: 0.98,
+# and 0.99 at 200k, for a 5-25% longer index build.
+FULL_SCAN_THRESHOLD_KB = 1_000
+HNSW_EF_CONSTRUCT = 100
+HNSW_EF = 192
+OVERSAMPLING = 2.0
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One test on a payload field; `value` is a list for `in`, a scalar otherwise.
+class StoreTuning:
+    """How both backends build and search their index: one value, passed as `tuning=`.
 
-    Every op, `ne` included, matches only points that have the field: `site ne "lung"`
-    leaves out tiles with no `site`, as SQL's `<>` leaves out NULL. The value is read as
-    the field's indexed type when the collection declares one (so `age gt "50"` works on
-    an integer field), else by its Python type (bool, int, float, str). `gt`, `gte`,
-    `lt`, `lte` need a number; `in` with an empty list matches nothing.
+    `hnsw_m` (links per node) and `hnsw_ef_construct` (build beam) shape the HNSW graph of
+    the collections a store creates; `hnsw_ef` is the search beam of every query (the
+    embedded store widens it to k + offset when a query asks for more). With
+    `quantization`, int8 copies of the vectors live in RAM and are searched first, 4x
+    cheaper than float32; `rescore` re-ranks the best `oversampling` x k candidates with
+    the original vectors, so scores stay exact cosines.
     """
 
-    field: str
-    op: Op
-    value: Any
+    hnsw_m: int = HNSW_M
+    hnsw_ef_construct: int = HNSW_EF_CONSTRUCT
+    hnsw_ef: int = HNSW_EF
+    quantization: bool = True
+    rescore: bool = True
+    oversampling: float = OVERSAMPLING
 
 
-@dataclass(frozen=True)
-class Filter:
-    """Conditions combined with AND. An empty filter matches every point."""
-
-    must: tuple[Condition, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.must)
-
-
-@dataclass
-class Point:
-    """A vector with its id (a UUID string) and payload, ready to upsert."""
-
-    id: str
-    vector: np.ndarray
-    payload: dict[str, Any]
+def point_ids(ids: Sequence[str]) -> list[str]:
+    """Ids as the engines print them (lowercase, hyphenated), without repeats; non-UUIDs are
+    left out, since no conchdb point can have one."""
+    out = []
+    for point_id in ids:
+        try:
+            out.append(str(uuid.UUID(str(point_id))))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(out))
 
 
-@dataclass
-class Hit:
-    """A point returned by a query, scroll or retrieve; `score` is cosine similarity."""
-
-    id: str
-    score: float
-    payload: dict[str, Any]
-    vector: np.ndarray | None = None
-
-
-@dataclass
-class Group:
-    """The best hits sharing one value of the grouping field (e.g. one slide)."""
-
-    key: Any
-    hits: list[Hit] = field(default_factory=list)
+def to_hit(point: Any, with_vectors: bool) -> Hit:
+    """A Hit from either engine's scored point or record (same attribute names in both)."""
+    vector = getattr(point, "vector", None) if with_vectors else None
+    if isinstance(vector, dict):  # a named-vector map; conchdb uses the unnamed vector only
+        vector = vector.get("")
+    return Hit(
+        id=str(point.id),
+        score=float(getattr(point, "score", 0.0) or 0.0),
+        payload=dict(point.payload or {}),
+        vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+    )
 
 
-@dataclass
-class CollectionSpec:
-    """What a collection is: vector size, what built it, its payload fields and their indexes.
+def sort_groups(groups: list[Group]) -> list[Group]:
+    """Hits best first inside each group, groups by their best hit."""
+    for g in groups:
+        g.hits.sort(key=lambda h: -h.score)
+    return sorted(groups, key=lambda g: -g.hits[0].score)
 
-    `metadata` records the model fingerprint, preprocessing and tiling parameters; a
-    collection refuses writers whose `metadata["model_fingerprint"]` differs.
 
-    `fields` declares the payload fields and their types (the record's `payload_schema`,
-    which lets readers type-check filters). `indexed` names those that get a payload index
-    (None: all of them). Every index costs time on each write (about 10 us a point in
-    qdrant-edge, measured with benchmarks/store.py) and RAM, so a field is worth one when
-    filters on it are selective; filters on the others still work, by reading payloads.
+class Store(ABC):
+    """Operations conchdb needs from a vector store. Vectors are float32, compared by cosine.
 
-    `graph_fields` are the indexed fields that searches often filter on (a manifest's
-    `diagnosis`, `site`, `cohort`): the engine links each of their values' points into an
-    HNSW graph of their own, so that a search filtered to one value keeps its recall
-    instead of wandering a graph whose other nodes it may not visit. Each such field can
-    cost up to one more index build. None means every keyword and bool index; numeric
-    fields never get one (ranges rarely cut a graph into pieces the same way).
-
-    `load_indexed` names the indexed fields that the writer itself filters on while it
-    bulk-loads the collection (ingest finds a slide's tiles by `slide_id` to clean up a
-    rerun). The embedded store creates only those indexes with a new collection and the
-    rest in `finish_bulk_load`. This saves no work (an index costs about 5 us a point
-    whether kept up to date on every write or built at the end, 5-13 us measured on 100k
-    points), but it moves that work out of the writes, which hold the interpreter while
-    ingest embeds the next tiles, into the final build, where it is 1-3% of the HNSW
-    build. Until then, filters on the other fields read payloads (right, but slower).
-    None: every index from the start. The server store always indexes from the start.
+    A backend sets `location` (named in errors) and `dialect` (its filter classes), and
+    implements the public operations below that are abstract, plus the engine hooks:
+    `_read_record` (None when the collection is missing), `_save_record`,
+    `_create_indexes`, `_fetch` (points by id) and `_page` (one scroll page).
     """
-
-    name: str
-    dim: int = 512
-    metadata: dict[str, Any] = field(default_factory=dict)
-    fields: dict[str, FieldType] = field(default_factory=dict)
-    graph_fields: tuple[str, ...] | None = None
-    indexed: tuple[str, ...] | None = None
-    load_indexed: tuple[str, ...] | None = None
-
-    def index_fields(self) -> dict[str, FieldType]:
-        """The fields that get a payload index, with their types."""
-        if self.indexed is None:
-            return dict(self.fields)
-        return {key: kind for key, kind in self.fields.items() if key in self.indexed}
-
-    def load_index_fields(self) -> dict[str, FieldType]:
-        """The indexed fields a bulk load needs indexed from the start (see `load_indexed`)."""
-        indexes = self.index_fields()
-        if self.load_indexed is None:
-            return indexes
-        return {key: kind for key, kind in indexes.items() if key in self.load_indexed}
-
-
-class Store(Protocol):
-    """Operations conchdb needs from a vector store. Vectors are float32, compared by cosine."""
 
     location: str
+    dialect: Dialect
 
+    # -- the interface ---------------------------------------------------------------------
+
+    @abstractmethod
     def ensure_collection(self, spec: CollectionSpec) -> None:
-        """Create the collection, or check that an existing one was built by the same model."""
+        """Create the collection, or check that an existing one was built by the same model
+        and add the fields and payload indexes it lacks."""
 
-    def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        """The metadata recorded at creation, or None if the collection does not exist.
-
-        It also holds `payload_schema`: the payload fields and their types, as declared
-        by `CollectionSpec.fields` (so readers can type-check filters).
-        """
-
+    @abstractmethod
     def collections(self) -> list[str]:
         """Names of the conchdb collections in this store."""
 
+    @abstractmethod
     def upsert(self, name: str, points: Sequence[Point], shared: dict[str, Any] | None = None) -> None:
         """Insert or overwrite points by id, all or none of them.
 
@@ -150,25 +126,31 @@ class Store(Protocol):
         the embedded store writes far faster. A key may not be in both (StoreError).
         """
 
+    @abstractmethod
     def delete(self, name: str, flt: Filter) -> None:
-        """Remove every point matching the filter."""
+        """Remove every point matching the filter (an empty filter is refused)."""
 
+    @abstractmethod
     def query(
         self,
         name: str,
         vector: np.ndarray,
+        *,
         k: int,
         flt: Filter | None = None,
         min_score: float | None = None,
         offset: int = 0,
         with_vectors: bool = False,
     ) -> list[Hit]:
-        """Nearest points to `vector`, best first."""
+        """Nearest points to `vector`, best first: `k` of them after skipping `offset`, those
+        matching `flt` and scoring at least `min_score`."""
 
+    @abstractmethod
     def query_groups(
         self,
         name: str,
         vector: np.ndarray,
+        *,
         group_by: str,
         groups: int,
         group_size: int,
@@ -177,20 +159,112 @@ class Store(Protocol):
     ) -> list[Group]:
         """Best `group_size` hits for each of the best `groups` values of `group_by`."""
 
-    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
-        """Points by id (missing ids are left out); score is 0."""
-
-    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
-        """Every point matching the filter, in id order."""
-
+    @abstractmethod
     def count(self, name: str, flt: Filter | None = None) -> int:
         """Number of points matching the filter (exact)."""
 
+    @abstractmethod
     def finish_bulk_load(self, name: str) -> None:
         """Build the index after a bulk load (server: switch HNSW back on); a no-op where not needed."""
 
+    @abstractmethod
     def size_on_disk(self) -> int | None:
         """Bytes used on disk, where the backend can tell."""
 
+    @abstractmethod
     def close(self) -> None:
-        """Flush and release the store (the embedded store's lock included)."""
+        """Flush and release the store (the embedded store's lock included); safe to call twice."""
+
+    def collection_metadata(self, name: str) -> dict[str, Any] | None:
+        """The metadata recorded at creation, or None if the collection does not exist.
+
+        It also holds `payload_schema`: the payload fields and their types, as declared
+        by `CollectionSpec.fields` (so readers can type-check filters).
+        """
+        record = self._read_record(name)
+        if record is None:
+            return None
+        return {**record.metadata, "payload_schema": dict(record.fields)}
+
+    def retrieve(self, name: str, ids: Sequence[str], *, with_vectors: bool = False) -> list[Hit]:
+        """Points by id, in the order asked, missing ones left out; score is 0."""
+        self._record(name)
+        wanted = point_ids(ids)
+        found = {
+            str(r.id): to_hit(r, with_vectors) for r in (self._fetch(name, wanted, with_vectors) if wanted else [])
+        }
+        return [found[i] for i in wanted if i in found]
+
+    def scroll(self, name: str, flt: Filter | None = None, *, with_vectors: bool = False) -> Iterator[Hit]:
+        """Every point matching the filter, page by page, in id order."""
+        native = self._filter(self._record(name), flt)
+        offset = None
+        while True:
+            page, offset = self._page(name, native, offset, with_vectors)
+            yield from (to_hit(r, with_vectors) for r in page)
+            if offset is None:
+                return
+
+    # -- the engine hooks ------------------------------------------------------------------
+
+    @abstractmethod
+    def _read_record(self, name: str) -> CollectionRecord | None:
+        ...
+
+    @abstractmethod
+    def _save_record(self, record: CollectionRecord) -> None:
+        ...
+
+    @abstractmethod
+    def _create_indexes(self, name: str, indexes: dict[str, FieldType], graph: set[str]) -> None:
+        ...
+
+    @abstractmethod
+    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
+        ...
+
+    @abstractmethod
+    def _page(self, name: str, native_filter: Any, offset: Any, with_vectors: bool) -> tuple[list[Any], Any]:
+        ...
+
+    # -- shared steps ----------------------------------------------------------------------
+
+    def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
+        return translate(flt, self.dialect, record.fields)
+
+    def _record(self, name: str) -> CollectionRecord:
+        record = self._read_record(name)
+        if record is None:
+            raise no_collection(self.location, name)
+        return record
+
+    def _join(self, record: CollectionRecord, spec: CollectionSpec) -> None:
+        """An existing collection: refuse another model, then add the fields and indexes the spec asks for."""
+        check_compatible(self.location, record, spec)
+        new_fields, new_indexes = widen(record, spec)
+        if new_indexes:
+            self._create_indexes(spec.name, new_indexes, graph_fields(spec))
+        if new_fields or new_indexes:
+            record.fields.update(new_fields)
+            record.indexed = sorted({*record.indexed, *new_indexes})
+            record.graph = sorted({*record.graph, *(graph_fields(spec) & set(new_indexes))})
+            self._save_record(record)
+
+    def _delete_filter(self, name: str, flt: Filter) -> CollectionRecord:
+        """The record of a collection about to lose points; an empty filter would empty it, so it is refused."""
+        record = self._record(name)
+        if not flt:
+            raise StoreError(
+                f"refusing to delete every point of collection '{name}' (the filter is empty)",
+                hint="give at least one condition, e.g. slide_id eq ID",
+            )
+        return record
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"

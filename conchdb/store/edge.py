@@ -27,10 +27,21 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
+from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store import common, lock
-from conchdb.store.base import CollectionSpec, Condition, FieldType, Filter, Group, Hit, Point
+from conchdb.store import lock
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
 from conchdb.store.filters import Dialect
+from conchdb.store.record import (
+    CollectionRecord,
+    check_name,
+    check_shared,
+    check_spec,
+    graph_fields,
+    query_vector,
+    vectors_of,
+)
+from conchdb.store.types import CollectionSpec, Condition, Filter, Group, Hit, Point
 
 RECORD_FILE = "collection.json"
 PENDING_FILE = "pending.json"
@@ -80,15 +91,15 @@ def _is_store_folder(path: Path) -> bool:
     return not any(path.iterdir()) or (path / lock.LOCK_FILE).exists() or (path / "collections").is_dir()
 
 
-class EdgeStore(common.BackendBase):
+class EdgeStore(Store):
     """A conchdb store in a local folder, searched by the Qdrant engine in this process.
 
     Only one process may open a store at a time (a second one gets a StoreError naming
-    the holder). The HNSW and quantization parameters apply to collections created by
-    this object; `hnsw_ef` (search beam width) and `rescore`/`oversampling` apply to every
-    search. With `quantization`, int8 copies of the vectors live in RAM: the graph is built
-    and walked on them, 4x cheaper than float32, and the best `oversampling` x k candidates
-    are re-ranked with the original vectors, so scores stay exact cosines.
+    the holder). Of `tuning`, the HNSW and quantization parameters apply to collections
+    created by this object; `hnsw_ef` (search beam width) and `rescore`/`oversampling`
+    apply to every search; with quantization the graph is built and walked on the int8
+    copies. `indexing_threshold_kb` and `max_segment_size_kb` are the engine's optimizer
+    settings (None: its defaults), `max_search_threads` its search parallelism.
     """
 
     dialect = EDGE_DIALECT
@@ -97,12 +108,7 @@ class EdgeStore(common.BackendBase):
         self,
         path: str | os.PathLike[str],
         *,
-        hnsw_m: int = common.HNSW_M,
-        hnsw_ef_construct: int = common.HNSW_EF_CONSTRUCT,
-        hnsw_ef: int = common.HNSW_EF,
-        quantization: bool = True,
-        rescore: bool = True,
-        oversampling: float = common.OVERSAMPLING,
+        tuning: StoreTuning | None = None,
         indexing_threshold_kb: int | None = None,
         max_segment_size_kb: int | None = None,
         max_search_threads: int | None = None,
@@ -118,34 +124,38 @@ class EdgeStore(common.BackendBase):
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: lock.StoreLock | None = lock.acquire(self.path)
-        self.hnsw_ef = hnsw_ef
+        self.tuning = tuning = tuning or StoreTuning()
         # payload_m: the links of the per-value graphs of `graph_fields` (CollectionSpec).
         self._hnsw = qe.HnswIndexConfig(
-            m=hnsw_m,
-            ef_construct=hnsw_ef_construct,
-            full_scan_threshold=common.FULL_SCAN_THRESHOLD_KB,
-            payload_m=hnsw_m,
+            m=tuning.hnsw_m,
+            ef_construct=tuning.hnsw_ef_construct,
+            full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+            payload_m=tuning.hnsw_m,
         )
         self._quantization = (
-            qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True) if quantization else None
+            qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+            if tuning.quantization
+            else None
         )
         self._quantized_search = (
-            qe.QuantizationSearchParams(rescore=rescore, oversampling=oversampling) if quantization else None
+            qe.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
+            if tuning.quantization
+            else None
         )
         self._optimizers = qe.EdgeOptimizersConfig(
             indexing_threshold=indexing_threshold_kb, max_segment_size=max_segment_size_kb
         )
         self._max_search_threads = max_search_threads
-        self._records: dict[str, common.CollectionRecord] = {}
+        self._records: dict[str, CollectionRecord] = {}
         self._shards: dict[str, qe.EdgeShard] = {}
         self._notes: dict[str, int] = {}  # open descriptors of pending.json, per collection
 
     # -- collections -------------------------------------------------------------------
 
     def _dir(self, name: str) -> Path:
-        return self.path / "collections" / common.check_name(name)
+        return self.path / "collections" / check_name(name)
 
-    def _read_record(self, name: str) -> common.CollectionRecord | None:
+    def _read_record(self, name: str) -> CollectionRecord | None:
         if self._lock is None:
             raise StoreError(f"{self.location} is closed", hint="open the store again")
         if name in self._records:
@@ -154,7 +164,7 @@ class EdgeStore(common.BackendBase):
         if not file.is_file():
             return None
         try:
-            record = common.CollectionRecord.from_dict(json.loads(file.read_text()))
+            record = CollectionRecord.from_dict(json.loads(file.read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(
                 f"cannot read the record of collection '{name}' ({file}): {exc}",
@@ -163,7 +173,7 @@ class EdgeStore(common.BackendBase):
         self._records[name] = record
         return record
 
-    def _save_record(self, record: common.CollectionRecord) -> None:
+    def _save_record(self, record: CollectionRecord) -> None:
         """Atomically: a crash leaves the old record or the new one, never half of one."""
         file = self._dir(record.name) / RECORD_FILE
         tmp = file.with_suffix(".tmp")
@@ -238,7 +248,7 @@ class EdgeStore(common.BackendBase):
 
     def ensure_collection(self, spec: CollectionSpec) -> None:
         """Create the collection, or check an existing one and add the payload indexes it lacks."""
-        common.check_spec(spec)
+        check_spec(spec)
         record = self._read_record(spec.name)
         if record is not None:
             self._join(record, spec)
@@ -249,10 +259,10 @@ class EdgeStore(common.BackendBase):
         shutil.rmtree(folder / "shard", ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         self._shards[spec.name] = qe.EdgeShard.create(str(folder / "shard"), self._config(spec.dim))
-        record = common.CollectionRecord.new(spec)
+        record = CollectionRecord.new(spec)
         self._save_record(record)
         # The other indexes wait for finish_bulk_load (see CollectionSpec.load_indexed).
-        self._create_indexes(spec.name, spec.load_index_fields(), common.graph_fields(spec))
+        self._create_indexes(spec.name, spec.load_index_fields(), graph_fields(spec))
 
     def collections(self) -> list[str]:
         root = self.path / "collections"
@@ -274,7 +284,7 @@ class EdgeStore(common.BackendBase):
         if not points:
             return
         record = self._record(name)
-        vectors = common.vectors_of(points, record, self.location)
+        vectors = vectors_of(points, record, self.location)
         # The binding reads a list of floats 2x faster than a numpy row, which it walks item
         # by item. Each row becomes a list just before its point is made (not the whole batch
         # at once), so the floats are still in cache and freed memory is reused (-5 us a point).
@@ -283,7 +293,7 @@ class EdgeStore(common.BackendBase):
         if not shared:
             shard.update(qe.UpdateOperation.upsert_points(batch))
             return
-        common.check_shared(points, shared)
+        check_shared(points, shared)
         ids = [p.id for p in points]
         second = qe.UpdateOperation.set_payload(ids, shared)  # converted here: a bad value fails before any write
         fd = self._note(name)
@@ -329,6 +339,7 @@ class EdgeStore(common.BackendBase):
         self,
         name: str,
         vector: np.ndarray,
+        *,
         k: int,
         flt: Filter | None,
         min_score: float | None,
@@ -339,21 +350,22 @@ class EdgeStore(common.BackendBase):
         request = qe.QueryRequest(
             limit=int(k),
             offset=int(offset) or None,
-            query=qe.Query.Nearest(common.query_vector(vector, record, self.location)),
+            query=qe.Query.Nearest(query_vector(vector, record, self.location)),
             filter=self._filter(record, flt),
             score_threshold=min_score,
             with_payload=True,
             with_vector=with_vectors,
             params=qe.SearchParams(
-                hnsw_ef=max(self.hnsw_ef, int(k) + int(offset)), quantization=self._quantized_search
+                hnsw_ef=max(self.tuning.hnsw_ef, int(k) + int(offset)), quantization=self._quantized_search
             ),
         )
-        return [common.to_hit(p, with_vectors) for p in self._shard(name).query(request)]
+        return [to_hit(p, with_vectors) for p in self._shard(name).query(request)]
 
     def query(
         self,
         name: str,
         vector: np.ndarray,
+        *,
         k: int,
         flt: Filter | None = None,
         min_score: float | None = None,
@@ -362,12 +374,13 @@ class EdgeStore(common.BackendBase):
     ) -> list[Hit]:
         if k <= 0:
             return []
-        return self._search(name, vector, k, flt, min_score, offset, with_vectors)
+        return self._search(name, vector, k=k, flt=flt, min_score=min_score, offset=offset, with_vectors=with_vectors)
 
     def query_groups(
         self,
         name: str,
         vector: np.ndarray,
+        *,
         group_by: str,
         groups: int,
         group_size: int,
@@ -393,7 +406,7 @@ class EdgeStore(common.BackendBase):
                 extra = (Condition(group_by, "in", [k for k in chosen if k not in full]),)
             else:
                 extra = tuple(Condition(group_by, "ne", key) for key in full)
-            hits = self._search(name, vector, limit, Filter(base + extra), min_score)
+            hits = self._search(name, vector, k=limit, flt=Filter(base + extra), min_score=min_score)
             for hit in hits:
                 key = hit.payload.get(group_by)
                 if hit.id in seen or key is None or isinstance(key, (list, dict)):
@@ -407,7 +420,7 @@ class EdgeStore(common.BackendBase):
             if done or len(hits) < limit:
                 break
             limit *= 4
-        return common.sort_groups([Group(key=key, hits=hits) for key, hits in chosen.items()])
+        return sort_groups([Group(key=key, hits=hits) for key, hits in chosen.items()])
 
     def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
         return self._shard(name).retrieve(ids, with_payload=True, with_vector=with_vectors)

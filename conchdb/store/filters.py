@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 
+from conchdb.catalog import FieldType
 from conchdb.errors import QueryError
-from conchdb.store.base import Condition, FieldType, Filter
+from conchdb.store.types import Condition, Filter
+from conchdb.tabular import parse_bool, value_type
 
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 
@@ -43,14 +45,9 @@ def _is_bool(value: Any) -> bool:
 
 
 def _kind_of(value: Any) -> FieldType:
-    """The field type a value implies when the collection declares none (numpy scalars too)."""
-    if _is_bool(value):
-        return "bool"
-    if isinstance(value, Integral):
-        return "integer"
-    if isinstance(value, Real):
-        return "float"
-    return "keyword"
+    """The field type a value implies when the collection declares none (numpy scalars too);
+    a value of no field type is tried as text, and refused there if it is none."""
+    return value_type(value) or "keyword"
 
 
 def _coerce(field: str, value: Any, kind: FieldType) -> Any:
@@ -61,8 +58,9 @@ def _coerce(field: str, value: Any, kind: FieldType) -> Any:
         if kind == "bool":
             if _is_bool(value):
                 return bool(value)
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
+            word = parse_bool(value) if isinstance(value, str) else None
+            if word is not None:
+                return word
         if kind == "integer" and not _is_bool(value):
             number = float(value)
             return int(number) if number.is_integer() else number

@@ -18,10 +18,21 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store import common
-from conchdb.store.base import CollectionSpec, FieldType, Filter, Group, Hit, Point
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
 from conchdb.store.filters import Dialect
+from conchdb.store.record import (
+    CollectionRecord,
+    check_name,
+    check_shared,
+    check_spec,
+    graph_fields,
+    no_collection,
+    query_vector,
+    vectors_of,
+)
+from conchdb.store.types import CollectionSpec, Filter, Group, Hit, Point
 
 META_KEY = "conchdb"
 SCROLL_PAGE = 1000
@@ -50,12 +61,13 @@ SERVER_DIALECT = Dialect(
 )
 
 
-class ServerStore(common.BackendBase):
+class ServerStore(Store):
     """A conchdb store on a Qdrant server (`url`), or on a given `client` (tests: `QdrantClient(":memory:")`).
 
-    `hnsw_m`/`hnsw_ef_construct` are the index built by `finish_bulk_load`; `hnsw_ef` the
-    search beam. `quantization` keeps int8 copies of the vectors in RAM; `rescore` re-ranks
-    the quantized candidates (`oversampling` times more of them) with the original vectors.
+    Of `tuning`, `hnsw_m`/`hnsw_ef_construct` are the index built by `finish_bulk_load`,
+    `hnsw_ef` the search beam; `quantization` keeps int8 copies of the vectors in RAM, and
+    `rescore` re-ranks the quantized candidates (`oversampling` times more of them) with
+    the original vectors. `timeout` is each request's, in seconds.
     """
 
     dialect = SERVER_DIALECT
@@ -66,12 +78,7 @@ class ServerStore(common.BackendBase):
         api_key: str | None = None,
         client: QdrantClient | None = None,
         *,
-        hnsw_m: int = common.HNSW_M,
-        hnsw_ef_construct: int = common.HNSW_EF_CONSTRUCT,
-        hnsw_ef: int | None = common.HNSW_EF,
-        quantization: bool = True,
-        rescore: bool = True,
-        oversampling: float = common.OVERSAMPLING,
+        tuning: StoreTuning | None = None,
         timeout: int = 60,
     ):
         if client is None and not url:
@@ -84,15 +91,14 @@ class ServerStore(common.BackendBase):
             if client is not None
             else QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
         )
-        self.hnsw_m, self.hnsw_ef_construct = hnsw_m, hnsw_ef_construct
-        self.quantization = quantization
+        self.tuning = tuning = tuning or StoreTuning()
         self._params = models.SearchParams(
-            hnsw_ef=hnsw_ef,
-            quantization=models.QuantizationSearchParams(rescore=rescore, oversampling=oversampling)
-            if quantization
+            hnsw_ef=tuning.hnsw_ef,
+            quantization=models.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
+            if tuning.quantization
             else None,
         )
-        self._records: dict[str, common.CollectionRecord] = {}
+        self._records: dict[str, CollectionRecord] = {}
         self._call(None, self.client.get_collections)  # fail now, with the fix, if the server is unreachable
 
     # -- plumbing ----------------------------------------------------------------------
@@ -113,17 +119,17 @@ class ServerStore(common.BackendBase):
                     hint="set CONCHDB_QDRANT_API_KEY to the server's key",
                 ) from exc
             if name is not None and exc.status_code == 404:
-                raise common.no_collection(self.location, name) from exc
+                raise no_collection(self.location, name) from exc
             raise
         except ValueError as exc:  # local mode's "Collection ... not found"
             if name is not None and "not found" in str(exc):
-                raise common.no_collection(self.location, name) from exc
+                raise no_collection(self.location, name) from exc
             raise
 
-    def _read_record(self, name: str) -> common.CollectionRecord | None:
+    def _read_record(self, name: str) -> CollectionRecord | None:
         if name in self._records:
             return self._records[name]
-        if not self._call(None, self.client.collection_exists, common.check_name(name)):
+        if not self._call(None, self.client.collection_exists, check_name(name)):
             return None
         info = self._call(name, self.client.get_collection, name)
         data = (info.config.metadata or {}).get(META_KEY)
@@ -132,7 +138,7 @@ class ServerStore(common.BackendBase):
                 f"collection '{name}' on {self.location} was not created by conchdb (it has no conchdb record)",
                 hint="choose another collection name with --collection",
             )
-        record = common.CollectionRecord.from_dict(data)
+        record = CollectionRecord.from_dict(data)
         self._records[name] = record
         return record
 
@@ -145,12 +151,12 @@ class ServerStore(common.BackendBase):
 
     def _create(self, spec: CollectionSpec) -> bool:
         """Create the collection with HNSW off; False if another process created it first."""
-        record = common.CollectionRecord.new(spec)
+        record = CollectionRecord.new(spec)
         quantization = (
             models.ScalarQuantization(
                 scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
             )
-            if self.quantization
+            if self.tuning.quantization
             else None
         )
         try:
@@ -160,7 +166,7 @@ class ServerStore(common.BackendBase):
                 spec.name,
                 vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
                 hnsw_config=models.HnswConfigDiff(
-                    m=0, ef_construct=self.hnsw_ef_construct, full_scan_threshold=common.FULL_SCAN_THRESHOLD_KB
+                    m=0, ef_construct=self.tuning.hnsw_ef_construct, full_scan_threshold=FULL_SCAN_THRESHOLD_KB
                 ),
                 quantization_config=quantization,
                 metadata={META_KEY: record.to_dict()},
@@ -170,7 +176,7 @@ class ServerStore(common.BackendBase):
                 return False
             raise
         self._records[spec.name] = record
-        self._create_indexes(spec.name, spec.index_fields(), common.graph_fields(spec))
+        self._create_indexes(spec.name, spec.index_fields(), graph_fields(spec))
         return True
 
     def ensure_collection(self, spec: CollectionSpec) -> None:
@@ -179,14 +185,14 @@ class ServerStore(common.BackendBase):
         Safe when several workers start at once: the loser of the creation race checks the
         winner's record like any existing collection.
         """
-        common.check_spec(spec)
+        check_spec(spec)
         self._records.pop(spec.name, None)  # another process may have changed it
         record = self._read_record(spec.name)
         if record is None and self._create(spec):
             return
         self._join(self._record(spec.name), spec)
 
-    def _save_record(self, record: common.CollectionRecord) -> None:
+    def _save_record(self, record: CollectionRecord) -> None:
         self._call(record.name, self.client.update_collection, record.name, metadata={META_KEY: record.to_dict()})
         self._records[record.name] = record
 
@@ -205,10 +211,10 @@ class ServerStore(common.BackendBase):
         """Insert or overwrite points; `shared` is merged into each payload (one request, all or none)."""
         if not points:
             return
-        vectors = common.vectors_of(points, self._record(name), self.location)
+        vectors = vectors_of(points, self._record(name), self.location)
         payloads = [p.payload for p in points]
         if shared:
-            common.check_shared(points, shared)
+            check_shared(points, shared)
             payloads = [{**payload, **shared} for payload in payloads]
         batch = models.Batch(ids=[p.id for p in points], vectors=vectors.tolist(), payloads=payloads)
         self._call(name, self.client.upsert, name, points=batch, wait=True)
@@ -222,7 +228,9 @@ class ServerStore(common.BackendBase):
         """Switch HNSW on (`m` > 0); the server builds the index in the background."""
         self._record(name)
         hnsw = models.HnswConfigDiff(
-            m=self.hnsw_m, ef_construct=self.hnsw_ef_construct, full_scan_threshold=common.FULL_SCAN_THRESHOLD_KB
+            m=self.tuning.hnsw_m,
+            ef_construct=self.tuning.hnsw_ef_construct,
+            full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
         )
         self._call(name, self.client.update_collection, name, hnsw_config=hnsw)
 
@@ -232,6 +240,7 @@ class ServerStore(common.BackendBase):
         self,
         name: str,
         vector: np.ndarray,
+        *,
         k: int,
         flt: Filter | None = None,
         min_score: float | None = None,
@@ -245,7 +254,7 @@ class ServerStore(common.BackendBase):
             name,
             self.client.query_points,
             name,
-            query=common.query_vector(vector, record, self.location),
+            query=query_vector(vector, record, self.location),
             query_filter=self._filter(record, flt),
             limit=int(k),
             offset=int(offset) or None,
@@ -254,12 +263,13 @@ class ServerStore(common.BackendBase):
             with_vectors=with_vectors,
             search_params=self._params,
         )
-        return [common.to_hit(p, with_vectors) for p in result.points]
+        return [to_hit(p, with_vectors) for p in result.points]
 
     def query_groups(
         self,
         name: str,
         vector: np.ndarray,
+        *,
         group_by: str,
         groups: int,
         group_size: int,
@@ -274,7 +284,7 @@ class ServerStore(common.BackendBase):
             self.client.query_points_groups,
             name,
             group_by=group_by,
-            query=common.query_vector(vector, record, self.location),
+            query=query_vector(vector, record, self.location),
             query_filter=self._filter(record, flt),
             limit=int(groups),
             group_size=int(group_size),
@@ -282,8 +292,8 @@ class ServerStore(common.BackendBase):
             with_payload=True,
             search_params=self._params,
         )
-        found = [Group(key=g.id, hits=[common.to_hit(p, False) for p in g.hits]) for g in result.groups]
-        return common.sort_groups(found)
+        found = [Group(key=g.id, hits=[to_hit(p, False) for p in g.hits]) for g in result.groups]
+        return sort_groups(found)
 
     def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
         return self._call(name, self.client.retrieve, name, ids=ids, with_payload=True, with_vectors=with_vectors)

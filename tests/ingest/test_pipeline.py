@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, slides_collection
 from conchdb.cli import app
-from conchdb.ingest.pipeline import TILE_FIELDS, TILE_INDEXED, IngestOptions, Progress, ingest, slides_collection
+from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.ingest.pyramid import write_pyramid_tiff
 from conchdb.ingest.slide import open_slide
 from conchdb.model.checkpoint import save_checkpoint

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conchdb.catalog import tiles_layout, tiling_key
 from conchdb.model.checkpoint import save_checkpoint
 from conchdb.model.conch import ConchModel
 from conchdb.model.encoder import Encoder
@@ -39,12 +40,10 @@ SLIDES = {  # slide id -> manifest columns (what `--where` filters on)
     "case_a/s2.png": {"diagnosis": "adenoma", "grade": 2, "age": 47.0, "consented": False, "site": "rectum"},
     "case_b/s3.png": {"diagnosis": "normal", "grade": 3, "age": 70.25, "consented": True},
 }
-SCHEMA = {
-    "slide_id": "keyword", "path": "keyword", "cohort": "keyword", "x": "integer", "y": "integer",
-    "size": "integer", "mpp": "float", "mpp_source": "keyword", "target_mpp": "float", "tile_px": "integer",
-    "tissue": "float", "diagnosis": "keyword", "grade": "integer", "age": "float", "consented": "bool",
-    "site": "keyword",
-}
+MANIFEST_COLUMNS = {"diagnosis": "string", "grade": "int", "age": "float", "consented": "bool", "site": "string"}
+SCHEMA = tiles_layout(MANIFEST_COLUMNS).fields
+"""The payload fields ingest declares for a cohort with these manifest columns."""
+TILING = tiling_key(0.5, TILE, TILE)
 
 
 def spread_model(seed: int = 0) -> ConchModel:
@@ -121,7 +120,8 @@ def build_corpus(root: Path, encoder: Encoder) -> Corpus:
             payload = {
                 "slide_id": slide_id, "path": str(path), "cohort": "synthetic", "x": x, "y": y, "size": TILE,
                 "mpp": 0.5, "mpp_source": "manifest", "target_mpp": 0.5, "tile_px": TILE,
-                "tissue": round(0.3 + 0.7 * ((i * 7) % 10) / 10, 2), **columns,
+                "tissue": round(0.3 + 0.7 * ((i * 7) % 10) / 10, 2), "tiling": TILING, "ingest_run": "test",
+                **columns,
             }
             points.append(Point(stable_id("test-tile", slide_id, x, y), vector, payload))
     return Corpus(root, points)

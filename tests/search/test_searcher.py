@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conchdb.catalog import slides_collection
 from conchdb.errors import ConchdbError, ImageInputError, QueryError
 from conchdb.model.encoder import Encoder
 from conchdb.search import Searcher, classes_from_labels, load_prompt_file, prompts, vocabulary
@@ -269,9 +270,11 @@ def test_classify_slide_pools_the_stored_vectors(searcher, corpus, encoder):
 
 
 def test_an_unknown_slide_suggests_close_ids(memory, encoder, corpus):
-    slides = CollectionSpec("tiles_slides", 512, {"model_fingerprint": encoder.fingerprint}, {"slide_id": "keyword"})
+    slides = CollectionSpec(
+        slides_collection("tiles"), 512, {"model_fingerprint": encoder.fingerprint}, {"slide_id": "keyword"}
+    )
     memory.ensure_collection(slides)
-    memory.upsert("tiles_slides", [
+    memory.upsert(slides.name, [
         type(corpus.points[0])(f"00000000-0000-0000-0000-00000000000{i}", corpus.vectors[i], {"slide_id": s})
         for i, s in enumerate(["case_a/s1.png", "case_a/s2.png", "case_b/s3.png"])
     ])
@@ -280,7 +283,7 @@ def test_an_unknown_slide_suggests_close_ids(memory, encoder, corpus):
             Searcher(encoder, memory, "tiles").slide_tiles("case_a/s4.png")
         assert "case_a/s1.png" in info.value.hint
     finally:
-        memory.client.delete_collection("tiles_slides")
+        memory.client.delete_collection(slides.name)
 
 
 def test_a_slide_stored_twice_must_be_narrowed(tmp_path, corpus, encoder):

@@ -29,7 +29,9 @@ def test_csv_metadata_is_typed_and_empty_cells_left_out(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "words"),
     [
-        ("a.csv", "text,organ\nx\n", "line 2 has 1 cells"),
+        ("a.csv", "text,organ\nx,y,z\n", "line 2: 3 cells but 2 columns"),
+        ("a.csv", 'text,organ\n"x,colon\n', r"line \d+: unparsable CSV"),
+        ("a.csv", "text,Organ,organ\nx,y,z\n", "column 'organ' appears twice"),
         ("a.csv", "text,source\nx,y\n", "reserved"),
         ("a.csv", "text,organ\n,colon\n", "cell is empty"),
         ("a.csv", "", "empty"),

@@ -131,7 +131,7 @@ def test_groups_are_one_per_slide_best_first(filled, data):
             by_slide.setdefault(p["slide_id"], []).append((float(scores[i]), data.ids[i]))
     ranked = sorted(by_slide.items(), key=lambda kv: -max(kv[1])[0])[:3]
     groups = store.query_groups(
-        name, query, "slide_id", groups=3, group_size=4, flt=Filter((Condition("x", "gte", 400),))
+        name, query, group_by="slide_id", groups=3, group_size=4, flt=Filter((Condition("x", "gte", 400),))
     )
     assert [g.key for g in groups] == [slide for slide, _ in ranked]
     for g, (_, members) in zip(groups, ranked, strict=True):
@@ -141,7 +141,7 @@ def test_groups_are_one_per_slide_best_first(filled, data):
 
 def test_groups_stop_when_points_run_out(filled, data):
     store, name = filled
-    groups = store.query_groups(name, data.vectors[0], "slide_id", groups=20, group_size=1000)
+    groups = store.query_groups(name, data.vectors[0], group_by="slide_id", groups=20, group_size=1000)
     assert len(groups) == 8  # only 8 slides exist
     assert sum(len(g.hits) for g in groups) == len(data.ids)
 

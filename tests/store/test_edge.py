@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conchdb.errors import StoreError
-from conchdb.store import Condition, Filter, Point, open_store
+from conchdb.store import Condition, Filter, Point, StoreTuning, open_store
 from conchdb.store.edge import EdgeStore
 from tests.store.conftest import FINGERPRINT, make_data, spec
 
@@ -97,7 +97,7 @@ def test_bulk_load_builds_hnsw_and_keeps_recall(tmp_path):
     rng = np.random.default_rng(7)
     n, dim = 4000, 32
     data = make_data(n=n, dim=dim, seed=3)
-    with EdgeStore(tmp_path / "s", indexing_threshold_kb=64, hnsw_ef=64) as store:
+    with EdgeStore(tmp_path / "s", tuning=StoreTuning(hnsw_ef=64), indexing_threshold_kb=64) as store:
         store.ensure_collection(spec("tiles"))
         for start in range(0, n, 1000):
             store.upsert("tiles", data.points()[start : start + 1000])

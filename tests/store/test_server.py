@@ -6,7 +6,7 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from conchdb.errors import StoreError
-from conchdb.store import open_store
+from conchdb.store import StoreTuning, open_store
 from conchdb.store.server import META_KEY, ServerStore
 from tests.store.conftest import QUIET_LOCAL_MODE, make_data, spec
 
@@ -24,7 +24,7 @@ def test_bulk_load_starts_without_hnsw_and_switches_it_on(client, monkeypatch):
     create, update = client.create_collection, client.update_collection
     monkeypatch.setattr(client, "create_collection", lambda *a, **kw: asked.update(kw) or create(*a, **kw))
     monkeypatch.setattr(client, "update_collection", lambda *a, **kw: updated.update(kw) or update(*a, **kw))
-    store = ServerStore(client=client, hnsw_m=24)
+    store = ServerStore(client=client, tuning=StoreTuning(hnsw_m=24))
     store.ensure_collection(spec("tiles"))
     assert asked["hnsw_config"].m == 0
     assert isinstance(asked["quantization_config"], models.ScalarQuantization)
@@ -36,7 +36,7 @@ def test_bulk_load_starts_without_hnsw_and_switches_it_on(client, monkeypatch):
 
 
 def test_quantization_can_be_switched_off(client):
-    ServerStore(client=client, quantization=False).ensure_collection(spec("tiles"))
+    ServerStore(client=client, tuning=StoreTuning(quantization=False)).ensure_collection(spec("tiles"))
     assert client.get_collection("tiles").config.quantization_config is None
 
 

@@ -1,4 +1,4 @@
-"""What both backends do the same way: the collection record, checks, and result conversion.
+"""The collection record, and the checks both backends make against it.
 
 The collection record is what conchdb writes beside a collection when it creates it:
 its vector size, its payload fields and indexes and the metadata of the model, preprocessing and
@@ -12,35 +12,19 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from conchdb import __version__
+from conchdb.catalog import FIELD_TYPES, GRAPH_TYPES, FieldType
 from conchdb.errors import StoreError
-from conchdb.store.base import CollectionSpec, FieldType, Filter, Group, Hit, Point
-from conchdb.store.filters import Dialect, translate
+from conchdb.store.types import CollectionSpec, Point
 
 RECORD_FORMAT = 2  # 1 had `indexes` only: every declared field was indexed
-# Index and search defaults of both backends, chosen with benchmarks/store.py on 200k
-# slide-like points, 2 cores: hnsw_ef=192 gave recall@10 1.0 plain and 0.98 with a 20%
-# filter at p50 3.5 / 5 ms; 128 gave 0.97 filtered, too little margin for 1M points.
-HNSW_M = 16
-# The engine gives each value of a graph field (one slide, one site) HNSW links of its own
-# when the value holds vectors worth more than this many KB (500 of 512-d float32), and
-# searches smaller filtered sets exhaustively. At Qdrant's default, 10,000 KB, a filter that
-# keeps a few thousand points fell between the two, searched the main graph without links
-# of its own and found 0.86 of its true top 10 (30k points, site = 20%); at 1,000 KB: 0.98,
-# and 0.99 at 200k, for a 5-25% longer index build.
-FULL_SCAN_THRESHOLD_KB = 1_000
-HNSW_EF_CONSTRUCT = 100
-HNSW_EF = 192
-OVERSAMPLING = 2.0
 FINGERPRINT = "model_fingerprint"
-FIELD_TYPES: tuple[FieldType, ...] = ("keyword", "integer", "float", "bool")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -143,7 +127,7 @@ def check_compatible(location: str, record: CollectionRecord, spec: CollectionSp
 
 def graph_fields(spec: CollectionSpec) -> set[str]:
     """The indexed fields whose values get HNSW graphs of their own (see CollectionSpec.graph_fields)."""
-    categorical = {key for key, kind in spec.index_fields().items() if kind in ("keyword", "bool")}
+    categorical = {key for key, kind in spec.index_fields().items() if kind in GRAPH_TYPES}
     return categorical if spec.graph_fields is None else categorical & set(spec.graph_fields)
 
 
@@ -215,138 +199,3 @@ def query_vector(vector: np.ndarray, record: CollectionRecord, location: str) ->
             f"the query vector has {array.shape[0]}"
         )
     return array.tolist()
-
-
-def point_ids(ids: Sequence[str]) -> list[str]:
-    """Ids as the engines print them (lowercase, hyphenated), without repeats; non-UUIDs are
-    left out, since no conchdb point can have one."""
-    out = []
-    for point_id in ids:
-        try:
-            out.append(str(uuid.UUID(str(point_id))))
-        except ValueError:
-            continue
-    return list(dict.fromkeys(out))
-
-
-def to_hit(point: Any, with_vectors: bool) -> Hit:
-    """A Hit from either engine's scored point or record (same attribute names in both)."""
-    vector = getattr(point, "vector", None) if with_vectors else None
-    if isinstance(vector, dict):  # a named-vector map; conchdb uses the unnamed vector only
-        vector = vector.get("")
-    return Hit(
-        id=str(point.id),
-        score=float(getattr(point, "score", 0.0) or 0.0),
-        payload=dict(point.payload or {}),
-        vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-    )
-
-
-def sort_groups(groups: list[Group]) -> list[Group]:
-    """Hits best first inside each group, groups by their best hit."""
-    for g in groups:
-        g.hits.sort(key=lambda h: -h.score)
-    return sorted(groups, key=lambda g: -g.hits[0].score)
-
-
-class BackendBase(ABC):
-    """What both backends do the same way around their engine calls.
-
-    A backend sets `dialect` and supplies `_read_record` (None when the collection is
-    missing), `_save_record`, `_create_indexes`, `_fetch` (points by id), `_page` (one
-    scroll page) and `close`; this gives it the checks of an existing collection, the
-    missing-collection error, filter translation, `retrieve`, `scroll` and `with`.
-    """
-
-    location: str
-    dialect: Dialect
-
-    @abstractmethod
-    def _read_record(self, name: str) -> CollectionRecord | None:
-        ...
-
-    @abstractmethod
-    def _save_record(self, record: CollectionRecord) -> None:
-        ...
-
-    @abstractmethod
-    def _create_indexes(self, name: str, indexes: dict[str, FieldType], graph: set[str]) -> None:
-        ...
-
-    @abstractmethod
-    def _fetch(self, name: str, ids: list[str], with_vectors: bool) -> list[Any]:
-        ...
-
-    @abstractmethod
-    def _page(self, name: str, native_filter: Any, offset: Any, with_vectors: bool) -> tuple[list[Any], Any]:
-        ...
-
-    @abstractmethod
-    def close(self) -> None:
-        ...
-
-    def collection_metadata(self, name: str) -> dict[str, Any] | None:
-        """The metadata recorded at creation plus `payload_schema` (the declared field types), or None."""
-        record = self._read_record(name)
-        if record is None:
-            return None
-        return {**record.metadata, "payload_schema": dict(record.fields)}
-
-    def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
-        return translate(flt, self.dialect, record.fields)
-
-    def retrieve(self, name: str, ids: Sequence[str], with_vectors: bool = False) -> list[Hit]:
-        """Points by id, in the order asked, missing ones left out."""
-        self._record(name)
-        wanted = point_ids(ids)
-        found = {
-            str(r.id): to_hit(r, with_vectors) for r in (self._fetch(name, wanted, with_vectors) if wanted else [])
-        }
-        return [found[i] for i in wanted if i in found]
-
-    def scroll(self, name: str, flt: Filter | None = None, with_vectors: bool = False) -> Iterator[Hit]:
-        """Every point matching the filter, page by page, in id order."""
-        native = self._filter(self._record(name), flt)
-        offset = None
-        while True:
-            page, offset = self._page(name, native, offset, with_vectors)
-            yield from (to_hit(r, with_vectors) for r in page)
-            if offset is None:
-                return
-
-    def _record(self, name: str) -> CollectionRecord:
-        record = self._read_record(name)
-        if record is None:
-            raise no_collection(self.location, name)
-        return record
-
-    def _join(self, record: CollectionRecord, spec: CollectionSpec) -> None:
-        """An existing collection: refuse another model, then add the fields and indexes the spec asks for."""
-        check_compatible(self.location, record, spec)
-        new_fields, new_indexes = widen(record, spec)
-        if new_indexes:
-            self._create_indexes(spec.name, new_indexes, graph_fields(spec))
-        if new_fields or new_indexes:
-            record.fields.update(new_fields)
-            record.indexed = sorted({*record.indexed, *new_indexes})
-            record.graph = sorted({*record.graph, *(graph_fields(spec) & set(new_indexes))})
-            self._save_record(record)
-
-    def _delete_filter(self, name: str, flt: Filter) -> CollectionRecord:
-        """The record of a collection about to lose points; an empty filter would empty it, so it is refused."""
-        record = self._record(name)
-        if not flt:
-            raise StoreError(
-                f"refusing to delete every point of collection '{name}' (the filter is empty)",
-                hint="give at least one condition, e.g. slide_id eq ID",
-            )
-        return record
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.location!r})"

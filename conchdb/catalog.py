@@ -1,0 +1,189 @@
+"""What a conchdb store holds, stated once: collections, their fields and types, statuses.
+
+Ingest writes what this module names, search and stats read it, and the tests and
+benchmarks build their stores from it, so a field or a collection name is spelled here
+and nowhere else. A store holds, per tiles collection NAME (default `conch_tiles`):
+
+- NAME: one point per tile, its vector and `TILE_FIELDS` plus the cohort's manifest columns;
+- `slides_collection(NAME)`: one record per slide and tiling (`SLIDE_FIELDS`), whose
+  `status` is a `SlideStatus` and whose vector is the slide's mean tile vector once done;
+- `texts_collection(NAME)`: captions or terms for image -> text (`TEXT_FIELDS`).
+
+The values here are what existing stores hold (field names, status strings, the tiling
+key's form): changing one would strand the data already written under the old one.
+This module sits at the bottom of the package and imports nothing of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, get_args
+
+FieldType = Literal["keyword", "integer", "float", "bool"]
+"""How the store types a payload field: its payload index, and how a filter value is read."""
+FIELD_TYPES: tuple[FieldType, ...] = get_args(FieldType)
+GRAPH_TYPES: tuple[FieldType, ...] = ("keyword", "bool")
+"""Field types whose values may get HNSW graphs of their own (categories; ranges rarely cut a graph)."""
+
+COLUMN_FIELD_TYPES: dict[str, FieldType] = {"int": "integer", "float": "float", "bool": "bool", "string": "keyword"}
+"""The field type of each typed-CSV column type (`conchdb.tabular`: manifests, texts files)."""
+
+TILES_COLLECTION = "conch_tiles"
+"""The tiles collection used when none is named."""
+_SLIDES_SUFFIX = "_slides"
+_TEXTS_SUFFIX = "_texts"
+
+
+def slides_collection(tiles_collection: str) -> str:
+    """Name of the per-slide records collection that belongs to a tiles collection."""
+    return f"{tiles_collection}{_SLIDES_SUFFIX}"
+
+
+def texts_collection(tiles_collection: str) -> str:
+    """Name of the texts collection that goes with a tiles collection."""
+    return f"{tiles_collection}{_TEXTS_SUFFIX}"
+
+
+class SlideStatus(str, Enum):
+    """Where a slide stands. A slide record's `status` holds one of the first four;
+    `SKIPPED` is only an ingest outcome (a slide already done, left as it was). Each equals
+    its string (`SlideStatus.DONE == "done"`), which is what records store."""
+
+    DONE = "done"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    NO_TISSUE = "no_tissue"
+    SKIPPED = "skipped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = (SlideStatus.DONE, SlideStatus.NO_TISSUE)
+"""Statuses of slides that a rerun leaves alone while their file is unchanged."""
+
+
+def tiling_key(target_mpp: float, tile_px: int, stride: int) -> str:
+    """A short label of what decides a tile's pixels; one slide may be stored at several.
+
+    Tiles and slide records carry it as `tiling`, so that tiles cut at another
+    resolution or size are never mixed up with these (the tissue settings are not part of
+    it: tiles of one tiling that a new tissue mask drops are deleted, not kept apart)."""
+    return f"{target_mpp:g}um-{tile_px}px-s{stride}"
+
+
+# -- tiles ----------------------------------------------------------------------------------
+
+TILE_FIELDS: dict[str, FieldType] = {
+    "slide_id": "keyword",
+    "path": "keyword",
+    "cohort": "keyword",
+    "x": "integer",
+    "y": "integer",
+    "size": "integer",
+    "mpp": "float",
+    "mpp_source": "keyword",
+    "target_mpp": "float",
+    "tile_px": "integer",
+    "tissue": "float",
+    "tiling": "keyword",
+    "ingest_run": "keyword",
+}
+"""Payload fields every tile carries: its slide, level-0 square (x, y, size), the slide's pixel
+size and where it came from, the tiling it was cut at, its tissue share, and the run that wrote it."""
+TILE_INDEXED = ("slide_id", "cohort")
+"""The tile fields that get a payload index: the slide and the cohort (selective filters; a
+slide's tiles are found by slide_id when a rerun cleans them up). Each index costs time on
+every write (benchmarks/store.py); tiling and ingest_run only ever narrow a slide's tiles
+further, and filters on x, y, size or tissue keep most points, so the engine checks those
+on the payload. Manifest columns are indexed."""
+TILE_LOAD_INDEXED = ("slide_id",)
+"""Indexed while ingest writes into a new collection (it finds a slide's tiles by slide_id);
+the embedded store builds the other indexes once, when the ingest ends."""
+TILE_GRAPH_FIELDS = ("slide_id", "cohort")
+"""Tile fields whose values get HNSW graphs of their own, besides the categorical manifest
+columns: where searches filter by category, not bookkeeping fields like tiling (each graph
+costs a build)."""
+TILE_SCOPE_FIELDS = ("cohort", "tiling")
+"""Fields that tell apart copies of one slide id (another cohort, another tiling)."""
+
+# -- slide records --------------------------------------------------------------------------
+
+SLIDE_FIELDS: dict[str, FieldType] = {
+    "slide_id": "keyword",
+    "path": "keyword",
+    "cohort": "keyword",
+    "identity": "keyword",
+    "status": "keyword",
+    "tiling": "keyword",
+    "target_mpp": "float",
+    "tile_px": "integer",
+    "ingest_run": "keyword",
+    "updated_at": "keyword",
+    "tiles": "integer",
+    "error": "keyword",
+    "mpp": "float",
+    "mpp_source": "keyword",
+    "width": "integer",
+    "height": "integer",
+}
+"""The fields of a slide record (with the manifest's columns): the slide and its file's
+`identity` (a changed file is ingested again), its `status`, the tiling, how many tiles,
+the error that stopped it, its pixel size and level-0 size, and when and by which run."""
+SLIDE_INDEXED = ("slide_id", "cohort", "status", "tiling", "tiles")
+"""The slide-record fields a slides collection declares and indexes (besides manifest columns)."""
+RESERVED_FIELDS = frozenset({*TILE_FIELDS, "status", "tiles", "error", "identity"})
+"""Names a manifest column may not take: conchdb's own fields, which it would overwrite."""
+
+# -- texts ----------------------------------------------------------------------------------
+
+TEXT_FIELDS: dict[str, FieldType] = {"text": "keyword", "source": "keyword", "line": "integer"}
+"""The fields of a text point (with its file's metadata columns): the text, the file it came
+from (its name) and its line there."""
+TEXT_INDEXED = ("source", "line")
+"""The text fields a texts collection declares and indexes (besides metadata columns)."""
+TEXT_RESERVED = frozenset(TEXT_INDEXED)
+"""Names a texts file's metadata column may not take (its `text` column is the text itself)."""
+
+
+# -- collection layouts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The payload part of a collection's spec, as `conchdb.store.CollectionSpec` takes it
+    (`CollectionSpec(name, dim, metadata, **asdict(layout))`): the declared fields and
+    their types, which get per-value graphs, which get an index, and which are indexed
+    from the start of a bulk load. None means all (see CollectionSpec)."""
+
+    fields: dict[str, FieldType]
+    graph_fields: tuple[str, ...] | None = None
+    indexed: tuple[str, ...] | None = None
+    load_indexed: tuple[str, ...] | None = None
+
+
+def column_fields(columns: Mapping[str, str]) -> dict[str, FieldType]:
+    """Typed-CSV columns (name -> int, float, bool or string) as payload fields with their types."""
+    return {name: COLUMN_FIELD_TYPES[kind] for name, kind in columns.items()}
+
+
+def tiles_layout(columns: Mapping[str, str]) -> Layout:
+    """A tiles collection with the cohort's manifest `columns` (name -> column type)."""
+    extra = column_fields(columns)
+    graphs = (*TILE_GRAPH_FIELDS, *(name for name, kind in extra.items() if kind in GRAPH_TYPES))
+    return Layout({**TILE_FIELDS, **extra}, graphs, (*TILE_INDEXED, *extra), TILE_LOAD_INDEXED)
+
+
+def slides_layout(columns: Mapping[str, str]) -> Layout:
+    """A slides collection with the cohort's manifest `columns`: every declared field indexed,
+    no per-value graphs (slide search filters on status, over few points)."""
+    fields = {name: SLIDE_FIELDS[name] for name in SLIDE_INDEXED}
+    return Layout({**fields, **column_fields(columns)}, ())
+
+
+def texts_layout(columns: Mapping[str, str]) -> Layout:
+    """A texts collection with a texts file's metadata `columns`: every declared field indexed."""
+    fields = {name: TEXT_FIELDS[name] for name in TEXT_INDEXED}
+    return Layout({**fields, **column_fields(columns)})
