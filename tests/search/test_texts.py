@@ -49,3 +49,14 @@ def test_bad_text_files(tmp_path, name, content, words):
 
 def test_text_ids_depend_on_the_text_only():
     assert text_id("tumor") == text_id("tumor") != text_id("Tumor")
+
+
+def test_csv_is_read_by_the_manifest_rules(tmp_path):
+    """Delimiter from the header, quoted line breaks, short rows padded, column names in any case."""
+    file = tmp_path / "t.csv"
+    file.write_text('\nText;organ;grade\n"two\nlines";colon;2\nshort\n')
+    texts = read_text_file(file)
+    assert [(r.text, r.line, r.metadata) for r in texts.records] == [
+        ("two\nlines", 4, {"organ": "colon", "grade": 2}), ("short", 5, {}),
+    ]
+    assert texts.columns == {"organ": "string", "grade": "int"}
