@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conchdb.catalog import TILE_FIELDS, TILES_COLLECTION
 from conchdb.model.conch import ConchModel
 from conchdb.model.config import ConchConfig
 from conchdb.model.encoder import Encoder
@@ -45,10 +46,10 @@ from conchdb.store import CollectionSpec, Point, stable_id
 from conchdb.store.edge import EdgeStore
 
 DIM = 512
-COLLECTION = "conch_tiles"
+COLLECTION = TILES_COLLECTION
 SITES = ("lung", "breast", "colon", "skin", "kidney")
-SCHEMA = {"slide_id": "keyword", "site": "keyword", "x": "integer", "y": "integer", "size": "integer",
-          "tissue": "float", "cohort": "keyword"}
+SCHEMA = {**{k: TILE_FIELDS[k] for k in ("slide_id", "x", "y", "size", "tissue", "cohort")}, "site": "keyword"}
+"""The tile fields the benchmark's points carry, and a manifest column `site`."""
 TILES_PER_SLIDE = 2000
 PATTERNS, PATTERNS_PER_SLIDE = 500, 60
 BATCH = 2048
