@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, slides_collection
+from conchdb.catalog import SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
 from conchdb.cli import app
 from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.ingest.pyramid import write_pyramid_tiff
@@ -28,6 +28,7 @@ from tests.model.conftest import make_tiny_model
 
 runner = CliRunner()
 COLLECTION = "conch_tiles"
+MANIFEST_COLUMNS = {"patient_id", "diagnosis", "site", "grade", "frozen"}  # the cohort fixture's manifest
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,12 @@ def _ingest(root: Path, store: Path, ckpt: Path, *extra: str):
     return result.exit_code, json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _catalogued(payload: dict, fields: dict) -> bool:
+    """The payload holds the catalog's fields and the manifest's columns, and nothing else; a
+    plain image without a pixel size (the whole-image tile of boxes.png) has no `mpp`."""
+    return set(fields) - {"mpp"} | MANIFEST_COLUMNS <= set(payload) <= set(fields) | MANIFEST_COLUMNS
+
+
 def _points(store_path: Path) -> dict[str, tuple[dict, np.ndarray]]:
     store = EdgeStore(store_path)
     try:
@@ -97,6 +104,7 @@ def test_cohort_ingest_rerun_fix_and_force(cohort, tmp_path, tiny_ckpt):
     assert len(first) == doc["tiles_written"] > 3
     by_slide: dict[str, list[dict]] = {}
     for payload, vector in first.values():
+        assert _catalogued(payload, TILE_FIELDS), "the catalog names every field a tile carries"
         by_slide.setdefault(payload["slide_id"], []).append(payload)
         assert vector.shape == (512,) and abs(np.linalg.norm(vector) - 1) < 1e-4
     assert set(by_slide) == {"cmu_small_region.svs", "batch2/cmu_pyramid.tif", "boxes.png"}
@@ -266,6 +274,7 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
         tissue = store.count(COLLECTION, Filter((Condition("tissue", "gte", str(cut)),)))
         schema = store.collection_metadata(COLLECTION)["payload_schema"]
         built = set(store._shard(COLLECTION).info().payload_schema)
+        records = [h.payload for h in store.scroll(slides_collection(COLLECTION))]
     finally:
         store.close()
     assert site == 1 and grade == total - 1 and tissue == sum(v >= cut for v in values) > 0
@@ -275,3 +284,4 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
     assert set(record["indexed"]) == {*TILE_INDEXED, *manifest_columns}
     # Written with only slide_id indexed; the ingest's end built the others.
     assert built == set(record["indexed"])
+    assert len(records) == 3 and all(_catalogued(r, SLIDE_FIELDS) for r in records)
