@@ -24,7 +24,7 @@ from typing import Any
 
 from conchdb.errors import ConchdbError
 from conchdb.ingest.cohort import Cohort
-from conchdb.ingest.mpp import validate_override
+from conchdb.slides.mpp import validate_override
 
 DEFAULT_NAME = "manifest.csv"
 SLIDE_COLUMN = "slide"

@@ -31,11 +31,11 @@ import numpy as np
 
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
-from conchdb.ingest.grid import TileGrid, TilingParams, plan_tiles
 from conchdb.ingest.manifest import Manifest, read_manifest
-from conchdb.ingest.reader import TileReader
-from conchdb.ingest.slide import Slide, open_slide
 from conchdb.model.encoder import Encoder
+from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import Slide, open_slide
 from conchdb.store import CollectionSpec, Condition, FieldType, Filter, Point, Store, stable_id, tile_point_id
 
 DONE, FAILED, IN_PROGRESS, NO_TISSUE = "done", "failed", "in_progress", "no_tissue"
