@@ -34,8 +34,8 @@ def lockstep(slide_path: Path, grid_tiles: list, size0: int, tile_px: int, encod
     """One tile at a time through every stage, as a simple script would do it."""
     import openslide
 
-    from conchdb.ingest.reader import TILE_FILTER
     from conchdb.model.preprocess import preprocess_pil
+    from conchdb.slides.reader import TILE_FILTER
     from conchdb.store import CollectionSpec, Point, tile_point_id
     from conchdb.store.edge import EdgeStore
 

@@ -35,12 +35,12 @@ import openslide
 import psutil
 from PIL import Image
 
-from conchdb.ingest.pyramid import LevelSource, write_pyramid_tiff
-from conchdb.ingest.reader import TILE_FILTER, TileReader
-from conchdb.ingest.slide import open_slide
+from conchdb.slides.pyramid import LevelSource, write_pyramid_tiff
+from conchdb.slides.reader import TILE_FILTER, TileReader
+from conchdb.slides.slide import open_slide
 
 if TYPE_CHECKING:
-    from conchdb.ingest.grid import TileGrid
+    from conchdb.slides.grid import TileGrid
 
 # Worker processes re-import this script (multiprocessing does so for the main module, even
 # under forkserver), so the tissue code (scikit-image) is imported inside main(), as the
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=None, help="slide whose tissue fills the synthetic one")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    from conchdb.ingest.grid import plan_tiles
+    from conchdb.slides.grid import plan_tiles
 
     source = args.source or default_source()
     if not source.is_file():

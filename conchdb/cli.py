@@ -185,9 +185,9 @@ def tiles(
     import json
 
     from conchdb.ingest.cohort import discover
-    from conchdb.ingest.grid import TilingParams, plan_tiles
-    from conchdb.ingest.qc import write_qc
-    from conchdb.ingest.slide import open_slide
+    from conchdb.slides.grid import TilingParams, plan_tiles
+    from conchdb.slides.qc import write_qc
+    from conchdb.slides.slide import open_slide
 
     params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
     slide_id = discover(slide).slides[0].id
@@ -294,9 +294,9 @@ def ingest(
 
     from conchdb.errors import ConchdbError
     from conchdb.ingest.cohort import discover
-    from conchdb.ingest.grid import TilingParams
     from conchdb.ingest.manifest import read_manifest
     from conchdb.ingest.pipeline import Ingest, IngestOptions
+    from conchdb.slides.grid import TilingParams
 
     if batch_size < 1 or readers < 0:
         raise ConchdbError("--batch-size must be ≥ 1 and --readers ≥ 0", "e.g. --batch-size 32 --readers 2")

@@ -21,7 +21,7 @@ from typing import Any
 
 from conchdb.errors import ConchdbError
 from conchdb.ingest.cohort import Cohort
-from conchdb.ingest.mpp import validate_override
+from conchdb.slides.mpp import validate_override
 from conchdb.tabular import ColumnType, read_table
 
 DEFAULT_NAME = "manifest.csv"

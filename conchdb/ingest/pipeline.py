@@ -41,11 +41,11 @@ from conchdb.catalog import (
 )
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
-from conchdb.ingest.grid import TileGrid, TilingParams, plan_tiles
 from conchdb.ingest.manifest import Manifest, read_manifest
-from conchdb.ingest.reader import TileReader
-from conchdb.ingest.slide import Slide, open_slide
 from conchdb.model.encoder import Encoder
+from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import Slide, open_slide
 from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id, tile_point_id
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conchdb.errors import ConchdbError, SlideError
-from conchdb.ingest.slide import Slide
 from conchdb.search.regions import open_source, read_hit_tile
 from conchdb.search.searcher import SearchHit
+from conchdb.slides.slide import Slide
 
 JPEG_QUALITY = 90
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

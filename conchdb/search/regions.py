@@ -1,6 +1,6 @@
 """Pixels from source slides for search: query regions, hit tiles, thumbnails.
 
-Everything here goes through `conchdb.ingest.slide`, so a region is read the way ingest
+Everything here goes through `conchdb.slides.slide`, so a region is read the way ingest
 reads tiles: a level-0 square or rectangle, taken from the coarsest pyramid level that is
 still fine enough, and resized to the requested resolution. A hit is cut at its own tile's
 resolution (its `size` level-0 pixels to `tile_px`), so the JPEG shows what was embedded.
@@ -17,10 +17,10 @@ from typing import Any
 from PIL import Image
 
 from conchdb.errors import QueryError, SlideError
-from conchdb.ingest.grid import LEVEL_TOLERANCE
-from conchdb.ingest.reader import TILE_FILTER
-from conchdb.ingest.slide import Slide, open_slide
-from conchdb.ingest.tissue import read_thumbnail
+from conchdb.slides.grid import LEVEL_TOLERANCE
+from conchdb.slides.reader import TILE_FILTER
+from conchdb.slides.slide import Slide, open_slide
+from conchdb.slides.tissue import read_thumbnail
 
 MAX_REGION_PX = 4096
 """Largest side of a query region after resizing to the target resolution: the model sees

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from conchdb.catalog import SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
 from conchdb.cli import app
 from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
-from conchdb.ingest.pyramid import write_pyramid_tiff
-from conchdb.ingest.slide import open_slide
 from conchdb.model.checkpoint import save_checkpoint
 from conchdb.model.encoder import Encoder
+from conchdb.slides.pyramid import write_pyramid_tiff
+from conchdb.slides.slide import open_slide
 from conchdb.store import Condition, Filter
 from conchdb.store.edge import EdgeStore
 from tests.model.conftest import make_tiny_model

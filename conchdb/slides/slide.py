@@ -2,7 +2,7 @@
 
 `open_slide` resolves the pixel size at open time, so a whole-slide image without one
 fails here, naming the file and the fix, before any tissue or tile work. Plain images
-may lack a pixel size: they are then embedded whole (see `conchdb.ingest.grid`).
+may lack a pixel size: they are then embedded whole (see `conchdb.slides.grid`).
 
 Every read returns RGB with transparency composited on white: OpenSlide marks areas
 outside the scanned region as transparent black, which would otherwise read as tissue-dark.
@@ -20,7 +20,7 @@ import openslide
 from PIL import Image
 
 from conchdb.errors import SlideError
-from conchdb.ingest.mpp import PixelSize, resolve_image_mpp, resolve_slide_mpp, validate_override
+from conchdb.slides.mpp import PixelSize, resolve_image_mpp, resolve_slide_mpp, validate_override
 
 MPP_HINT = (
     "give the pixel size: a manifest `mpp` column, or --slide-mpp X (µm per level-0 pixel, "

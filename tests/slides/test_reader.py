@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from conchdb.errors import SlideError
-from conchdb.ingest.grid import Tile, TileGrid, TilingParams, make_grid
-from conchdb.ingest.reader import TileReader
-from conchdb.ingest.slide import open_slide
+from conchdb.slides.grid import Tile, TileGrid, TilingParams, make_grid
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import open_slide
 
 from .conftest import write_repeated_tile_slide
 
@@ -39,7 +39,7 @@ def slots(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             created.append(shm.name)
         return shm
 
-    monkeypatch.setattr("conchdb.ingest.reader.SharedMemory", record)
+    monkeypatch.setattr("conchdb.slides.reader.SharedMemory", record)
     return created
 
 
@@ -127,9 +127,9 @@ def test_interrupted_or_killed_reader_leaves_nothing_behind(cmu: Path, tmp_path:
     script = tmp_path / "read.py"
     script.write_text(textwrap.dedent(f"""
         import time
-        from conchdb.ingest.grid import plan_tiles, make_grid
-        from conchdb.ingest.reader import TileReader
-        from conchdb.ingest.slide import open_slide
+        from conchdb.slides.grid import plan_tiles, make_grid
+        from conchdb.slides.reader import TileReader
+        from conchdb.slides.slide import open_slide
 
         if __name__ == "__main__":
             with open_slide({str(cmu)!r}) as slide:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from conchdb.errors import ConchdbError
-from conchdb.ingest.slide import Slide
-from conchdb.ingest.tissue import TissueMask, TissueParams, compute_tissue_mask
+from conchdb.slides.slide import Slide
+from conchdb.slides.tissue import TissueMask, TissueParams, compute_tissue_mask
 
 LEVEL_TOLERANCE = 0.01
 """A level up to 1 % coarser than the target still counts as fine enough (downsamples that

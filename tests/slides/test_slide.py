@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conchdb.errors import SlideError
-from conchdb.ingest.slide import flatten_on_white, open_slide
+from conchdb.slides.slide import flatten_on_white, open_slide
 
 from .conftest import CMU_MPP, write_image
 

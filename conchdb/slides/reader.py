@@ -34,10 +34,10 @@ import psutil
 from PIL import Image
 
 from conchdb.errors import SlideError
-from conchdb.ingest.slide import DAMAGED_HINT, Slide, open_slide
+from conchdb.slides.slide import DAMAGED_HINT, Slide, open_slide
 
 if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
-    from conchdb.ingest.grid import TileGrid
+    from conchdb.slides.grid import TileGrid
 
 TILE_FILTER = Image.Resampling.BICUBIC
 """Resampling filter to the tile side: Pillow's bicubic widens its kernel with the scale, so

@@ -11,10 +11,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conchdb.ingest.grid import TileGrid, plan_tiles
-from conchdb.ingest.pyramid import write_pyramid_tiff
-from conchdb.ingest.slide import open_slide
-from conchdb.ingest.tissue import TissueMask
+from conchdb.slides.grid import TileGrid, plan_tiles
+from conchdb.slides.pyramid import write_pyramid_tiff
+from conchdb.slides.slide import open_slide
+from conchdb.slides.tissue import TissueMask
 
 CMU_MPP = 0.499
 

@@ -23,7 +23,7 @@ from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 from skimage.morphology import isotropic_closing
 
 from conchdb.errors import ConchdbError
-from conchdb.ingest.slide import Slide
+from conchdb.slides.slide import Slide
 
 READ_BLOCK_PX = 4096
 """Largest side, in pixels of the level read, of one thumbnail block (≤ 64 MiB RGBA)."""

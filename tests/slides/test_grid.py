@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from conchdb.errors import ConchdbError
-from conchdb.ingest.grid import TilingParams, make_grid, plan_tiles
-from conchdb.ingest.mpp import PixelSize
-from conchdb.ingest.reader import TileReader
-from conchdb.ingest.slide import Slide, open_slide
-from conchdb.ingest.tissue import saturation
+from conchdb.slides.grid import TilingParams, make_grid, plan_tiles
+from conchdb.slides.mpp import PixelSize
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import Slide, open_slide
+from conchdb.slides.tissue import saturation
 
 from .conftest import CMU_MPP, tissue_blob, write_image
 

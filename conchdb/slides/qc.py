@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from conchdb.ingest.grid import TileGrid
-from conchdb.ingest.tissue import TissueMask
+from conchdb.slides.grid import TileGrid
+from conchdb.slides.tissue import TissueMask
 
 MIN_SIDE_PX = 800
 """Small thumbnails are enlarged (nearest neighbour) to at least this longer side."""

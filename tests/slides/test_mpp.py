@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conchdb.ingest.mpp import resolve_image_mpp, resolve_slide_mpp, validate_override
+from conchdb.slides.mpp import resolve_image_mpp, resolve_slide_mpp, validate_override
 
 APERIO = {"openslide.mpp-x": "0.2527", "openslide.mpp-y": "0.2527", "aperio.MPP": "0.2527",
           "openslide.objective-power": "40"}

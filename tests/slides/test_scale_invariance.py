@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conchdb.ingest.grid import plan_tiles
-from conchdb.ingest.reader import TileReader
-from conchdb.ingest.slide import open_slide
+from conchdb.slides.grid import plan_tiles
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import open_slide
 
 from .conftest import CMU_MPP
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conchdb.errors import ConchdbError
-from conchdb.ingest.slide import open_slide
-from conchdb.ingest.tissue import TissueMask, TissueParams, compute_tissue_mask, read_thumbnail
+from conchdb.slides.slide import open_slide
+from conchdb.slides.tissue import TissueMask, TissueParams, compute_tissue_mask, read_thumbnail
 
 from .conftest import tissue_blob, write_image
 
@@ -49,7 +49,7 @@ def test_thumbnail_read_in_blocks_equals_one_read(tmp_path: Path, monkeypatch: p
     path = write_image(tmp_path / "disc.png", tissue_blob(), mpp=2.0)
     with open_slide(path) as slide:
         whole = read_thumbnail(slide, 4.0)
-        monkeypatch.setattr("conchdb.ingest.tissue.READ_BLOCK_PX", 40)  # 10×10 blocks
+        monkeypatch.setattr("conchdb.slides.tissue.READ_BLOCK_PX", 40)  # 10×10 blocks
         blocks = read_thumbnail(slide, 4.0)
     np.testing.assert_array_equal(whole, blocks)
 
