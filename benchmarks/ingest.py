@@ -35,7 +35,7 @@ def lockstep(slide_path: Path, grid_tiles: list, size0: int, tile_px: int, encod
     import openslide
 
     from conchdb.model.preprocess import preprocess_pil
-    from conchdb.slides.reader import TILE_FILTER
+    from conchdb.slides.region import TILE_FILTER
     from conchdb.store import CollectionSpec, Point, tile_point_id
     from conchdb.store.edge import EdgeStore
 

@@ -36,7 +36,8 @@ import psutil
 from PIL import Image
 
 from conchdb.slides.pyramid import LevelSource, write_pyramid_tiff
-from conchdb.slides.reader import TILE_FILTER, TileReader
+from conchdb.slides.reader import TileReader
+from conchdb.slides.region import TILE_FILTER
 from conchdb.slides.slide import open_slide
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from pathlib import Path
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.search.regions import open_source, read_hit_tile
 from conchdb.search.searcher import SearchHit
-from conchdb.slides.slide import Slide
+from conchdb.slides import Slide
 
 JPEG_QUALITY = 90
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -1,15 +1,20 @@
 """Pixels from source slides for search: query regions, hit tiles, thumbnails.
 
-Everything here goes through `conchdb.slides.slide`, so a region is read the way ingest
+Every read goes through `conchdb.slides.read_region`, so a region is read the way ingest
 reads tiles: a level-0 square or rectangle, taken from the coarsest pyramid level that is
 still fine enough, and resized to the requested resolution. A hit is cut at its own tile's
 resolution (its `size` level-0 pixels to `tile_px`), so the JPEG shows what was embedded.
+
+A slide's pixel size is the one its tiles were made with whenever the store knows it
+(`open_source`, `recorded_mpp`): a slide whose size came from a manifest or an override
+at ingest may have none in its file, and the same level-0 rectangle must mean the same
+micrometres at query time as at ingest.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +22,7 @@ from typing import Any
 from PIL import Image
 
 from conchdb.errors import QueryError, SlideError
-from conchdb.slides.grid import LEVEL_TOLERANCE
-from conchdb.slides.reader import TILE_FILTER
-from conchdb.slides.slide import Slide, open_slide
-from conchdb.slides.tissue import read_thumbnail
+from conchdb.slides import Slide, open_slide, output_size, read_region, read_thumbnail
 
 MAX_REGION_PX = 4096
 """Largest side of a query region after resizing to the target resolution: the model sees
@@ -71,41 +73,58 @@ def open_source(payload: Mapping[str, Any]) -> Slide:
         ) from None
 
 
-def read_scaled(slide: Slide, x: int, y: int, w: int, h: int, out: tuple[int, int]) -> Image.Image:
-    """The level-0 rectangle (x, y, w, h) resized to `out`, read from the cheapest fine-enough level."""
-    downsample = min(w / out[0], h / out[1])
-    level = slide.best_level(max(downsample, 1.0), LEVEL_TOLERANCE)
-    factor = slide.level_downsamples[level]
-    size = (max(1, round(w / factor)), max(1, round(h / factor)))
-    image = slide.read_region((x, y), level, size)
-    return image if image.size == out else image.resize(out, TILE_FILTER)
+def recorded_mpp(path: str | Path, records: Iterable[Mapping[str, Any]]) -> float | None:
+    """The pixel size stored for the slide file at `path`, from slide records or tile payloads
+    (`path` and `mpp` fields); None when none of them is that file or none gives a size.
+
+    Paths are compared resolved, as `open_source` opens them: relative to the working
+    folder. Records of one file that disagree (ingested twice with different sizes) are an
+    error, since a region could then be cut at either."""
+    target = Path(path).resolve()
+    found: set[float] = set()
+    for payload in records:
+        stored, mpp = payload.get("path"), payload.get("mpp")
+        if stored and isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and Path(stored).resolve() == target:
+            found.add(float(mpp))
+    if len(found) > 1:
+        sizes = ", ".join(f"{m:g}" for m in sorted(found))
+        raise QueryError(
+            f"{path} is stored with several pixel sizes ({sizes} µm/px)",
+            hint="give the slide's pixel size for the query explicitly",
+        )
+    return found.pop() if found else None
 
 
-def read_region(region: Region, target_mpp: float | None) -> Image.Image:
+def read_query_region(
+    region: Region, target_mpp: float | None, slide_mpp: float | None = None, mpp_source: str = "override"
+) -> Image.Image:
     """A query region at `target_mpp` (the collection's tile resolution), or at level 0 when
-    the slide or the collection gives no pixel size."""
-    with open_slide(region.path) as slide:
+    the slide or the collection gives no pixel size.
+
+    `slide_mpp` (µm per level-0 pixel) beats the file's own metadata, as at ingest; pass the
+    size the store recorded for a stored slide, or the caller's for a slide whose file has
+    none. `mpp_source` names where it came from in errors."""
+    with open_slide(region.path, slide_mpp, override_source=mpp_source) as slide:
         width, height = slide.dimensions
         if region.x + region.w > width or region.y + region.h > height:
             raise QueryError(
                 f"region {region.x},{region.y},{region.w},{region.h} lies outside {region.path} ({width}×{height})",
                 hint="give x, y, w, h in level-0 pixels inside the slide",
             )
-        scale = slide.mpp / target_mpp if slide.mpp and target_mpp else 1.0
-        out = (max(1, round(region.w * scale)), max(1, round(region.h * scale)))
+        out = output_size(slide, region.w, region.h, target_mpp)
         if max(out) > MAX_REGION_PX:
             raise QueryError(
                 f"region {region.w}×{region.h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
                 hint=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
             )
-        return read_scaled(slide, region.x, region.y, region.w, region.h, out)
+        return read_region(slide, region.x, region.y, region.w, region.h, out_size=out)
 
 
 def read_hit_tile(slide: Slide, payload: Mapping[str, Any]) -> Image.Image:
     """A stored tile's pixels: its `size` level-0 square at `(x, y)`, resized to `tile_px`."""
     x, y, size = int(payload["x"]), int(payload["y"]), int(payload["size"])
     tile_px = int(payload.get("tile_px") or size)
-    return read_scaled(slide, x, y, size, size, (tile_px, tile_px))
+    return read_region(slide, x, y, size, size, out_size=(tile_px, tile_px))
 
 
 def thumbnail(slide: Slide, max_side: int) -> tuple[Image.Image, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,15 +189,39 @@ class Searcher:
         value = tiling.get("target_mpp") if isinstance(tiling, dict) else None
         return float(value) if isinstance(value, (int, float)) and value > 0 else DEFAULT_TARGET_MPP
 
-    def load_image(self, image: str | Path | Image.Image) -> Image.Image:
-        """An image query as pixels: a PIL image, an image file, or a slide region `path+x,y,w,h`."""
+    def load_image(self, image: str | Path | Image.Image, *, slide_mpp: float | None = None) -> Image.Image:
+        """An image query as pixels: a PIL image, an image file, or a slide region `path+x,y,w,h`.
+
+        A region of a stored slide is read at the pixel size recorded for it, which may have
+        come from a manifest or an override rather than the file; `slide_mpp` (µm per level-0
+        pixel) gives it for a slide the store does not hold, and beats a recorded one."""
         from conchdb.model.encoder import open_image
 
         if isinstance(image, str):
             region = regions.parse_region(image)
             if region is not None:
-                return regions.read_region(region, self.target_mpp())
+                source = "slide_mpp"
+                if slide_mpp is None:
+                    slide_mpp, source = self.recorded_mpp(region.path), "store"
+                return regions.read_query_region(region, self.target_mpp(), slide_mpp, source)
         return open_image(image)
+
+    def recorded_mpp(self, path: str | Path) -> float | None:
+        """The pixel size the store recorded for the slide file at `path` (its slide record,
+        else its tiles), or None when the store does not hold it."""
+        if self.store is None or self.store.collection_metadata(self.collection) is None:
+            return None
+        slides = f"{self.collection}_slides"
+        if self.store.collection_metadata(slides) is not None:
+            found = regions.recorded_mpp(path, (h.payload for h in self.store.scroll(slides)))
+            if found is not None:
+                return found
+        # No record (a store filled without ingest): one tile of the file tells, found by its
+        # path as given, absolute or relative to the working folder.
+        resolved = Path(path).resolve()
+        spellings = sorted({str(path), str(Path(path)), str(resolved), os.path.relpath(resolved)})
+        tiles = self.store.scroll(self.collection, Filter((Condition("path", "in", spellings),)))
+        return regions.recorded_mpp(path, (h.payload for h in itertools.islice(tiles, 1)))
 
     def image_vector(self, image: str | Path | Image.Image) -> np.ndarray:
         """An image query's unit vector (the image is read and checked before the model runs)."""

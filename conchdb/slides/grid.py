@@ -23,12 +23,9 @@ from typing import Any
 import numpy as np
 
 from conchdb.errors import ConchdbError
+from conchdb.slides.region import LEVEL_TOLERANCE, choose_level
 from conchdb.slides.slide import Slide
 from conchdb.slides.tissue import TissueMask, TissueParams, compute_tissue_mask
-
-LEVEL_TOLERANCE = 0.01
-"""A level up to 1 % coarser than the target still counts as fine enough (downsamples that
-OpenSlide computes from rounded level sizes are rarely exact)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ def make_grid(
         Tile(int(x), int(y), size0, round(float(f), 4))
         for x, y, f in zip(grid_x[keep], grid_y[keep], fractions[keep], strict=True)
     )
-    level = slide.best_level(params.target_mpp / mpp, LEVEL_TOLERANCE)
+    level = choose_level(slide, params.target_mpp / mpp)
     warnings = []
     if mpp > params.target_mpp * (1 + LEVEL_TOLERANCE):
         warnings.append(

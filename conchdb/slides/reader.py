@@ -34,14 +34,11 @@ import psutil
 from PIL import Image
 
 from conchdb.errors import SlideError
+from conchdb.slides.region import read_region
 from conchdb.slides.slide import DAMAGED_HINT, Slide, open_slide
 
 if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
     from conchdb.slides.grid import TileGrid
-
-TILE_FILTER = Image.Resampling.BICUBIC
-"""Resampling filter to the tile side: Pillow's bicubic widens its kernel with the scale, so
-it antialiases when reducing; it is also the filter CONCH's own preprocessing uses."""
 
 POLL_S = 0.5
 """How often the parent checks that its workers are alive while waiting for a batch."""
@@ -68,24 +65,23 @@ class ReadSpec:
     """What a worker needs to read tiles: the grid without its (possibly long) tile list."""
 
     read_level: int
-    read_size: int
+    tile_size_level0: int
     tile_px: int
     whole_image: bool
     slide_dimensions: tuple[int, int]
 
     @classmethod
     def of(cls, grid: TileGrid) -> ReadSpec:
-        return cls(grid.read_level, grid.read_size, grid.tile_px, grid.whole_image, grid.slide_dimensions)
+        return cls(grid.read_level, grid.tile_size_level0, grid.tile_px, grid.whole_image, grid.slide_dimensions)
 
 
 def read_whole_image(slide: Slide, tile_px: int) -> Image.Image:
     """The whole image with its shorter side resized to `tile_px`, centre-cropped square
     (torchvision's Resize + CenterCrop arithmetic, which CONCH's preprocessing uses)."""
     width, height = slide.dimensions
-    image = slide.read_region((0, 0), 0, (width, height))
     short = min(width, height)
     size = (max(tile_px, int(tile_px * width / short)), max(tile_px, int(tile_px * height / short)))
-    image = image.resize(size, TILE_FILTER)
+    image = read_region(slide, 0, 0, width, height, out_size=size, level=0)
     left = int(round((size[0] - tile_px) / 2.0))
     top = int(round((size[1] - tile_px) / 2.0))
     return image.crop((left, top, left + tile_px, top + tile_px))
@@ -95,10 +91,8 @@ def read_tile(slide: Slide, spec: ReadSpec, x: int, y: int) -> Image.Image:
     """One tile: the level-0 square at (x, y) read at the grid's level, resized to `tile_px`."""
     if spec.whole_image:
         return read_whole_image(slide, spec.tile_px)
-    region = slide.read_region((x, y), spec.read_level, (spec.read_size, spec.read_size))
-    if region.size != (spec.tile_px, spec.tile_px):
-        region = region.resize((spec.tile_px, spec.tile_px), TILE_FILTER)
-    return region
+    size0, side = spec.tile_size_level0, spec.tile_px
+    return read_region(slide, x, y, size0, size0, out_size=(side, side), level=spec.read_level)
 
 
 def read_batch(slide: Slide, spec: ReadSpec, coords: np.ndarray, out: np.ndarray) -> None:

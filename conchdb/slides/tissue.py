@@ -23,6 +23,7 @@ from skimage.filters import apply_hysteresis_threshold, threshold_otsu
 from skimage.morphology import isotropic_closing
 
 from conchdb.errors import ConchdbError
+from conchdb.slides.region import choose_level, read_region
 from conchdb.slides.slide import Slide
 
 READ_BLOCK_PX = 4096
@@ -95,17 +96,17 @@ def read_thumbnail(slide: Slide, downsample: float) -> np.ndarray:
     """RGB thumbnail at `downsample` level-0 pixels per pixel, read in bounded blocks."""
     width0, height0 = slide.dimensions
     out_w, out_h = max(1, math.ceil(width0 / downsample)), max(1, math.ceil(height0 / downsample))
-    level = slide.best_level(downsample)
+    level = choose_level(slide, downsample)
     scale = downsample / slide.level_downsamples[level]  # level pixels per thumbnail pixel
     block = max(1, int(READ_BLOCK_PX / scale))  # thumbnail pixels per block side
     thumbnail = np.empty((out_h, out_w, 3), dtype=np.uint8)
     for top in range(0, out_h, block):
         for left in range(0, out_w, block):
             bw, bh = min(block, out_w - left), min(block, out_h - top)
-            size = (max(1, round(bw * scale)), max(1, round(bh * scale)))
-            region = slide.read_region((round(left * downsample), round(top * downsample)), level, size)
-            if region.size != (bw, bh):
-                region = region.resize((bw, bh), Image.Resampling.BOX)
+            region = read_region(
+                slide, round(left * downsample), round(top * downsample), bw * downsample, bh * downsample,
+                out_size=(bw, bh), level=level, resample=Image.Resampling.BOX,
+            )
             thumbnail[top : top + bh, left : left + bw] = np.asarray(region)
     return thumbnail
 
