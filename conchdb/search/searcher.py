@@ -211,7 +211,7 @@ class Searcher:
         else its tiles), or None when the store does not hold it."""
         if self.store is None or self.store.collection_metadata(self.collection) is None:
             return None
-        slides = f"{self.collection}_slides"
+        slides = slides_collection(self.collection)
         if self.store.collection_metadata(slides) is not None:
             found = regions.recorded_mpp(path, (h.payload for h in self.store.scroll(slides)))
             if found is not None:
