@@ -123,9 +123,11 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                            hint="save the manifest as UTF-8 CSV") from None
+                            fix="save the manifest as UTF-8 CSV", parameter="manifest") from None
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest: {exc.strerror}", hint="check the path") from None
+        raise ManifestError(
+            f"{path}: cannot read the manifest: {exc.strerror}", fix="check the path", parameter="manifest"
+        ) from None
     first_line = next((line for line in text.splitlines() if line.strip()), "")
     reader = csv.reader(text.splitlines(keepends=True), delimiter=_delimiter(first_line), strict=True)
     try:
@@ -134,7 +136,7 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield reader.line_num, [c.strip() for c in cells]
     except csv.Error as exc:
         raise ManifestError(f"{path}, line {reader.line_num}: unparsable CSV: {exc}",
-                            hint="check the quoting on that line") from None
+                            fix="check the quoting on that line", parameter="manifest") from None
 
 
 def _header(path: Path, line: int, cells: list[str]) -> list[str]:
@@ -142,16 +144,18 @@ def _header(path: Path, line: int, cells: list[str]) -> list[str]:
     for column, name in enumerate(cells, start=1):
         if not name:
             raise ManifestError(f"{path}, line {line}, column {column}: empty column name",
-                                hint="give every column a name")
+                                fix="give every column a name", parameter="manifest")
         if name.lower() in seen:
             raise ManifestError(
                 f"{path}, line {line}: column '{name}' appears twice (columns {seen[name.lower()]} and {column})",
-                hint="rename or remove one of them",
+                fix="rename or remove one of them",
+                parameter="manifest",
             )
         seen[name.lower()] = column
     if SLIDE_COLUMN not in seen:
         raise ManifestError(f"{path}, line {line}: no '{SLIDE_COLUMN}' column (columns: {', '.join(cells)})",
-                            hint="add a 'slide' column with each slide's file name or path in the cohort")
+                            fix="add a 'slide' column with each slide's file name or path in the cohort",
+                            parameter="manifest")
     return cells
 
 
@@ -161,7 +165,8 @@ def _parse_mpp(path: Path, line: int, column: int, cell: str) -> float | None:
     try:
         return validate_override(cell, f"{path}, line {line}, column {column} ('{MPP_COLUMN}')").mpp
     except ValueError as exc:
-        raise ManifestError(str(exc), hint="give µm per level-0 pixel, or leave the cell empty") from None
+        raise ManifestError(str(exc), fix="give µm per level-0 pixel, or leave the cell empty",
+                            parameter="manifest") from None
 
 
 def _resolve(path: Path, line: int, value: str, names: dict[str, set[str]]) -> str | None:
@@ -172,7 +177,8 @@ def _resolve(path: Path, line: int, value: str, names: dict[str, set[str]]) -> s
         raise ManifestError(
             f"{path}, line {line}, column '{SLIDE_COLUMN}': '{value}' matches several slides "
             f"({', '.join(sorted(ids))})",
-            hint="use the slide's path relative to the cohort folder",
+            fix="use the slide's path relative to the cohort folder",
+            parameter="manifest",
         )
     return next(iter(ids))
 
@@ -188,7 +194,8 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
     path = Path(path)
     records = list(_rows(path))
     if not records:
-        raise ManifestError(f"{path}: the manifest is empty", hint="add a header line with a 'slide' column")
+        raise ManifestError(f"{path}: the manifest is empty", fix="add a header line with a 'slide' column",
+                            parameter="manifest")
     (header_line, raw_header), body = records[0], records[1:]
     header = _header(path, header_line, raw_header)
     lower = [name.lower() for name in header]
@@ -196,7 +203,7 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
     for line, cells in body:
         if len(cells) > len(header):
             raise ManifestError(f"{path}, line {line}: {len(cells)} cells but {len(header)} columns",
-                                hint="quote cells that contain the delimiter")
+                                fix="quote cells that contain the delimiter", parameter="manifest")
         cells.extend([""] * (len(header) - len(cells)))
     payload_cols = [i for i in range(len(header)) if i not in (slide_col, mpp_col)]
     kinds = {i: infer_type([cells[i] for _, cells in body]) for i in payload_cols}
@@ -207,7 +214,7 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
         value = cells[slide_col]
         if not value:
             raise ManifestError(f"{path}, line {line}, column {slide_col + 1} ('{SLIDE_COLUMN}'): empty",
-                                hint="name the slide, or delete the row")
+                                fix="name the slide, or delete the row", parameter="manifest")
         mpp = None if mpp_col is None else _parse_mpp(path, line, mpp_col + 1, cells[mpp_col])
         slide_id = _resolve(path, line, value, names)
         if slide_id is None:
@@ -216,7 +223,8 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
         if slide_id in rows:
             raise ManifestError(
                 f"{path}, lines {rows[slide_id].line} and {line}: two rows for slide '{slide_id}'",
-                hint="keep one row per slide",
+                fix="keep one row per slide",
+                parameter="manifest",
             )
         payload = {header[i]: convert(cells[i], kinds[i]) for i in payload_cols if cells[i]}
         rows[slide_id] = ManifestRow(line, slide_id, mpp, payload)

@@ -277,7 +277,8 @@ class Ingest:
         if clash:
             raise ConchdbError(
                 f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
-                hint="rename those columns in the manifest",
+                fix="rename those columns in the manifest",
+                parameter="manifest",
             )
         fields = {**TILE_FIELDS, **manifest_fields}
         # Per-value HNSW graphs only where searches filter by category: the cohort's metadata

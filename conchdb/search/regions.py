@@ -47,7 +47,7 @@ def parse_region(spec: str) -> Region | None:
         return None
     region = Region(Path(match["path"]), *(int(match[k]) for k in ("x", "y", "w", "h")))
     if region.w < 1 or region.h < 1:
-        raise QueryError(f"region {spec!r} is empty", hint="give w and h of at least 1 level-0 pixel")
+        raise QueryError(f"region {spec!r} is empty", fix="give w and h of at least 1 level-0 pixel", parameter="image")
     return region
 
 
@@ -59,14 +59,14 @@ def open_source(payload: Mapping[str, Any]) -> Slide:
     """
     path = payload.get("path")
     if not path:
-        raise SlideError("the point has no `path` in its payload", hint="it was not written by conchdb ingest")
+        raise SlideError("the point has no `path` in its payload", fix="it was not written by conchdb ingest")
     mpp = payload.get("mpp")
     try:
         return open_slide(path, mpp if isinstance(mpp, (int, float)) else None, override_source="store")
     except SlideError as exc:
         raise SlideError(
             f"cannot open the source slide of '{payload.get('slide_id', path)}': {exc.message}",
-            hint="the slide must still be at the path it was ingested from (run from the same folder, "
+            fix="the slide must still be at the path it was ingested from (run from the same folder, "
             "or ingest with an absolute path)",
         ) from None
 
@@ -81,22 +81,24 @@ def read_scaled(slide: Slide, x: int, y: int, w: int, h: int, out: tuple[int, in
     return image if image.size == out else image.resize(out, TILE_FILTER)
 
 
-def read_region(region: Region, target_mpp: float | None) -> Image.Image:
+def read_region(region: Region, target_mpp: float | None, *, slide_mpp: float | None = None) -> Image.Image:
     """A query region at `target_mpp` (the collection's tile resolution), or at level 0 when
-    the slide or the collection gives no pixel size."""
-    with open_slide(region.path) as slide:
+    the slide or the collection gives no pixel size; `slide_mpp` overrides the slide's own."""
+    with open_slide(region.path, slide_mpp, override_source="slide_mpp") as slide:
         width, height = slide.dimensions
         if region.x + region.w > width or region.y + region.h > height:
             raise QueryError(
                 f"region {region.x},{region.y},{region.w},{region.h} lies outside {region.path} ({width}×{height})",
-                hint="give x, y, w, h in level-0 pixels inside the slide",
+                fix="give x, y, w, h in level-0 pixels inside the slide",
+                parameter="image",
             )
         scale = slide.mpp / target_mpp if slide.mpp and target_mpp else 1.0
         out = (max(1, round(region.w * scale)), max(1, round(region.h * scale)))
         if max(out) > MAX_REGION_PX:
             raise QueryError(
                 f"region {region.w}×{region.h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
-                hint=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
+                fix=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
+                parameter="image",
             )
         return read_scaled(slide, region.x, region.y, region.w, region.h, out)
 

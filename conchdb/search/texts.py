@@ -54,9 +54,11 @@ class TextFile:
     columns: dict[str, str] = field(default_factory=dict)
 
 
-def _fail(path: Path, problem: str, hint: str | None = None) -> ConchdbError:
+def _fail(path: Path, problem: str, fix: str | None = None) -> ConchdbError:
     return ConchdbError(
-        f"{path}: {problem}", hint or "give a .txt file (one text per line) or a CSV with a `text` column"
+        f"{path}: {problem}",
+        fix or "give a .txt file (one text per line) or a CSV with a `text` column",
+        parameter="path",
     )
 
 

@@ -94,7 +94,7 @@ def test_resolution_order(tmp_path, monkeypatch):
     home = tmp_path / "home" / "models" / "conch"
     with pytest.raises(CheckpointError, match="no CONCH checkpoint found") as info:
         resolve_checkpoint(None, None, home)
-    assert "huggingface.co/MahmoodLab/conch" in info.value.hint
+    assert "huggingface.co/MahmoodLab/conch" in info.value.fix
     home.mkdir(parents=True)
     (home / "pytorch_model.bin").write_bytes(b"x")
     assert resolve_checkpoint(None, None, home) == str(home / "pytorch_model.bin")

@@ -278,7 +278,7 @@ def test_an_unknown_slide_suggests_close_ids(memory, encoder, corpus):
     try:
         with pytest.raises(QueryError, match="no tiles of slide 'case_a/s4.png'") as info:
             Searcher(encoder, memory, "tiles").slide_tiles("case_a/s4.png")
-        assert "case_a/s1.png" in info.value.hint
+        assert "case_a/s1.png" in info.value.fix
     finally:
         memory.client.delete_collection("tiles_slides")
 
