@@ -264,7 +264,7 @@ class Encoder:
         path = download_from_hub(source) if source.startswith("hf_hub:") else Path(source)
         state, saved_config = read_checkpoint(path, mmap=True)
         model_config = config or saved_config or ConchConfig()
-        cache = FingerprintCache(cache_dir) if cache_dir is not None else None
+        cache = FingerprintCache(Path(cache_dir)) if cache_dir is not None else None
         details = {**_fingerprint_extra(model_config), "config": model_config.to_dict(), "pooler": caption_pooler}
         key = cache.key(path, details) if cache is not None else ""
         fingerprint = cache.get(key) if cache is not None else None

@@ -157,10 +157,15 @@ def test_the_fingerprint_is_remembered_per_checkpoint_file(tiny_checkpoint: Path
     assert changed.fingerprint == Encoder.from_model(make_tiny_model(1)).fingerprint != first.fingerprint
 
 
-def test_a_text_only_load_imports_neither_timm_nor_torchvision(tiny_checkpoint: Path, tokenizer_path):
+def test_a_text_only_load_imports_neither_timm_nor_torchvision(tiny_checkpoint: Path, tokenizer_path, tmp_path):
+    """Once the checkpoint's fingerprint is remembered (the first load checks the whole file),
+    a text query builds the text tower alone."""
+    cache = tmp_path / "cache"
+    Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", cache_dir=cache)
     script = (
         "import sys\nfrom conchdb.model.encoder import Encoder\n"
-        f"e = Encoder.load({str(tiny_checkpoint)!r}, {str(tokenizer_path)!r}, device='cpu', towers=('text',))\n"
+        f"e = Encoder.load({str(tiny_checkpoint)!r}, {str(tokenizer_path)!r}, device='cpu', towers=('text',),"
+        f" cache_dir={str(cache)!r})\n"
         "e.encode_texts('tumor')\n"
         "print(sorted(m for m in ('timm', 'torchvision', 'transformers') if m in sys.modules))\n"
     )
