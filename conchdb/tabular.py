@@ -121,9 +121,12 @@ def _delimiter(header: str) -> str:
     return next((d for d in DELIMITERS if d in header), ",")
 
 
-def parse_table(text: str, source: Path, error: type[ConchdbError] = ConchdbError) -> Table | None:
+def parse_table(
+    text: str, source: Path, error: type[ConchdbError] = ConchdbError, parameter: str | None = None
+) -> Table | None:
     """The table in CSV `text` read from `source` (named in errors), or None when it holds
-    no records; a malformed file raises `error` naming the file, the line and the column."""
+    no records; a malformed file raises `error` naming the file, the line and the column,
+    about `parameter` (the input that named the file)."""
     lines = text.splitlines(keepends=True)
     first = next((line for line in lines if line.strip()), "")
     reader = csv.reader(lines, delimiter=_delimiter(first), strict=True)
@@ -134,36 +137,41 @@ def parse_table(text: str, source: Path, error: type[ConchdbError] = ConchdbErro
                 records.append((reader.line_num, [c.strip() for c in cells]))
     except csv.Error as exc:
         raise error(f"{source}, line {reader.line_num}: unparsable CSV: {exc}",
-                    "check the quoting on that line") from None
+                    "check the quoting on that line", parameter=parameter) from None
     if not records:
         return None
     (header_line, header), body = records[0], records[1:]
     seen: dict[str, int] = {}
     for column, name in enumerate(header, start=1):
         if not name:
-            raise error(f"{source}, line {header_line}, column {column}: empty column name", "give every column a name")
+            raise error(
+                f"{source}, line {header_line}, column {column}: empty column name",
+                "give every column a name",
+                parameter=parameter,
+            )
         if name.lower() in seen:
             raise error(
                 f"{source}, line {header_line}: column '{name}' appears twice "
                 f"(columns {seen[name.lower()]} and {column})",
-                "rename or remove one of them",
-            )
+                "rename or remove one of them", parameter=parameter)
         seen[name.lower()] = column
     for line, cells in body:
         if len(cells) > len(header):
             raise error(f"{source}, line {line}: {len(cells)} cells but {len(header)} columns",
-                        "quote cells that contain the delimiter")
+                        "quote cells that contain the delimiter", parameter=parameter)
         cells.extend([""] * (len(header) - len(cells)))
     return Table(source, header, header_line, body)
 
 
-def read_table(path: Path, error: type[ConchdbError] = ConchdbError, noun: str = "file") -> Table | None:
+def read_table(
+    path: Path, error: type[ConchdbError] = ConchdbError, noun: str = "file", parameter: str | None = None
+) -> Table | None:
     """`parse_table` of a UTF-8 file; an unreadable file raises `error` naming it (as `noun`)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                    f"save the {noun} as UTF-8 CSV") from None
+                    f"save the {noun} as UTF-8 CSV", parameter=parameter) from None
     except OSError as exc:
-        raise error(f"{path}: cannot read the {noun}: {exc.strerror}", "check the path") from None
-    return parse_table(text, path, error)
+        raise error(f"{path}: cannot read the {noun}: {exc.strerror}", "check the path", parameter=parameter) from None
+    return parse_table(text, path, error, parameter)

@@ -112,4 +112,4 @@ def test_malformed_tables_raise_the_callers_error(tmp_path: Path, text: str, mes
 
     with pytest.raises(OwnError, match=message) as caught:
         parse_table(text, tmp_path / "x.csv", OwnError)
-    assert caught.value.hint
+    assert caught.value.fix

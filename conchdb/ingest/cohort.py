@@ -186,7 +186,8 @@ def _check_unique(slides: list[CohortSlide]) -> None:
     if problems:
         raise SlideError(
             "duplicate slides in the cohort: " + "; ".join(problems),
-            hint="remove or rename one of each pair; a slide must appear once so its tiles are stored once",
+            fix="remove or rename one of each pair; a slide must appear once so its tiles are stored once",
+            parameter="path",
         )
 
 
@@ -200,12 +201,13 @@ def discover(path: str | Path) -> Cohort:
         if path.suffix.lower() not in SLIDE_EXTENSIONS | IMAGE_EXTENSIONS:
             raise SlideError(
                 f"{path}: not a slide or image file (by its extension)",
-                hint="give a slide (svs, tif/tiff, ndpi, vms, vmu, scn, mrxs, bif, svslide, dcm), "
+                fix="give a slide (svs, tif/tiff, ndpi, vms, vmu, scn, mrxs, bif, svslide, dcm), "
                 "an image (png, jpg) or a folder of them",
+                parameter="path",
             )
         return Cohort(path.parent, (_make_slide(path.parent, [path]),), ())
     if not path.is_dir():
-        raise SlideError(f"{path}: no such file or folder", hint="check the path")
+        raise SlideError(f"{path}: no such file or folder", fix="check the path", parameter="path")
     groups: list[list[Path]] = []
     skipped: list[Path] = []
     for folder, names in _walk(path):

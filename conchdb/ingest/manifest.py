@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from conchdb.errors import ConchdbError
+from conchdb.errors import ManifestError
 from conchdb.ingest.cohort import Cohort
 from conchdb.slides.mpp import validate_override
 from conchdb.tabular import ColumnType, read_table
@@ -27,10 +27,6 @@ from conchdb.tabular import ColumnType, read_table
 DEFAULT_NAME = "manifest.csv"
 SLIDE_COLUMN = "slide"
 MPP_COLUMN = "mpp"
-
-
-class ManifestError(ConchdbError):
-    """The manifest cannot be used: the message names the file, line and column."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,9 @@ def _parse_mpp(path: Path, line: int, column: int, cell: str) -> float | None:
     try:
         return validate_override(cell, f"{path}, line {line}, column {column} ('{MPP_COLUMN}')").mpp
     except ValueError as exc:
-        raise ManifestError(str(exc), hint="give µm per level-0 pixel, or leave the cell empty") from None
+        raise ManifestError(
+            str(exc), fix="give µm per level-0 pixel, or leave the cell empty", parameter="manifest"
+        ) from None
 
 
 def _resolve(path: Path, line: int, value: str, names: dict[str, set[str]]) -> str | None:
@@ -95,7 +93,8 @@ def _resolve(path: Path, line: int, value: str, names: dict[str, set[str]]) -> s
         raise ManifestError(
             f"{path}, line {line}, column '{SLIDE_COLUMN}': '{value}' matches several slides "
             f"({', '.join(sorted(ids))})",
-            hint="use the slide's path relative to the cohort folder",
+            fix="use the slide's path relative to the cohort folder",
+            parameter="manifest",
         )
     return next(iter(ids))
 
@@ -109,14 +108,17 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
             return Manifest(None, missing=tuple(s.id for s in cohort.slides))
         path = default
     path = Path(path)
-    table = read_table(path, ManifestError, "manifest")
+    table = read_table(path, ManifestError, "manifest", "manifest")
     if table is None:
-        raise ManifestError(f"{path}: the manifest is empty", hint="add a header line with a 'slide' column")
+        raise ManifestError(
+            f"{path}: the manifest is empty", fix="add a header line with a 'slide' column", parameter="manifest"
+        )
     slide_col, mpp_col = table.index(SLIDE_COLUMN), table.index(MPP_COLUMN)
     if slide_col is None:
         raise ManifestError(
             f"{path}, line {table.header_line}: no '{SLIDE_COLUMN}' column (columns: {', '.join(table.header)})",
-            hint="add a 'slide' column with each slide's file name or path in the cohort",
+            fix="add a 'slide' column with each slide's file name or path in the cohort",
+            parameter="manifest",
         )
     header, body = table.header, table.rows
     payload_cols = [i for i in range(len(header)) if i not in (slide_col, mpp_col)]
@@ -128,7 +130,7 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
         value = cells[slide_col]
         if not value:
             raise ManifestError(f"{path}, line {line}, column {slide_col + 1} ('{SLIDE_COLUMN}'): empty",
-                                hint="name the slide, or delete the row")
+                                fix="name the slide, or delete the row", parameter="manifest")
         mpp = None if mpp_col is None else _parse_mpp(path, line, mpp_col + 1, cells[mpp_col])
         slide_id = _resolve(path, line, value, names)
         if slide_id is None:
@@ -137,7 +139,8 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
         if slide_id in rows:
             raise ManifestError(
                 f"{path}, lines {rows[slide_id].line} and {line}: two rows for slide '{slide_id}'",
-                hint="keep one row per slide",
+                fix="keep one row per slide",
+            parameter="manifest",
             )
         rows[slide_id] = ManifestRow(line, slide_id, mpp, table.typed(cells, kinds))
     return Manifest(

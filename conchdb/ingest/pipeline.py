@@ -241,7 +241,8 @@ class Ingest:
         if clash:
             raise ConchdbError(
                 f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
-                hint="rename those columns in the manifest",
+                fix="rename those columns in the manifest",
+                parameter="manifest",
             )
         tiles, slides = tiles_layout(self.manifest.columns), slides_layout(self.manifest.columns)
         self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, **asdict(tiles)))

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from timm.layers import resample_abs_pos_embed
 
 from conchdb.errors import CheckpointError
 from conchdb.model.config import ConchConfig
@@ -30,9 +29,9 @@ CONVENTIONAL_PATH = Path("checkpoints") / "conch" / WEIGHTS_NAME
 UNUSED_PREFIXES = ("text_decoder.", "visual.attn_pool_caption.", "visual.ln_caption.")
 
 ACCESS_HINT = (
-    f"request access at https://huggingface.co/{HF_REPO}, then either download {WEIGHTS_NAME} and pass "
-    f"--checkpoint PATH (or set CONCHDB_CHECKPOINT, or put it at {CONVENTIONAL_PATH}), "
-    f"or set HF_TOKEN and run `conchdb model fetch` (or pass --checkpoint {HF_PREFIX}{HF_REPO})"
+    f"request access at https://huggingface.co/{HF_REPO}, then either download {WEIGHTS_NAME} and give "
+    f"its path as the checkpoint (or set CONCHDB_CHECKPOINT, or put it at {CONVENTIONAL_PATH}), "
+    f"or set HF_TOKEN and run `conchdb model fetch` (or give the checkpoint as {HF_PREFIX}{HF_REPO})"
 )
 
 
@@ -42,14 +41,15 @@ def resolve_checkpoint(explicit: str | None, env_value: str | None, home_models_
         if candidate:
             if candidate.startswith(HF_PREFIX) or Path(candidate).expanduser().is_file():
                 return candidate if candidate.startswith(HF_PREFIX) else str(Path(candidate).expanduser())
-            raise CheckpointError(f"checkpoint not found: {candidate}", ACCESS_HINT)
+            raise CheckpointError(f"checkpoint not found: {candidate}", ACCESS_HINT, parameter="checkpoint")
     for path in (CONVENTIONAL_PATH, home_models_dir / WEIGHTS_NAME):
         if path.is_file():
             return str(path)
     raise CheckpointError(
-        f"no CONCH checkpoint found (looked at --checkpoint, CONCHDB_CHECKPOINT, {CONVENTIONAL_PATH}, "
+        f"no CONCH checkpoint found (looked at the checkpoint given, CONCHDB_CHECKPOINT, {CONVENTIONAL_PATH}, "
         f"{home_models_dir / WEIGHTS_NAME})",
         ACCESS_HINT,
+        parameter="checkpoint",
     )
 
 
@@ -67,23 +67,33 @@ def download_from_hub(reference: str, local_dir: Path | None = None) -> Path:
     try:
         return Path(hf_hub_download(repo, WEIGHTS_NAME, local_dir=local_dir))
     except GatedRepoError as exc:
-        raise CheckpointError(f"access to {repo} is gated and this token has none", ACCESS_HINT) from exc
+        raise CheckpointError(
+            f"access to {repo} is gated and this token has none", ACCESS_HINT, parameter="checkpoint"
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
-            f"Hugging Face repository {repo} not found, or it is gated and no HF_TOKEN is set", ACCESS_HINT
+            f"Hugging Face repository {repo} not found, or it is gated and no HF_TOKEN is set",
+            ACCESS_HINT,
+            parameter="checkpoint",
         ) from exc
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
             f"{repo}/{WEIGHTS_NAME} is not in the local cache and the hub cannot be reached "
             f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})",
             ACCESS_HINT,
+            parameter="checkpoint",
         ) from exc
     except (HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(f"downloading {repo}/{WEIGHTS_NAME} failed: {exc}", ACCESS_HINT) from exc
+        raise CheckpointError(
+            f"downloading {repo}/{WEIGHTS_NAME} failed: {exc}", ACCESS_HINT, parameter="checkpoint"
+        ) from exc
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ConchConfig | None]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], ConchConfig | None]:
     """Tensors from a checkpoint file, unwrapped and without a `module.` prefix.
+
+    With `mmap`, a zip-format PyTorch file is memory-mapped: a tensor's bytes are read from
+    disk only when it is used, so loading one tower does not read the other's weights.
 
     A wrapper dict may carry `conchdb_config` (a `ConchConfig.to_dict()`), which is how
     conchdb saves models of another size (tests use a tiny one); the release has none.
@@ -95,14 +105,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ConchCon
 
             raw: object = load_file(str(path))
         else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            lazy = mmap and zipfile.is_zipfile(path)  # torch maps only the zip format
+            raw = torch.load(str(path), map_location="cpu", weights_only=True, mmap=lazy)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint not found: {path}", ACCESS_HINT) from exc
+        raise CheckpointError(f"checkpoint not found: {path}", ACCESS_HINT, parameter="checkpoint") from exc
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first_line}",
             "the file is truncated or not a PyTorch/safetensors checkpoint: download it again",
+            parameter="checkpoint",
         ) from exc
     config = None
     if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
@@ -110,7 +122,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ConchCon
             config = ConchConfig.from_dict(raw["conchdb_config"])
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors", "pass CONCH's pytorch_model.bin")
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors", "give CONCH's pytorch_model.bin", parameter="checkpoint"
+        )
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in raw.items()}
     return state, config
 
@@ -141,6 +155,8 @@ def fit_state_dict(
         and state[pos_key].shape[-1] == expected[pos_key].shape[-1]
     ):
         # Same width, another grid: the checkpoint was trained at another image size.
+        from timm.layers import resample_abs_pos_embed
+
         trunk = model.visual.trunk
         state[pos_key] = resample_abs_pos_embed(
             state[pos_key],
@@ -166,6 +182,7 @@ def fit_state_dict(
     if problems:
         raise CheckpointError(
             f"checkpoint {source} does not fit the CONCH architecture; " + "; ".join(problems),
-            "pass the released CONCH pytorch_model.bin (MahmoodLab/conch), unmodified",
+            "give the released CONCH pytorch_model.bin (MahmoodLab/conch), unmodified",
+            parameter="checkpoint",
         )
     return state

@@ -3,6 +3,10 @@
 This is the one object the rest of conchdb uses from `model`: it owns the loaded weights,
 the tokenizer, the device and precision, and a `fingerprint` that stores record so that
 vectors from different weights or preprocessing are never mixed in one collection.
+
+An encoder may hold only one tower (`Encoder.load(..., towers=("text",))`): a text query
+then reads and builds only the text tower's weights. The fingerprint is always that of the
+whole checkpoint, so a one-tower encoder matches the collections that both towers built.
 """
 
 from __future__ import annotations
@@ -10,29 +14,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.overrides import TorchFunctionMode
 
 from conchdb.config import default_home
 from conchdb.errors import ImageInputError
 from conchdb.model.checkpoint import download_from_hub, fit_state_dict, read_checkpoint, resolve_checkpoint
-from conchdb.model.conch import ConchModel
+from conchdb.model.conch import TOWER_PREFIXES, TOWERS, ConchModel, check_towers
 from conchdb.model.config import ConchConfig
 from conchdb.model.device import resolve_device, resolve_precision
 from conchdb.model.preprocess import PREPROCESSING, preprocess_batch, preprocess_pil
 from conchdb.model.tokenizer import ConchTokenizer, resolve_tokenizer
 
 ImageInput = Image.Image | str | Path
+FINGERPRINTS_FILE = "fingerprints.json"
 
 
-def open_image(source: ImageInput) -> Image.Image:
-    """A PIL image from a path (fully decoded now, so a corrupt file fails here, named)."""
+def open_image(source: ImageInput, parameter: str = "image") -> Image.Image:
+    """A PIL image from a path (fully decoded now, so a corrupt file fails here, named).
+
+    `parameter` is the argument the image came in by, for the error."""
     if isinstance(source, Image.Image):
         return source
     path = Path(source)
@@ -41,22 +51,28 @@ def open_image(source: ImageInput) -> Image.Image:
             img.load()
             return img.copy()
     except FileNotFoundError as exc:
-        raise ImageInputError(f"image not found: {path}", "check the path") from exc
+        raise ImageInputError(f"image not found: {path}", "check the path", parameter=parameter) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(
+            f"{path} is too large to read as one image ({exc})",
+            "give a smaller image or crop the region of interest; for a whole slide, query a region of it "
+            "(PATH+x,y,w,h)",
+            parameter=parameter,
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageInputError(
-            f"cannot read {path} as an image: {exc}", "pass a PNG, JPEG or TIFF image file"
+            f"cannot read {path} as an image: {exc}", "give a PNG, JPEG or TIFF image file", parameter=parameter
         ) from exc
 
 
-def weights_fingerprint(model: torch.nn.Module, extra: dict) -> str:
+def state_fingerprint(state: Mapping[str, torch.Tensor], extra: dict) -> str:
     """A short hash of the weights and the preprocessing.
 
     Every tensor contributes its name, shape and a strided sample of up to 4096 values plus
-    its sum, so fingerprinting the 400M-parameter model costs milliseconds, not a full pass
-    over 1.6 GB, while any retrained or different checkpoint changes it.
+    its sum, so any retrained or different checkpoint changes it.
     """
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         flat = tensor.detach().reshape(-1).float().cpu()
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
@@ -66,12 +82,121 @@ def weights_fingerprint(model: torch.nn.Module, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_fingerprint(model: torch.nn.Module, extra: dict) -> str:
+    """`state_fingerprint` of a model's own weights."""
+    return state_fingerprint(model.state_dict(), extra)
+
+
+def _fingerprint_extra(config: ConchConfig) -> dict:
+    return {"preprocessing": PREPROCESSING, "size": config.vision.image_size}
+
+
+@dataclass(frozen=True)
+class FingerprintCache:
+    """Checkpoint fingerprints remembered in `folder`, by file, size and modification time.
+
+    Hashing sums every tensor, which reads the whole file and needs the whole model built
+    to check it; remembering the result lets a one-tower load leave the other tower's bytes
+    on disk and its code unimported. A changed file gets a new key."""
+
+    folder: Path
+
+    @property
+    def file(self) -> Path:
+        return self.folder / FINGERPRINTS_FILE
+
+    def key(self, path: Path, details: dict) -> str:
+        stat = path.stat()
+        identity = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, details]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def _read(self) -> dict:
+        try:
+            known = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def get(self, key: str) -> str | None:
+        value = self._read().get(key)
+        return value if isinstance(value, str) else None
+
+    def put(self, key: str, fingerprint: str) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._read(), key: fingerprint}))
+            os.replace(tmp, self.file)
+        except OSError:
+            pass  # a read-only cache only costs the hashing next time
+
+
+class SkipInit(TorchFunctionMode):
+    """Build modules without running their weight initialisation, for weights about to be
+    replaced by a checkpoint's.
+
+    The parameters stay as allocated (`torch.empty`: memory never touched), which makes
+    building a tower nearly free; the meta device would do the same but imports
+    torch._dynamo for its random initialisers, which costs a text query a second."""
+
+    INITIALISERS = frozenset({
+        "normal_", "uniform_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+        "kaiming_normal_", "constant_", "ones_", "zeros_", "orthogonal_", "fill_", "zero_",
+    })
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "__name__", "") in self.INITIALISERS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+def _tower_state(state: Mapping[str, torch.Tensor], towers: frozenset[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors less those of the towers not chosen (anything else is kept,
+    so an unexpected key is still reported)."""
+    dropped = tuple(prefix for name, prefix in TOWER_PREFIXES.items() if name not in towers)
+    return {k: v for k, v in state.items() if not (dropped and k.startswith(dropped))}
+
+
+def build_model(
+    state: Mapping[str, torch.Tensor],
+    config: ConchConfig,
+    source: str,
+    *,
+    towers: Iterable[str] = TOWERS,
+    caption_pooler: bool = False,
+) -> tuple[ConchModel, dict[str, torch.Tensor]]:
+    """The model with `towers`, its parameters taken from `state` without initialising them
+    first, and the state fitted to that model.
+
+    The model is built without initialising its weights, then takes the checkpoint's
+    (memory-mapped) tensors as its parameters."""
+    chosen = check_towers(towers)
+    with SkipInit():
+        model = ConchModel(config, caption_pooler=caption_pooler, towers=chosen)
+    fitted = fit_state_dict(_tower_state(state, chosen), model, source)
+    params = {k: v if v.dtype == torch.float32 else v.float() for k, v in fitted.items()}
+    model.load_state_dict(params, assign=True)  # strict: every parameter is replaced
+    return model, fitted
+
+
+def checkpoint_fingerprint(
+    state: Mapping[str, torch.Tensor], config: ConchConfig, source: str, caption_pooler: bool = False
+) -> str:
+    """The fingerprint of a checkpoint: that of the whole model loaded from it, as
+    `Encoder.from_model` computes it, without building either tower's weights."""
+    with SkipInit():
+        whole = ConchModel(config, caption_pooler=caption_pooler)
+    return state_fingerprint(fit_state_dict(dict(state), whole, source), _fingerprint_extra(config))
+
+
 @dataclass
 class Encoder:
     """CONCH in inference mode on one device.
 
     Build it with `Encoder.load(...)` (real or synthetic checkpoint) or
     `Encoder.from_model(...)` (tests, tiny configs). `batch_size` bounds memory.
+    `fingerprint` is computed from the model when not given; a model without both towers
+    needs it given (it is the whole checkpoint's).
     """
 
     model: ConchModel
@@ -80,12 +205,19 @@ class Encoder:
     dtype: torch.dtype
     batch_size: int = 32
     checkpoint: str | None = None
-    fingerprint: str = field(init=False)
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False).to(self.device)
-        extra = {"preprocessing": PREPROCESSING, "size": self.image_size}
-        self.fingerprint = weights_fingerprint(self.model, extra)
+        if not self.fingerprint:
+            if self.model.towers != set(TOWERS):
+                raise ValueError("an Encoder of one tower needs the whole checkpoint's fingerprint")
+            self.fingerprint = weights_fingerprint(self.model, _fingerprint_extra(self.model.config))
+
+    @property
+    def towers(self) -> frozenset[str]:
+        """The towers this encoder holds: "vision", "text" or both."""
+        return self.model.towers
 
     @classmethod
     def from_model(
@@ -110,24 +242,40 @@ class Encoder:
         need_tokenizer: bool = True,
         batch_size: int = 32,
         caption_pooler: bool = False,
+        towers: Iterable[str] = TOWERS,
+        cache_dir: Path | None = None,
     ) -> Encoder:
-        """Resolve, read and check the weights and tokenizer; see the README for the lookup order."""
+        """Resolve, read and check the weights and tokenizer; see the README for the lookup order.
+
+        `towers` chooses what is built: ("text",) for text queries, ("vision",) for images.
+        The tokenizer is loaded when the text tower is and `need_tokenizer` is set.
+        `cache_dir` remembers the checkpoint's fingerprint between processes."""
+        chosen = check_towers(towers)
         models_dir = models_dir or default_home() / "models" / "conch"
         torch_device = resolve_device(device)
         dtype = resolve_precision(precision, torch_device)
         source = resolve_checkpoint(checkpoint, env_checkpoint, models_dir)
         tok = None
-        if need_tokenizer:
+        if need_tokenizer and "text" in chosen:
             tok_path = resolve_tokenizer(
                 Path(tokenizer) if tokenizer else None, env_tokenizer, source, models_dir
             )
             tok = ConchTokenizer(tok_path)
         path = download_from_hub(source) if source.startswith("hf_hub:") else Path(source)
-        state, saved_config = read_checkpoint(path)
-        model = ConchModel(config or saved_config, caption_pooler=caption_pooler)
-        state = fit_state_dict(state, model, str(path))
-        model.load_state_dict(state)
-        return cls(model, tok, torch_device, dtype, batch_size=batch_size, checkpoint=str(path))
+        state, saved_config = read_checkpoint(path, mmap=True)
+        model_config = config or saved_config or ConchConfig()
+        cache = FingerprintCache(Path(cache_dir)) if cache_dir is not None else None
+        details = {**_fingerprint_extra(model_config), "config": model_config.to_dict(), "pooler": caption_pooler}
+        key = cache.key(path, details) if cache is not None else ""
+        fingerprint = cache.get(key) if cache is not None else None
+        if fingerprint is None:  # the whole checkpoint is checked and hashed once per file
+            fingerprint = checkpoint_fingerprint(state, model_config, str(path), caption_pooler)
+            if cache is not None:
+                cache.put(key, fingerprint)
+        model, _ = build_model(state, model_config, str(path), towers=chosen, caption_pooler=caption_pooler)
+        return cls(
+            model, tok, torch_device, dtype, batch_size=batch_size, checkpoint=str(path), fingerprint=fingerprint
+        )
 
     @property
     def image_size(self) -> int:
@@ -204,13 +352,14 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Token ids (N, 128); a bare string is one text."""
         if self.tokenizer is None:
             raise RuntimeError("this Encoder was loaded without a tokenizer")
         return self.tokenizer(texts)
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts to (N, 512) float32 normalized projections."""
+    def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Texts to (N, 512) float32 normalized projections; a bare string is one text (1, 512)."""
         ids = self.tokenize(texts)
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(ids), self.batch_size):
@@ -223,5 +372,5 @@ class Encoder:
         """Pre-projection features (TRIDENT/CLAM `conch_v1`) to normalized projections."""
         feats = torch.as_tensor(np.asarray(features, dtype=np.float32))
         with torch.inference_mode():
-            proj = self.model.visual.proj_contrast.detach().float().cpu()
+            proj = self.model._vision().proj_contrast.detach().float().cpu()
             return torch.nn.functional.normalize(feats @ proj, dim=-1).numpy()

@@ -29,14 +29,16 @@ def fetch_tokenizer(dest_dir: Path, url: str = TOKENIZER_URL, sha256: str = TOKE
     except (urllib.error.URLError, OSError) as exc:
         raise TokenizerError(
             f"downloading the tokenizer from {url} failed: {exc}",
-            f"check the network, or download {TOKENIZER_NAME} yourself and pass --tokenizer PATH",
+            f"check the network, or download {TOKENIZER_NAME} yourself and give its path as the tokenizer",
+            parameter="tokenizer_url",
         ) from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
         raise TokenizerError(
             f"the tokenizer from {url} has sha256 {digest}, expected {sha256}; nothing was written",
             "the file at that address is not CONCH's tokenizer at the pinned commit; fetch it again later "
-            "or pass --tokenizer PATH to a verified copy",
+            "or give the path of a verified copy as the tokenizer",
+            parameter="tokenizer_url",
         )
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".tokenizer-")
     with os.fdopen(fd, "wb") as fh:

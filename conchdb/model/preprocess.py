@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -26,6 +25,8 @@ PREPROCESSING = {
 
 def preprocess_pil(image: Image.Image, size: int = 448) -> torch.Tensor:
     """One image to a normalized (3, size, size) float tensor, as the reference does it."""
+    import torchvision.transforms.functional as TF  # only image queries pay for importing torchvision
+
     image = TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC)
     image = TF.center_crop(image, [size, size])
     tensor = TF.to_tensor(image.convert("RGB"))
@@ -40,6 +41,8 @@ def preprocess_batch(
     The resized values are rounded to whole intensities, as PIL's uint8 output is, which
     keeps this path within ~1e-6 (cosine) of the reference on real tissue.
     """
+    import torchvision.transforms.functional as TF
+
     if isinstance(tiles, np.ndarray) and not tiles.flags.writeable:
         tiles = tiles.copy()  # torch cannot wrap read-only memory (e.g. shared-memory batches)
     batch = torch.as_tensor(tiles)

@@ -73,7 +73,7 @@ def export_hits(hits: Sequence[SearchHit], folder: str | Path, title: str) -> Ex
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         problem = f"cannot create the export folder {folder}: {exc}"
-        raise ConchdbError(problem, hint="choose a writable folder") from None
+        raise ConchdbError(problem, fix="choose a writable folder", parameter="folder") from None
     result = Export(folder, folder / "index.html")
     slides: dict[tuple[str, object], Slide | str] = {}
     with contextlib.ExitStack() as stack:

@@ -32,7 +32,7 @@ from conchdb.tabular import parse_bool, value_type
 
 GRAMMAR = (
     "field=value | field!=value | field=a,b,c (any of) | field!=a,b (none of) | "
-    "field>x | field>=x | field<x | field<=x; repeat --where to combine with AND"
+    "field>x | field>=x | field<x | field<=x; several expressions combine with AND"
 )
 
 OPERATORS: dict[str, str] = {"=": "eq", "!=": "ne", ">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
@@ -73,8 +73,8 @@ def infer_types(payloads: Iterable[Mapping[str, Any]]) -> dict[str, FieldType]:
     return out
 
 
-def _fail(expr: str, problem: str, hint: str | None = None) -> QueryError:
-    return QueryError(f"--where {expr!r}: {problem}", hint=hint or f"the grammar is: {GRAMMAR}")
+def _fail(expr: str, problem: str, fix: str | None = None) -> QueryError:
+    return QueryError(f"filter {expr!r}: {problem}", fix=fix or f"the grammar is: {GRAMMAR}", parameter="where")
 
 
 def _split_values(expr: str, text: str) -> list[str]:
@@ -97,7 +97,7 @@ def _typed(expr: str, field: str, text: str, kind: FieldType | None, numeric: bo
         raise _fail(
             expr,
             f"'{field}' holds {kind} values, which have no order",
-            hint=f"compare '{field}' with = or != (grammar: {GRAMMAR})",
+            fix=f"compare '{field}' with = or != (grammar: {GRAMMAR})",
         )
     if kind == "keyword":
         return text
@@ -134,7 +134,7 @@ def _type_error(expr: str, field: str, text: str, kind: FieldType) -> QueryError
     return _fail(
         expr,
         f"{text!r} is not {'an' if kind == 'integer' else 'a'} {kind} value, but '{field}' holds {kind} values",
-        hint=f"compare '{field}' with {examples.get(kind, 'text')} (grammar: {GRAMMAR})",
+        fix=f"compare '{field}' with {examples.get(kind, 'text')} (grammar: {GRAMMAR})",
     )
 
 
@@ -152,7 +152,7 @@ def parse_condition(expr: str, types: FieldTypes | None = None) -> list[Conditio
     kind = types.get(field) if types else None
     if types is not None and types.declared and kind is None:
         known = ", ".join(sorted(types.types)) or "none"
-        raise _fail(expr, f"no field '{field}' in this collection", hint=f"fields that can be filtered: {known}")
+        raise _fail(expr, f"no field '{field}' in this collection", fix=f"fields that can be filtered: {known}")
     values = _split_values(expr, value_text)
     numeric = op in ("gt", "gte", "lt", "lte")
     if len(values) > 1 and op not in ("eq", "ne"):

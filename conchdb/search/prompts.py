@@ -88,11 +88,13 @@ def classes_from_labels(labels: Sequence[str], ensemble: bool = False) -> list[C
     """Classes named on the command line: each label as it is, or put into `TEMPLATES`."""
     cleaned = [label.strip() for label in labels]
     if len(cleaned) < 2:
-        raise QueryError("zero-shot classification needs at least two classes", hint="repeat --label TEXT")
+        raise QueryError(
+            "zero-shot classification needs at least two classes", fix="give two or more labels", parameter="labels"
+        )
     if any(not label for label in cleaned):
-        raise QueryError("a --label is empty", hint="give each class a name, e.g. --label 'tumor'")
+        raise QueryError("a label is empty", fix="give each class a name, e.g. 'tumor'", parameter="labels")
     if len(set(cleaned)) != len(cleaned):
-        raise QueryError("the same --label is given twice", hint="give each class once")
+        raise QueryError("the same label is given twice", fix="give each class once", parameter="labels")
     return [ClassPrompts(label, tuple(fill(TEMPLATES, label)) if ensemble else (label,)) for label in cleaned]
 
 
@@ -103,13 +105,14 @@ def _prompt_sets(data: Any, path: Path) -> list[dict[str, Any]]:
         return list(data.values())
     raise QueryError(
         f"{path}: not a CONCH prompt file",
-        hint='expected {"0": {"classnames": {"CLASS": ["name", ...]}, "templates": ["an image of CLASSNAME.", ...]}}',
+        fix='expected {"0": {"classnames": {"CLASS": ["name", ...]}, "templates": ["an image of CLASSNAME.", ...]}}',
+        parameter="prompts",
     )
 
 
 def _strings(value: Any, what: str, path: Path) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        raise QueryError(f"{path}: {what} must be a non-empty list of non-empty strings")
+        raise QueryError(f"{path}: {what} must be a non-empty list of non-empty strings", parameter="prompts")
     return [v.strip() for v in value]
 
 
@@ -119,23 +122,32 @@ def load_prompt_file(path: str | Path) -> list[ClassPrompts]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise QueryError(f"prompt file not found: {path}", hint="check the path") from None
+        raise QueryError(f"prompt file not found: {path}", fix="check the path", parameter="prompts") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QueryError(f"{path}: cannot read it as JSON: {exc}", hint="pass a CONCH prompts/*.json file") from None
+        raise QueryError(
+            f"{path}: cannot read it as JSON: {exc}", fix="give a CONCH prompts/*.json file", parameter="prompts"
+        ) from None
     prompts: dict[str, list[str]] = {}
     for number, prompt_set in enumerate(_prompt_sets(data, path)):
         names = prompt_set.get("classnames")
         if not isinstance(names, dict) or len(names) < 2:
-            raise QueryError(f"{path}: set {number}: `classnames` must map at least two classes to their names")
+            raise QueryError(
+                f"{path}: set {number}: `classnames` must map at least two classes to their names", parameter="prompts"
+            )
         templates = _strings(prompt_set.get("templates", [PLACEHOLDER]), f"set {number}: `templates`", path)
         missing = [t for t in templates if PLACEHOLDER not in t]
         if missing:
             raise QueryError(
                 f"{path}: set {number}: template {missing[0]!r} has no {PLACEHOLDER}",
-                hint=f"write {PLACEHOLDER} where the class name goes",
+                fix=f"write {PLACEHOLDER} where the class name goes",
+                parameter="prompts",
             )
         if prompts and set(names) != set(prompts):
-            raise QueryError(f"{path}: set {number} names other classes than set 0", hint="use the same class keys")
+            raise QueryError(
+                f"{path}: set {number} names other classes than set 0",
+                fix="use the same class keys",
+                parameter="prompts",
+            )
         for label, synonyms in names.items():
             for name in _strings(synonyms, f"set {number}: the names of class {label!r}", path):
                 prompts.setdefault(label, []).extend(fill(templates, name))

@@ -49,7 +49,7 @@ def parse_region(spec: str) -> Region | None:
         return None
     region = Region(Path(match["path"]), *(int(match[k]) for k in ("x", "y", "w", "h")))
     if region.w < 1 or region.h < 1:
-        raise QueryError(f"region {spec!r} is empty", hint="give w and h of at least 1 level-0 pixel")
+        raise QueryError(f"region {spec!r} is empty", fix="give w and h of at least 1 level-0 pixel", parameter="image")
     return region
 
 
@@ -61,14 +61,14 @@ def open_source(payload: Mapping[str, Any]) -> Slide:
     """
     path = payload.get("path")
     if not path:
-        raise SlideError("the point has no `path` in its payload", hint="it was not written by conchdb ingest")
+        raise SlideError("the point has no `path` in its payload", fix="it was not written by conchdb ingest")
     mpp = payload.get("mpp")
     try:
         return open_slide(path, mpp if isinstance(mpp, (int, float)) else None, override_source="store")
     except SlideError as exc:
         raise SlideError(
             f"cannot open the source slide of '{payload.get('slide_id', path)}': {exc.message}",
-            hint="the slide must still be at the path it was ingested from (run from the same folder, "
+            fix="the slide must still be at the path it was ingested from (run from the same folder, "
             "or ingest with an absolute path)",
         ) from None
 
@@ -90,7 +90,8 @@ def recorded_mpp(path: str | Path, records: Iterable[Mapping[str, Any]]) -> floa
         sizes = ", ".join(f"{m:g}" for m in sorted(found))
         raise QueryError(
             f"{path} is stored with several pixel sizes ({sizes} µm/px)",
-            hint="give the slide's pixel size for the query explicitly",
+            fix="give the slide's pixel size for the query explicitly",
+            parameter="slide_mpp",
         )
     return found.pop() if found else None
 
@@ -109,13 +110,15 @@ def read_query_region(
         if region.x + region.w > width or region.y + region.h > height:
             raise QueryError(
                 f"region {region.x},{region.y},{region.w},{region.h} lies outside {region.path} ({width}×{height})",
-                hint="give x, y, w, h in level-0 pixels inside the slide",
+                fix="give x, y, w, h in level-0 pixels inside the slide",
+                parameter="image",
             )
         out = output_size(slide, region.w, region.h, target_mpp)
         if max(out) > MAX_REGION_PX:
             raise QueryError(
                 f"region {region.w}×{region.h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
-                hint=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
+                fix=f"choose a region under {MAX_REGION_PX} px a side at {target_mpp or 'level-0'} µm/px",
+                parameter="image",
             )
         return read_region(slide, region.x, region.y, region.w, region.h, out_size=out)
 

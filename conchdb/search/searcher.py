@@ -1,7 +1,11 @@
 """`Searcher`: the one search API that the CLI, the HTTP server and notebooks share.
 
-It holds an encoder (optional: a search by stored point needs none) and a store, and
-turns queries into vectors and vectors into ranked results:
+It holds an encoder and a store, or the means to get them: used as a context manager
+(`with Searcher(load_encoder=..., open_store=...) as searcher:`) it opens the store when a
+query first needs it and closes it on exit, and loads the model only when a query embeds
+something, and then only the tower that query needs (the text tower for a text, the
+vision tower for an image; a search by stored point loads none). It turns queries into
+vectors and vectors into ranked results:
 
 - text -> tiles (optionally a prompt ensemble), image -> tiles (an image file, a slide
   region `path+x,y,w,h`, or a stored point id), with typed filters, grouping by slide,
@@ -19,9 +23,10 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +39,10 @@ from conchdb.store import Condition, Filter, Hit, Store
 
 if TYPE_CHECKING:
     from conchdb.model.encoder import Encoder
+
+EncoderLoader = Callable[[frozenset[str]], "Encoder"]
+"""Loads an encoder holding (at least) the named towers, "vision" and/or "text"."""
+BOTH_TOWERS = frozenset({"vision", "text"})
 
 MAX_TOP_K = 1000
 MAX_DEPTH = 10_000
@@ -117,20 +126,30 @@ class TextMatch:
 
 @dataclass
 class Searcher:
-    """Queries over one tiles collection of one store, embedded with one encoder:
-    `Searcher(encoder, store, "conch_tiles")`.
+    """Queries over one tiles collection of one store, embedded with one encoder.
 
-    `encoder` may be None for searches by stored point (no model is loaded); `store` may be
-    None for what needs none (classifying an image). `texts` is the texts collection
-    (default `texts_collection(collection)`); `cache_dir` keeps the vocabulary's vectors between
-    processes.
+    Either hand it what it uses, `Searcher(encoder, store, "conch_tiles")`, or how to get
+    it, and use it as a context manager:
+
+        with Searcher(collection="conch_tiles", load_encoder=load, open_store=open_it) as s:
+            hits = s.search(s.query_vector(text="tumor"), 10)
+
+    `open_store()` is called when a query first needs the store, which is closed on exit;
+    a store handed in is left to its owner. `load_encoder(towers)` is called when a query
+    first embeds something, with the towers it needs; `encoder` may stay None for searches
+    by stored point, `store` for what needs none (classifying an image). `texts` is the
+    texts collection (default `texts_collection(collection)`); `cache_dir` keeps the vocabulary's
+    vectors between processes.
     """
 
-    encoder: Encoder | None
-    store: Store | None
+    encoder: Encoder | None = None
+    store: Store | None = None
     collection: str = TILES_COLLECTION
     texts: str | None = None
     cache_dir: Path | None = None
+    load_encoder: EncoderLoader | None = field(default=None, repr=False)
+    open_store: Callable[[], Store] | None = field(default=None, repr=False)
+    _opened: Store | None = field(default=None, init=False, repr=False)
     _vocabulary: vocabulary.Vocabulary | None = field(default=None, init=False, repr=False)
     _types: filters.FieldTypes | None = field(default=None, init=False, repr=False)
 
@@ -138,17 +157,58 @@ class Searcher:
         if self.texts is None:
             self.texts = texts_collection(self.collection)
 
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the store if this searcher opened it (a store handed in stays open)."""
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
+            if self.store is opened:
+                self.store = None
+            opened.close()
+
     # -- plumbing ------------------------------------------------------------------------
 
+    def _has_store(self) -> bool:
+        return self.store is not None or self.open_store is not None
+
     def _store(self) -> Store:
+        if self.store is None and self.open_store is not None:
+            self.store = self._opened = self.open_store()
         if self.store is None:
-            raise ConchdbError("this query needs a store", hint="pass --store PATH or --qdrant-url URL")
+            raise ConchdbError(
+                "this query needs a store",
+                fix="give an embedded store folder or a Qdrant server URL",
+                parameter="store",
+            )
         return self.store
 
-    def _encoder(self) -> Encoder:
-        if self.encoder is None:
-            raise ConchdbError("this query needs the CONCH model", hint="pass --checkpoint or set CONCHDB_CHECKPOINT")
+    def _encoder(self, *towers: str) -> Encoder:
+        """An encoder holding `towers` (any encoder when none are named), loaded on first need."""
+        held: frozenset[str] = getattr(self.encoder, "towers", BOTH_TOWERS) if self.encoder is not None else frozenset()
+        need = frozenset(towers)
+        if self.encoder is not None and need <= held:
+            return self.encoder
+        if self.load_encoder is None:
+            if self.encoder is None:
+                raise ConchdbError(
+                    "this query needs the CONCH model",
+                    fix="give the checkpoint or set CONCHDB_CHECKPOINT",
+                    parameter="checkpoint",
+                )
+            raise ConchdbError(f"this query needs the {' and '.join(sorted(need - held))} tower of the model")
+        self.encoder = self.load_encoder(need | held or BOTH_TOWERS)
         return self.encoder
+
+    def require(self, *towers: str) -> Encoder:
+        """Load the model with `towers` now (one load when a query will need both)."""
+        return self._encoder(*(towers or tuple(BOTH_TOWERS)))
 
     def metadata(self, collection: str | None = None) -> dict[str, Any]:
         """The collection's record metadata; an error naming the store when it does not exist."""
@@ -157,20 +217,24 @@ class Searcher:
         if meta is None:
             raise ConchdbError(
                 f"collection '{name}' does not exist in {store.location}",
-                hint="ingest slides first (conchdb ingest ...), or pick the collection with --collection NAME",
+                fix="ingest slides first (conchdb ingest), or choose another collection",
+                parameter="collection",
             )
         return meta
 
-    def check_model(self, collection: str | None = None) -> None:
-        """Refuse to compare this encoder's vectors with a collection built by another model."""
+    def check_model(self, collection: str | None = None, tower: str | None = None) -> None:
+        """Refuse to compare this encoder's vectors with a collection built by another model.
+
+        `tower` is the one the query will use, so that checking loads only that one."""
         name = collection or self.collection
         built_with = self.metadata(name).get("model_fingerprint")
-        used = self._encoder().fingerprint
+        used = self._encoder(*((tower,) if tower else ())).fingerprint
         if built_with is not None and built_with != used:
             raise QueryError(
                 f"collection '{name}' was built with model fingerprint {built_with}, "
                 f"but the query would be embedded with model fingerprint {used}",
-                hint="pass the --checkpoint that built the collection",
+                fix="give the checkpoint that built the collection",
+                parameter="checkpoint",
             )
 
     # -- query vectors -------------------------------------------------------------------
@@ -179,11 +243,11 @@ class Searcher:
         """A text query's unit vector; with `ensemble`, the mean over CONCH-style templates."""
         text = require_text(query)
         texts = prompts.fill(prompts.TEMPLATES, text) if ensemble else [text]
-        return prompts.ensemble_vector(self._encoder(), texts)
+        return prompts.ensemble_vector(self._encoder("text"), texts)
 
     def target_mpp(self) -> float:
         """The tile resolution of the collection (for slide-region queries), or the ingest default."""
-        if self.store is None or self.store.collection_metadata(self.collection) is None:
+        if not self._has_store() or self._store().collection_metadata(self.collection) is None:
             return DEFAULT_TARGET_MPP
         tiling = self.metadata().get("tiling") or {}
         value = tiling.get("target_mpp") if isinstance(tiling, dict) else None
@@ -204,29 +268,36 @@ class Searcher:
                 if slide_mpp is None:
                     slide_mpp, source = self.recorded_mpp(region.path), "store"
                 return regions.read_query_region(region, self.target_mpp(), slide_mpp, source)
+        if slide_mpp is not None:
+            raise QueryError(
+                "a slide pixel size applies only to a slide region query (PATH+x,y,w,h)",
+                fix="leave the slide pixel size out, or query a region of the slide",
+                parameter="slide_mpp",
+            )
         return open_image(image)
 
     def recorded_mpp(self, path: str | Path) -> float | None:
         """The pixel size the store recorded for the slide file at `path` (its slide record,
         else its tiles), or None when the store does not hold it."""
-        if self.store is None or self.store.collection_metadata(self.collection) is None:
+        if not self._has_store() or self._store().collection_metadata(self.collection) is None:
             return None
+        store = self._store()
         slides = slides_collection(self.collection)
-        if self.store.collection_metadata(slides) is not None:
-            found = regions.recorded_mpp(path, (h.payload for h in self.store.scroll(slides)))
+        if store.collection_metadata(slides) is not None:
+            found = regions.recorded_mpp(path, (h.payload for h in store.scroll(slides)))
             if found is not None:
                 return found
         # No record (a store filled without ingest): one tile of the file tells, found by its
         # path as given, absolute or relative to the working folder.
         resolved = Path(path).resolve()
         spellings = sorted({str(path), str(Path(path)), str(resolved), os.path.relpath(resolved)})
-        tiles = self.store.scroll(self.collection, Filter((Condition("path", "in", spellings),)))
+        tiles = store.scroll(self.collection, Filter((Condition("path", "in", spellings),)))
         return regions.recorded_mpp(path, (h.payload for h in itertools.islice(tiles, 1)))
 
-    def image_vector(self, image: str | Path | Image.Image) -> np.ndarray:
-        """An image query's unit vector (the image is read and checked before the model runs)."""
-        pixels = self.load_image(image)
-        return self._encoder().encode_images([pixels])[0]
+    def image_vector(self, image: str | Path | Image.Image, *, slide_mpp: float | None = None) -> np.ndarray:
+        """An image query's unit vector (the image is read and checked before the model loads)."""
+        pixels = self.load_image(image, slide_mpp=slide_mpp)
+        return self._encoder("vision").encode_images([pixels])[0]
 
     def point(self, point_id: str, collection: str | None = None) -> Hit:
         """A stored point with its vector; an error when the collection has no such point."""
@@ -236,7 +307,8 @@ class Searcher:
         if not found or found[0].vector is None:
             raise QueryError(
                 f"no point with id {point_id!r} in collection '{name}'",
-                hint="point ids are the UUIDs that `conchdb search --json` prints as \"id\"",
+                fix="point ids are the UUIDs that search results give as \"id\"",
+                parameter="point",
             )
         return found[0]
 
@@ -255,10 +327,10 @@ class Searcher:
         """The vector of exactly one of a text, an image or a stored point, for searching this
         collection (an embedded query is first checked against the collection's model)."""
         if sum(q is not None for q in (text, image, point)) != 1:
-            raise QueryError("give exactly one query: a text, --image or --point")
+            raise QueryError("give exactly one query: a text, an image or a stored point")
         if point is not None:
             return self.point_vector(point)
-        self.check_model()
+        self.check_model(tower="text" if text is not None else "vision")
         return self.text_vector(text, ensemble) if text is not None else self.image_vector(image)  # type: ignore[arg-type]
 
     # -- search --------------------------------------------------------------------------
@@ -300,7 +372,10 @@ class Searcher:
             hits = store.query(self.collection, vector, k=k, flt=flt, min_score=min_score, offset=offset)
             return [SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)]
         if not 1 <= group_size <= 100:
-            raise QueryError(f"group size {group_size} is outside 1..100", hint="pass --group-size between 1 and 100")
+            raise QueryError(
+                f"group size {group_size} is outside 1..100", fix="give a group size between 1 and 100",
+                parameter="group_size",
+            )
         key = GROUP_ALIASES.get(group_by, group_by)
         groups = store.query_groups(
             self.collection, vector, group_by=key, groups=offset + k, group_size=group_size, flt=flt,
@@ -318,15 +393,19 @@ class Searcher:
     def vocabulary(self) -> vocabulary.Vocabulary:
         """The built-in vocabulary's vectors for this encoder, embedded at most once."""
         if self._vocabulary is None:
-            encoder = self._encoder()
-            self._vocabulary = vocabulary.load_vocabulary(encoder, encoder.fingerprint, self.cache_dir)
+            # Any tower gives the fingerprint; the text tower is loaded only if the cache misses.
+            fingerprint = self._encoder().fingerprint
+            self._vocabulary = vocabulary.load_vocabulary(_LazyText(self), fingerprint, self.cache_dir)
         return self._vocabulary
 
     def has_texts(self) -> bool:
         """Whether a texts collection exists here and holds any text."""
-        if self.store is None or self.store.collection_metadata(self.texts) is None:
+        if not self._has_store():
             return False
-        return self.store.count(self.texts) > 0
+        store = self._store()
+        if store.collection_metadata(self.texts) is None:
+            return False
+        return store.count(self.texts) > 0
 
     def describe(self, vector: np.ndarray, k: int = 10) -> list[TextMatch]:
         """The texts closest to an image vector: the texts collection's, or the vocabulary's."""
@@ -351,13 +430,13 @@ class Searcher:
     # -- zero-shot -----------------------------------------------------------------------
 
     def class_vectors(self, classes: Sequence[prompts.ClassPrompts]) -> np.ndarray:
-        return prompts.class_vectors(self._encoder(), classes)
+        return prompts.class_vectors(self._encoder("text"), classes)
 
     def classify(self, image_vector: np.ndarray, classes: Sequence[prompts.ClassPrompts]) -> zeroshot.ClassScores:
         """Zero-shot probabilities of one image over `classes`."""
-        encoder = self._encoder()
         labels = [c.label for c in classes]
-        return zeroshot.classify(image_vector, self.class_vectors(classes), encoder.logit_scale, labels)
+        class_vectors = self.class_vectors(classes)
+        return zeroshot.classify(image_vector, class_vectors, self._encoder().logit_scale, labels)
 
     def slide_tiles(self, slide_id: str, flt: Filter | None = None) -> list[Hit]:
         """Every stored tile of one slide, with vectors. An unknown slide id is an error that
@@ -373,7 +452,8 @@ class Searcher:
             if len(values) > 1:
                 raise QueryError(
                     f"slide '{slide_id}' is stored with several values of '{name}': {', '.join(values)}",
-                    hint=f"choose one with --where {name}={values[0]}",
+                    fix=f"narrow it with a filter such as {name}={values[0]}",
+                    parameter="where",
                 )
         return tiles
 
@@ -385,8 +465,10 @@ class Searcher:
             known = sorted({str(h.payload.get("slide_id")) for h in store.scroll(slides)})
         close = difflib.get_close_matches(slide_id, known, n=3)
         where = " matching the filter" if filtered else ""
-        hint = f"did you mean {', '.join(close)}?" if close else "see slide ids with conchdb stats or search --json"
-        return QueryError(f"no tiles of slide '{slide_id}'{where} in collection '{self.collection}'", hint=hint)
+        fix = f"did you mean {', '.join(close)}?" if close else "slide ids are the \"slide_id\" of search results"
+        return QueryError(
+            f"no tiles of slide '{slide_id}'{where} in collection '{self.collection}'", fix=fix, parameter="slide_id"
+        )
 
     def classify_slide(
         self,
@@ -397,11 +479,11 @@ class Searcher:
     ) -> tuple[int, list[zeroshot.PooledScores]]:
         """MI-Zero over the slide's stored tile vectors (nothing is re-embedded): the number of
         tiles, and the pooled class scores for each k."""
-        self.check_model()
-        tiles = self.slide_tiles(slide_id, flt)
+        tiles = self.slide_tiles(slide_id, flt)  # an unknown slide fails before the model loads
+        self.check_model(tower="text")
         vectors = np.stack([t.vector for t in tiles if t.vector is not None])
         labels = [c.label for c in classes]
-        scale = self._encoder().logit_scale
+        scale = self._encoder("text").logit_scale
         return len(tiles), zeroshot.mi_zero(vectors, self.class_vectors(classes), scale, labels, ks)
 
     def slide_similarity(
@@ -417,18 +499,35 @@ def require_text(query: str | None) -> str:
     """The query stripped; an empty or blank query is an error (it would embed to noise)."""
     text = query.strip() if isinstance(query, str) else ""
     if not text:
-        raise QueryError("the text query is empty", hint="give a description, e.g. 'tumor necrosis'")
+        raise QueryError("the text query is empty", fix="give a description, e.g. 'tumor necrosis'", parameter="query")
     return text
 
 
 def check_limits(k: int, offset: int, min_score: float | None) -> None:
     """Refuse a top-k outside 1..1000, a negative or too deep page, and a score outside [-1, 1]."""
     if not 1 <= k <= MAX_TOP_K:
-        raise QueryError(f"top-k {k} is outside 1..{MAX_TOP_K}", hint=f"pass --top-k between 1 and {MAX_TOP_K}")
+        raise QueryError(
+            f"top-k {k} is outside 1..{MAX_TOP_K}", fix=f"give a top-k between 1 and {MAX_TOP_K}", parameter="top_k"
+        )
     if offset < 0 or offset + k > MAX_DEPTH:
         raise QueryError(
             f"page offset {offset} with top-k {k} is beyond the first {MAX_DEPTH} results",
-            hint="narrow the search with --where or --min-score instead of paging deeper",
+            fix="narrow the search with a filter or a minimum score instead of paging deeper",
+            parameter="page",
         )
     if min_score is not None and not -1.0 <= min_score <= 1.0:
-        raise QueryError(f"--min-score {min_score} is not a cosine similarity", hint="give a value in [-1, 1]")
+        raise QueryError(
+            f"minimum score {min_score} is not a cosine similarity",
+            fix="give a value in [-1, 1]",
+            parameter="min_score",
+        )
+
+
+@dataclass
+class _LazyText:
+    """What the vocabulary embeds with: the searcher's text tower, loaded only when called."""
+
+    searcher: Searcher
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.searcher._encoder("text").encode_texts(texts)

@@ -48,9 +48,11 @@ class TextFile:
     columns: dict[str, ColumnType] = field(default_factory=dict)
 
 
-def _fail(path: Path, problem: str, hint: str | None = None) -> ConchdbError:
+def _fail(path: Path, problem: str, fix: str | None = None) -> ConchdbError:
     return ConchdbError(
-        f"{path}: {problem}", hint or "give a .txt file (one text per line) or a CSV with a `text` column"
+        f"{path}: {problem}",
+        fix or "give a .txt file (one text per line) or a CSV with a `text` column",
+        parameter="path",
     )
 
 
@@ -60,7 +62,7 @@ def _read_txt(path: Path, content: str) -> TextFile:
 
 
 def _read_csv(path: Path, content: str) -> TextFile:
-    table = parse_table(content, path)
+    table = parse_table(content, path, parameter="path")
     if table is None:
         raise _fail(path, "the file is empty")
     text_col = table.index(TEXT_COLUMN)

@@ -50,13 +50,23 @@ class TilingParams:
 
     def __post_init__(self) -> None:
         if not (self.target_mpp > 0 and np.isfinite(self.target_mpp)):
-            raise ConchdbError(f"--target-mpp must be a positive number of µm/px, got {self.target_mpp}")
+            raise ConchdbError(
+                f"the tile resolution must be a positive number of µm/px, got {self.target_mpp}",
+                "give the µm per pixel that tiles are cut at, e.g. 0.5",
+                parameter="target_mpp",
+            )
         if self.tile_px < 16:
-            raise ConchdbError(f"--tile-px must be at least 16, got {self.tile_px}")
+            raise ConchdbError(f"the tile side must be at least 16 px, got {self.tile_px}", parameter="tile_px")
         if self.stride_px is not None and self.stride_px < 1:
-            raise ConchdbError(f"--stride-px must be at least 1, got {self.stride_px}")
+            raise ConchdbError(
+                f"the stride between tiles must be at least 1 px, got {self.stride_px}", parameter="stride_px"
+            )
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ConchdbError(f"--min-tissue must lie between 0 and 1, got {self.min_tissue}")
+            raise ConchdbError(
+                f"the smallest tissue fraction must lie between 0 and 1, got {self.min_tissue}",
+                "give a fraction such as 0.25",
+                parameter="min_tissue",
+            )
 
     @property
     def stride(self) -> int:

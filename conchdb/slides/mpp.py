@@ -157,7 +157,7 @@ def _objective_mpp(properties: Mapping[str, str]) -> PixelSize | None:
                 10.0 / power,
                 f"objective-power ({key} = {power:g}×)",
                 f"pixel size estimated as 10 / {power:g}× = {10.0 / power:.4g} µm/px from the objective "
-                "power; give the true value with a manifest `mpp` column or --slide-mpp",
+                "power; give the true value with a manifest `mpp` column or an explicit slide pixel size",
             )
     return None
 

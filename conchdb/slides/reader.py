@@ -106,7 +106,7 @@ def _check_same_slide(slide: Slide, spec: ReadSpec) -> None:
         raise SlideError(
             f"{slide.path}: the slide is {slide.dimensions[0]}×{slide.dimensions[1]} px but the grid was "
             f"made for {spec.slide_dimensions[0]}×{spec.slide_dimensions[1]}: the file changed",
-            hint="make the grid again from the current file",
+            fix="make the grid again from the current file",
         )
 
 
@@ -169,7 +169,7 @@ def _worker(
             read_batch(slide, spec, coords, slots[slot])
             results.put(("ok", index, slot))
     except SlideError as exc:
-        results.put(("slide-error", exc.message, exc.hint))
+        results.put(("slide-error", exc.message, exc.fix, exc.parameter))
     except BaseException:  # a bug: hand its traceback to the parent, which raises it
         results.put(("crash", traceback.format_exc()))
     finally:
@@ -290,11 +290,11 @@ class TileReader:
                     raise SlideError(
                         f"{self.path}: a tile reader process died (exit code {(failed or codes)[0]}) "
                         "while decoding this slide",
-                        hint=DAMAGED_HINT,
+                        fix=DAMAGED_HINT,
                     ) from None
                 continue
             if message[0] == "slide-error":
-                raise SlideError(message[1], hint=message[2])
+                raise SlideError(message[1], fix=message[2], parameter=message[3])
             if message[0] == "crash":
                 raise RuntimeError(f"tile reader worker failed on {self.path}:\n{message[1]}")
             return message

@@ -23,7 +23,7 @@ from conchdb.errors import SlideError
 from conchdb.slides.mpp import PixelSize, resolve_image_mpp, resolve_slide_mpp, validate_override
 
 MPP_HINT = (
-    "give the pixel size: a manifest `mpp` column, or --slide-mpp X (µm per level-0 pixel, "
+    "give the pixel size: a manifest `mpp` column, or the slide's pixel size given explicitly (µm per level-0 pixel, "
     "e.g. 0.25 for a 40× scan, 0.5 for 20×)"
 )
 DAMAGED_HINT = "the file is damaged, truncated or still being copied; re-export it or leave it out"
@@ -155,7 +155,7 @@ class Slide:
             raise SlideError(
                 f"{self.path}: cannot read pixels at level-0 ({location[0]}, {location[1]}), "
                 f"level {level}, size {size[0]}×{size[1]}: {exc}",
-                hint=DAMAGED_HINT,
+                fix=DAMAGED_HINT,
             ) from None
         return flatten_on_white(region)
 
@@ -177,7 +177,7 @@ def _open_openslide(path: Path, vendor: str) -> openslide.OpenSlide:
     except (openslide.OpenSlideError, OSError) as exc:
         raise SlideError(
             f"{path}: cannot open it as a {vendor} slide: {exc}",
-            hint="convert it to a format OpenSlide reads (e.g. a JPEG-compressed pyramidal TIFF) "
+            fix="convert it to a format OpenSlide reads (e.g. a JPEG-compressed pyramidal TIFF) "
             "or leave it out",
         ) from None
 
@@ -189,13 +189,13 @@ def _open_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise SlideError(
             f"{path}: image too large for a plain-image read ({exc})",
-            hint="convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid "
+            fix="convert it to a pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid "
             "--compression jpeg`), which is read piece by piece",
         ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise SlideError(
             f"{path}: not a slide OpenSlide can read, nor an image Pillow can read ({exc})",
-            hint="check the file; slides: svs, tif/tiff, ndpi, vms, vmu, scn, mrxs, bif, svslide, dcm; "
+            fix="check the file; slides: svs, tif/tiff, ndpi, vms, vmu, scn, mrxs, bif, svslide, dcm; "
             "images: png, jpg, tif",
         ) from None
     return image
@@ -218,13 +218,13 @@ def open_slide(
         try:
             validate_override(mpp_override, override_source)
         except ValueError as exc:
-            raise SlideError(f"{path}: {exc}", hint=MPP_HINT) from None
+            raise SlideError(f"{path}: {exc}", fix=MPP_HINT, parameter="slide_mpp") from None
     if not path.is_file():
-        raise SlideError(f"{path}: no such file", hint="check the path")
+        raise SlideError(f"{path}: no such file", fix="check the path")
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except (openslide.OpenSlideError, OSError) as exc:
-        raise SlideError(f"{path}: cannot read the file: {exc}", hint=DAMAGED_HINT) from None
+        raise SlideError(f"{path}: cannot read the file: {exc}", fix=DAMAGED_HINT) from None
     if vendor is not None:
         handle: _Backend = _open_openslide(path, vendor)
         resolution = resolve_slide_mpp(handle.properties, mpp_override, override_source)
@@ -234,7 +234,7 @@ def open_slide(
         handle = _ImageBackend(image)
     if resolution.pixel_size is None and vendor is not None:
         handle.close()
-        raise SlideError(f"{path}: no usable pixel size ({resolution.explain()})", hint=MPP_HINT)
+        raise SlideError(f"{path}: no usable pixel size ({resolution.explain()})", fix=MPP_HINT, parameter="slide_mpp")
     return Slide(
         path=path,
         backend="openslide" if vendor is not None else "image",

@@ -51,13 +51,18 @@ class TissueParams:
 
     def __post_init__(self) -> None:
         if not self.mask_mpp > 0:
-            raise ConchdbError(f"mask_mpp must be positive, got {self.mask_mpp}")
+            raise ConchdbError(f"mask_mpp must be positive, got {self.mask_mpp}", parameter="mask_mpp")
         if not 0 <= self.min_saturation < 1:
-            raise ConchdbError(f"min_saturation must lie in [0, 1), got {self.min_saturation}")
+            raise ConchdbError(
+                f"min_saturation must lie in [0, 1), got {self.min_saturation}", parameter="min_saturation"
+            )
         if not 0 < self.hysteresis <= 1:
-            raise ConchdbError(f"hysteresis must lie in (0, 1], got {self.hysteresis}")
+            raise ConchdbError(f"hysteresis must lie in (0, 1], got {self.hysteresis}", parameter="hysteresis")
         if self.closing_um < 0 or self.min_component_um2 < 0:
-            raise ConchdbError("closing_um and min_component_um2 must not be negative")
+            raise ConchdbError(
+                "closing_um and min_component_um2 must not be negative",
+                parameter="closing_um" if self.closing_um < 0 else "min_component_um2",
+            )
 
 
 @dataclass(frozen=True)

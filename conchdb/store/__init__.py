@@ -51,7 +51,9 @@ def open_store(
         return ServerStore(qdrant_url, api_key=api_key, tuning=tuning)
     if store_path is None:
         raise StoreError(
-            "no store given", hint="pass --store PATH for an embedded store, or --qdrant-url URL for a server"
+            "no store given",
+            fix="give the folder of an embedded store, or the URL of a Qdrant server",
+            parameter="store",
         )
     from conchdb.store.edge import EdgeStore
 

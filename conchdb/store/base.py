@@ -256,7 +256,8 @@ class Store(ABC):
         if not flt:
             raise StoreError(
                 f"refusing to delete every point of collection '{name}' (the filter is empty)",
-                hint="give at least one condition, e.g. slide_id eq ID",
+                fix="give at least one condition, e.g. slide_id eq ID",
+                parameter="filter",
             )
         return record
 

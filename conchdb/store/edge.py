@@ -82,7 +82,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise StoreError(
-        f"payload value {value!r} ({type(value).__name__}) cannot be stored", hint="use str, int, float or bool"
+        f"payload value {value!r} ({type(value).__name__}) cannot be stored", fix="use str, int, float or bool"
     )
 
 
@@ -116,11 +116,12 @@ class EdgeStore(Store):
         self.path = Path(path).expanduser().resolve()
         self.location = f"embedded store {self.path}"
         if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"store path {self.path} is a file", hint="give --store a folder")
+            raise StoreError(f"store path {self.path} is a file", fix="give a folder as the store", parameter="store")
         if self.path.is_dir() and not _is_store_folder(self.path):
             raise StoreError(
                 f"{self.path} is a non-empty folder that is not a conchdb store",
-                hint="give --store an empty or new folder, or an existing conchdb store",
+                fix="give an empty or new folder as the store, or an existing conchdb store",
+                parameter="store",
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: lock.StoreLock | None = lock.acquire(self.path)
@@ -157,7 +158,7 @@ class EdgeStore(Store):
 
     def _read_record(self, name: str) -> CollectionRecord | None:
         if self._lock is None:
-            raise StoreError(f"{self.location} is closed", hint="open the store again")
+            raise StoreError(f"{self.location} is closed", fix="open the store again")
         if name in self._records:
             return self._records[name]
         file = self._dir(name) / RECORD_FILE
@@ -168,7 +169,7 @@ class EdgeStore(Store):
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(
                 f"cannot read the record of collection '{name}' ({file}): {exc}",
-                hint="the store is damaged; restore it from a copy or ingest into a new store",
+                fix="the store is damaged; restore it from a copy or ingest into a new store",
             ) from exc
         self._records[name] = record
         return record
@@ -190,7 +191,7 @@ class EdgeStore(Store):
             except Exception as exc:  # the engine raises plain Exceptions
                 raise StoreError(
                     f"qdrant-edge cannot open collection '{name}' in {self.location}: {exc}",
-                    hint="the store may be damaged or written by another qdrant-edge version",
+                    fix="the store may be damaged or written by another qdrant-edge version",
                 ) from exc
             self._shards[name] = shard
             self._complete_pending(name, shard)
@@ -303,7 +304,7 @@ class EdgeStore(Store):
         if os.pwrite(fd, note, 0) != len(note):
             os.ftruncate(fd, 0)
             raise StoreError(
-                f"cannot write {PENDING_FILE} of collection '{name}' in {self.location}", hint="free disk space"
+                f"cannot write {PENDING_FILE} of collection '{name}' in {self.location}", fix="free disk space"
             )
         try:
             shard.update(qe.UpdateOperation.upsert_points(batch))

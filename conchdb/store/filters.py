@@ -70,7 +70,8 @@ def _coerce(field: str, value: Any, kind: FieldType) -> Any:
         pass
     raise QueryError(
         f"filter on field '{field}': {value!r} is not a {kind} value",
-        hint=f"'{field}' holds {kind} values; compare it with a {kind}",
+        fix=f"'{field}' holds {kind} values; compare it with a {kind}",
+        parameter="where",
     )
 
 
@@ -99,16 +100,19 @@ def _translate_condition(cond: Condition, kind: FieldType | None, dialect: Diale
     field, op, value = cond.field, cond.op, cond.value
     if op == "in":
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
-            raise QueryError(f"filter on field '{field}': 'in' needs a list of values, got {value!r}")
+            raise QueryError(
+                f"filter on field '{field}': 'in' needs a list of values, got {value!r}", parameter="where"
+            )
         return [_one_of(field, list(value), kind, dialect)], []
     if value is None or isinstance(value, (list, tuple, set, dict)):
-        raise QueryError(f"filter on field '{field}': '{op}' needs one value, got {value!r}")
+        raise QueryError(f"filter on field '{field}': '{op}' needs one value, got {value!r}", parameter="where")
     kind = kind or _kind_of(value)
     if op in RANGE_OPS:
         if kind not in ("integer", "float"):
             raise QueryError(
                 f"filter on field '{field}': '{op}' compares numbers but the field is {kind}",
-                hint="use eq, ne or in for text and true/false fields",
+                fix="use eq, ne or in for text and true/false fields",
+                parameter="where",
             )
         return [dialect.range(field, {op: float(_coerce(field, value, kind))})], []
     typed = _coerce(field, value, kind)
@@ -119,7 +123,8 @@ def _translate_condition(cond: Condition, kind: FieldType | None, dialect: Diale
         return [], [_equals(field, typed, dialect), dialect.is_empty(field)]
     raise QueryError(
         f"filter on field '{field}': unknown operator {op!r}",
-        hint="use one of eq, ne, in, gt, gte, lt, lte",
+        fix="use one of eq, ne, in, gt, gte, lt, lte",
+        parameter="where",
     )
 
 

@@ -67,7 +67,8 @@ def acquire(store_dir: Path) -> StoreLock:
     except OSError as exc:
         raise StoreError(
             f"cannot open the lock file of the embedded store {store_dir}: {exc.strerror}",
-            hint="check that the store folder is writable, or choose another one with --store",
+            fix="check that the store folder is writable, or choose another store folder",
+            parameter="store",
         ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,8 +78,9 @@ def acquire(store_dir: Path) -> StoreLock:
         raise StoreError(
             f"the embedded store {store_dir} is in use by {_describe(holder)}; "
             "an embedded store can be open in one process at a time",
-            hint="wait for that process to finish (or stop it), or run a Qdrant server and use "
-            "--qdrant-url / CONCHDB_QDRANT_URL: a server lets many processes read and write at once",
+            fix="wait for that process to finish (or stop it), or run a Qdrant server and give its URL "
+            "(or set CONCHDB_QDRANT_URL): a server lets many processes read and write at once",
+            parameter="qdrant_url",
         ) from exc
     record = {
         "pid": os.getpid(),

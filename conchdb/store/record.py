@@ -72,7 +72,8 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise StoreError(
             f"invalid collection name {name!r}",
-            hint="use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            fix="use 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            parameter="collection",
         )
     return name
 
@@ -86,19 +87,19 @@ def check_spec(spec: CollectionSpec) -> None:
         if kind not in FIELD_TYPES:
             raise StoreError(
                 f"collection '{spec.name}': field '{key}' has unknown type {kind!r}",
-                hint=f"use one of {', '.join(FIELD_TYPES)}",
+                fix=f"use one of {', '.join(FIELD_TYPES)}",
             )
     undeclared = sorted(set(spec.indexed or ()) - set(spec.fields))
     if undeclared:
         raise StoreError(
             f"collection '{spec.name}': cannot index {', '.join(undeclared)}, which the spec does not declare",
-            hint="add them to the spec's fields with their types",
+            fix="add them to the spec's fields with their types",
         )
     unindexed = sorted(set(spec.load_indexed or ()) - set(spec.index_fields()))
     if unindexed:
         raise StoreError(
             f"collection '{spec.name}': load_indexed names {', '.join(unindexed)}, which get no index",
-            hint="list only fields that `indexed` names",
+            fix="list only fields that `indexed` names",
         )
 
 
@@ -113,15 +114,17 @@ def check_compatible(location: str, record: CollectionRecord, spec: CollectionSp
     if record.dim != spec.dim:
         raise StoreError(
             f"collection '{record.name}' in {location} holds {record.dim}-d vectors; {spec.dim}-d were offered",
-            hint="choose another collection with --collection, or another store",
+            fix="choose another collection, or another store",
+            parameter="collection",
         )
     have, offered = record.metadata.get(FINGERPRINT), spec.metadata.get(FINGERPRINT)
     if have is not None and offered is not None and have != offered:
         raise StoreError(
             f"collection '{record.name}' in {location} was built with model fingerprint {have}; "
             f"refusing vectors from model fingerprint {offered}",
-            hint="embed with the checkpoint that built this collection, or write to another collection "
-            "(--collection NAME) or another store (--store PATH / --qdrant-url)",
+            fix="embed with the checkpoint that built this collection, or write to another collection "
+            "or another store",
+            parameter="collection",
         )
 
 
@@ -139,7 +142,7 @@ def widen(record: CollectionRecord, spec: CollectionSpec) -> tuple[dict[str, Fie
         if have is not None and have != kind:
             raise StoreError(
                 f"collection '{record.name}': field '{key}' is declared as {have}, not {kind}",
-                hint=f"write '{key}' as {have} values, or use another collection",
+                fix=f"write '{key}' as {have} values, or use another collection",
             )
     new_fields = {key: kind for key, kind in spec.fields.items() if key not in record.fields}
     new_indexes = {key: kind for key, kind in spec.index_fields().items() if key not in record.indexed}
@@ -149,8 +152,9 @@ def widen(record: CollectionRecord, spec: CollectionSpec) -> tuple[dict[str, Fie
 def no_collection(location: str, name: str) -> StoreError:
     return StoreError(
         f"collection '{name}' does not exist in {location}",
-        hint="ingest slides into it first (conchdb ingest ... --collection NAME), or see the "
-        "collections there with conchdb stats",
+        fix="ingest slides into it first (conchdb ingest), or choose one of the collections "
+        "there (conchdb stats lists them)",
+        parameter="collection",
     )
 
 
@@ -164,7 +168,7 @@ def vectors_of(points: Sequence[Point], record: CollectionRecord, location: str)
         except (ValueError, TypeError, AttributeError):
             raise StoreError(
                 f"point id {p.id!r} for collection '{record.name}' is not a UUID string",
-                hint="make ids with conchdb.store.ids.tile_point_id or stable_id",
+                fix="make ids with conchdb.store.ids.tile_point_id or stable_id",
             ) from None
     vectors = np.asarray([p.vector for p in points], dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != record.dim:
@@ -186,7 +190,7 @@ def check_shared(points: Sequence[Point], shared: dict[str, Any]) -> None:
             both = sorted(keys & p.payload.keys())
             raise StoreError(
                 f"payload field(s) {', '.join(both)} of point {p.id} are also in the batch's shared fields",
-                hint="give each field either in the points' payloads or in `shared`, not both",
+                fix="give each field either in the points' payloads or in `shared`, not both",
             )
 
 

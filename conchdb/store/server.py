@@ -82,7 +82,11 @@ class ServerStore(Store):
         timeout: int = 60,
     ):
         if client is None and not url:
-            raise StoreError("no Qdrant server URL given", hint="pass --qdrant-url or set CONCHDB_QDRANT_URL")
+            raise StoreError(
+                "no Qdrant server URL given",
+                fix="give the server's URL or set CONCHDB_QDRANT_URL",
+                parameter="qdrant_url",
+            )
         self.url = url
         self.location = f"Qdrant server {url}" if url else "in-process qdrant-client"
         self._owns_client = client is None
@@ -110,13 +114,15 @@ class ServerStore(Store):
         except ResponseHandlingException as exc:
             raise StoreError(
                 f"cannot reach {self.location}: {exc}",
-                hint="start the server (docker compose up qdrant) or check --qdrant-url / CONCHDB_QDRANT_URL",
+                fix="start the server (docker compose up qdrant) or check the URL (CONCHDB_QDRANT_URL)",
+                parameter="qdrant_url",
             ) from exc
         except UnexpectedResponse as exc:
             if exc.status_code in (401, 403):
                 raise StoreError(
                     f"{self.location} refused the API key ({exc.status_code})",
-                    hint="set CONCHDB_QDRANT_API_KEY to the server's key",
+                    fix="set CONCHDB_QDRANT_API_KEY to the server's key",
+                    parameter="qdrant_api_key",
                 ) from exc
             if name is not None and exc.status_code == 404:
                 raise no_collection(self.location, name) from exc
@@ -136,7 +142,8 @@ class ServerStore(Store):
         if not isinstance(data, dict):
             raise StoreError(
                 f"collection '{name}' on {self.location} was not created by conchdb (it has no conchdb record)",
-                hint="choose another collection name with --collection",
+                fix="choose another collection name",
+                parameter="collection",
             )
         record = CollectionRecord.from_dict(data)
         self._records[name] = record

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from conchdb.errors import ManifestError
 from conchdb.ingest.cohort import Cohort, discover
-from conchdb.ingest.manifest import ManifestError, read_manifest
+from conchdb.ingest.manifest import read_manifest
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def test_malformed_manifests_name_file_line_and_column(cohort: Cohort, text: str
     path = _manifest(cohort, text)
     with pytest.raises(ManifestError, match=message) as caught:
         read_manifest(path, cohort)
-    assert str(path) in caught.value.message and caught.value.hint and caught.value.exit_code == 2
+    assert str(path) in caught.value.message and caught.value.fix and caught.value.exit_code == 2
 
 
 def test_unreadable_manifest(cohort: Cohort):

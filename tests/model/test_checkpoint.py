@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from conchdb.errors import CheckpointError
@@ -14,6 +18,7 @@ from conchdb.model.checkpoint import (
     fit_state_dict,
     read_checkpoint,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from conchdb.model.conch import ConchModel
 from conchdb.model.config import ConchConfig, VisionConfig
@@ -94,7 +99,7 @@ def test_resolution_order(tmp_path, monkeypatch):
     home = tmp_path / "home" / "models" / "conch"
     with pytest.raises(CheckpointError, match="no CONCH checkpoint found") as info:
         resolve_checkpoint(None, None, home)
-    assert "huggingface.co/MahmoodLab/conch" in info.value.hint
+    assert "huggingface.co/MahmoodLab/conch" in info.value.fix
     home.mkdir(parents=True)
     (home / "pytorch_model.bin").write_bytes(b"x")
     assert resolve_checkpoint(None, None, home) == str(home / "pytorch_model.bin")
@@ -124,3 +129,46 @@ def test_tiny_checkpoint_loads_with_its_config(tiny_checkpoint: Path, tokenizer_
     enc = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", models_dir=tiny_checkpoint.parent)
     assert enc.model.config == ConchConfig.tiny()
     assert enc.fingerprint == Encoder.from_model(make_tiny_model()).fingerprint
+
+
+@pytest.mark.parametrize("towers", [("text",), ("vision",)])
+def test_one_tower_loads_only_that_tower_with_the_whole_fingerprint(tiny_checkpoint: Path, tokenizer_path, towers):
+    whole = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", models_dir=tiny_checkpoint.parent)
+    one = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", models_dir=tiny_checkpoint.parent,
+                       towers=towers)
+    assert one.towers == set(towers) and one.fingerprint == whole.fingerprint
+    assert (one.model.visual is None) == ("vision" not in towers) and (one.model.text is None) == ("text" not in towers)
+    assert (one.tokenizer is None) == ("text" not in towers)
+    if "text" in towers:
+        np.testing.assert_allclose(one.encode_texts(["tumor"]), whole.encode_texts(["tumor"]), atol=1e-6)
+    else:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        np.testing.assert_allclose(one.encode_images([image]), whole.encode_images([image]), atol=1e-6)
+
+
+def test_the_fingerprint_is_remembered_per_checkpoint_file(tiny_checkpoint: Path, tokenizer_path, tmp_path):
+    cache = tmp_path / "cache"
+    first = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", towers=("text",), cache_dir=cache)
+    assert (cache / "fingerprints.json").is_file()
+    again = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", towers=("text",), cache_dir=cache)
+    assert again.fingerprint == first.fingerprint == Encoder.from_model(make_tiny_model()).fingerprint
+    save_checkpoint(make_tiny_model(1), tiny_checkpoint)  # another file at the same path: a new key
+    changed = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", towers=("text",), cache_dir=cache)
+    assert changed.fingerprint == Encoder.from_model(make_tiny_model(1)).fingerprint != first.fingerprint
+
+
+def test_a_text_only_load_imports_neither_timm_nor_torchvision(tiny_checkpoint: Path, tokenizer_path, tmp_path):
+    """Once the checkpoint's fingerprint is remembered (the first load checks the whole file),
+    a text query builds the text tower alone."""
+    cache = tmp_path / "cache"
+    Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", cache_dir=cache)
+    script = (
+        "import sys\nfrom conchdb.model.encoder import Encoder\n"
+        f"e = Encoder.load({str(tiny_checkpoint)!r}, {str(tokenizer_path)!r}, device='cpu', towers=('text',),"
+        f" cache_dir={str(cache)!r})\n"
+        "e.encode_texts('tumor')\n"
+        "print(sorted(m for m in ('timm', 'torchvision', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

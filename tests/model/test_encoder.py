@@ -82,3 +82,22 @@ def test_device_and_precision_choices():
         resolve_precision("int3", resolve_device("cpu"))
     with pytest.raises(ConchdbError):
         resolve_device("tpu")
+
+
+def test_a_bare_string_is_one_text(tiny_model, tokenizer_path):
+    tok = ConchTokenizer(tokenizer_path)
+    assert tok("tumor necrosis").shape == (1, 128)
+    np.testing.assert_array_equal(tok("tumor necrosis"), tok(["tumor necrosis"]))
+    enc = Encoder.from_model(tiny_model, tok)
+    one = enc.encode_texts("tumor necrosis")
+    assert one.shape == (1, 512)
+    np.testing.assert_allclose(one, enc.encode_texts(["tumor necrosis"]), atol=1e-6)
+
+
+def test_a_decompression_bomb_is_a_clear_image_error(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is then over twice the limit
+    with pytest.raises(ImageInputError, match="too large") as caught:
+        open_image(path)
+    assert caught.value.parameter == "image" and caught.value.exit_code == 2

@@ -23,7 +23,7 @@ def test_lookup_order(tmp_path, tokenizer_path):
     models = tmp_path / "models"
     with pytest.raises(TokenizerError, match="not found") as info:
         resolve_tokenizer(None, None, None, models)
-    assert "conchdb model fetch" in info.value.hint
+    assert "conchdb model fetch" in info.value.fix
     with pytest.raises(TokenizerError, match="missing.json"):
         resolve_tokenizer(tmp_path / "missing.json", None, None, models)
     ckpt_dir = tmp_path / "ckpt"

@@ -231,3 +231,30 @@ def test_heatmap_writes_a_png_over_the_thumbnail(env, corpus, tmp_path):
     corpus.tile(0).save(tmp_path / "q.png")
     ok("heatmap", "case_a/s1.png", "--image", str(tmp_path / "q.png"), "--out", str(tmp_path / "h2.png"), *env)
     assert Path(tmp_path / "h2.png").is_file()
+
+
+def test_a_decompression_bomb_is_a_clear_error(env, tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px is then over twice PIL's limit
+    for args in (["search", "--image", "bomb.png"], ["describe", "bomb.png"],
+                 ["classify", "bomb.png", "--label", "a", "--label", "b"]):
+        fails(*args, *env, words=r"bomb.png is too large")
+
+
+def test_errors_name_the_option_they_are_about(env, corpus):
+    assert "fix: --top-k: give a top-k between 1 and 1000" in fails("search", "tumor", "--top-k", "0", *env,
+                                                                     words="top-k 0").stderr
+    assert "fix: --where:" in fails("search", "tumor", "--where", "grade", *env, words="not of the form").stderr
+    assert "fix: --collection:" in fails("search", "tumor", "--collection", "other", *env,
+                                         words="does not exist").stderr
+
+
+def test_slide_mpp_is_for_region_queries(env, corpus, tmp_path):
+    Image.new("RGB", (256, 256), (200, 120, 170)).save(tmp_path / "plain.png")
+    doc = json.loads(ok("search", "--image", f"{tmp_path / 'plain.png'}+0,0,128,128", "--slide-mpp", "0.25",
+                        "--top-k", "2", "--json", *env).stdout)
+    assert len(doc) == 2
+    result = fails("search", "--image", f"{tmp_path / 'plain.png'}+0,0,128,128", "--slide-mpp", "40", *env,
+                   words="not a pixel size")
+    assert "--slide-mpp" in result.stderr
+    fails("search", "tumor", "--slide-mpp", "0.25", *env, words="region query")

@@ -75,13 +75,13 @@ def test_bad_expressions_are_errors_that_show_the_expression(expr, problem):
     assert repr(expr) in message
     assert problem in message
     if "no field" not in problem:
-        assert "field=value" in (info.value.hint or "")
+        assert "field=value" in (info.value.fix or "")
 
 
 def test_the_unknown_field_error_lists_the_fields():
     with pytest.raises(QueryError) as info:
         parse_where(["diagnossis=adenoma"], TYPES)
-    assert "diagnosis" in info.value.hint and "grade" in info.value.hint
+    assert "diagnosis" in info.value.fix and "grade" in info.value.fix
 
 
 def test_inferred_types_still_catch_mismatches_but_allow_unseen_fields():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conchdb.catalog import slides_collection
-from conchdb.errors import ConchdbError, ImageInputError, QueryError
+from conchdb.errors import ConchdbError, ImageInputError, QueryError, StoreError
 from conchdb.model.encoder import Encoder
 from conchdb.search import Searcher, classes_from_labels, load_prompt_file, prompts, vocabulary
 from conchdb.search.texts import add_texts, read_text_file, text_id
@@ -281,7 +281,7 @@ def test_an_unknown_slide_suggests_close_ids(memory, encoder, corpus):
     try:
         with pytest.raises(QueryError, match="no tiles of slide 'case_a/s4.png'") as info:
             Searcher(encoder, memory, "tiles").slide_tiles("case_a/s4.png")
-        assert "case_a/s1.png" in info.value.hint
+        assert "case_a/s1.png" in info.value.fix
     finally:
         memory.client.delete_collection(slides.name)
 
@@ -297,3 +297,51 @@ def test_a_slide_stored_twice_must_be_narrowed(tmp_path, corpus, encoder):
     with pytest.raises(QueryError, match="several values of 'cohort'"):
         searcher.slide_tiles("case_a/s1.png")
     assert len(searcher.slide_tiles("case_a/s1.png", searcher.parse_where(["cohort=other"]))) == 1
+
+
+def test_slide_mpp_scales_a_region_of_a_slide_without_a_pixel_size(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), (200, 120, 170)).save(tmp_path / "plain.png")
+    searcher = Searcher()  # no store: regions are read at the default 0.5 µm/px
+    assert searcher.load_image(f"{tmp_path / 'plain.png'}+0,0,100,100").size == (100, 100)  # level 0: no size known
+    assert searcher.load_image(f"{tmp_path / 'plain.png'}+0,0,100,100", slide_mpp=0.25).size == (50, 50)
+    with pytest.raises(QueryError) as caught:
+        searcher.load_image(tmp_path / "plain.png", slide_mpp=0.25)
+    assert caught.value.parameter == "slide_mpp"
+
+
+def test_the_searcher_opens_the_store_and_loads_only_the_tower_a_query_needs(tmp_path, encoder, corpus):
+    """As a context manager: the store is opened on first need and closed on exit; a text
+    query asks for the text tower, an image query for the vision tower, a point query for none."""
+    asked: list[frozenset[str]] = []
+    opened: list = []
+
+    def load(towers):
+        asked.append(frozenset(towers))
+        return encoder
+
+    def open_it():
+        store = open_backend("edge", tmp_path / "store")
+        fill_store(store, "tiles", corpus, encoder)
+        opened.append(store)
+        return store
+
+    with Searcher(collection="tiles", load_encoder=load, open_store=open_it) as searcher:
+        assert not opened and not asked
+        point = searcher.search(searcher.query_vector(point=corpus.ids()[0]), 1)[0]
+        assert len(opened) == 1 and not asked and point.id == corpus.ids()[0]
+        searcher.search(searcher.query_vector(text="tumor"), 3)
+        assert asked == [frozenset({"text"})]
+    assert searcher.store is None
+    with pytest.raises(StoreError, match="closed"):
+        opened[0].count("tiles")
+    searcher = Searcher(collection="tiles", load_encoder=load, open_store=None)
+    vector = searcher.image_vector(_pixels())
+    assert vector.shape == (512,) and asked[-1] == frozenset({"vision"})
+
+
+def _pixels():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))

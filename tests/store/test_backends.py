@@ -203,7 +203,7 @@ def test_collection_records_metadata_and_refuses_another_model(store, name):
         store.ensure_collection(spec(name, fingerprint="sha256:other-model"))
     message = str(err.value)
     assert FINGERPRINT in message and "sha256:other-model" in message and name in message
-    assert "--collection" in err.value.hint
+    assert err.value.parameter == "collection" and "another collection" in err.value.fix
     with pytest.raises(StoreError, match="32-d"):
         store.ensure_collection(spec(name, dim=64))
     assert store.collection_metadata(f"{name}_absent") is None

@@ -51,7 +51,7 @@ def test_second_process_is_told_who_holds_the_store(tmp_path):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         assert done.returncode == 3, done.stderr
         assert f"in use by process {os.getpid()}" in done.stdout
-        assert "Qdrant server" in done.stdout and "--qdrant-url" in done.stdout
+        assert "Qdrant server" in done.stdout and "CONCHDB_QDRANT_URL" in done.stdout
         assert "Traceback" not in done.stdout + done.stderr
     # released on close: the next process gets in
     again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

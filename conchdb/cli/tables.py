@@ -1,4 +1,4 @@
-"""Rich tables for search results, so the commands in `cli.py` only parse and print.
+"""Rich tables for search results, so the commands only parse and print.
 
 A hits table shows rank, score, slide and position, then the payload fields the filters
 tested and the cohort's own metadata (manifest columns), which are what a user filters on

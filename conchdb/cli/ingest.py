@@ -1,0 +1,140 @@
+"""`conchdb ingest` and `conchdb stats`: fill the store from slides, and say what it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from conchdb.catalog import SlideStatus
+from conchdb.cli.app import Options, app, err_console, handles_errors, uses_options
+from conchdb.cli.summaries import print_ingest_summary, print_stats
+from conchdb.cli.tiles import MinTissueOpt, StridePxOpt, TargetMppOpt, TilePxOpt
+from conchdb.errors import ConchdbError
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True, collection=True, model=True)
+def ingest(
+    options: Options,
+    path: Annotated[Path, typer.Argument(help="A slide file, or a folder searched recursively.")],
+    manifest: Annotated[
+        Path | None, typer.Option("--manifest", help="CSV with a 'slide' column (default: PATH/manifest.csv).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per model batch.")] = 32,
+    readers: Annotated[int, typer.Option("--readers", help="Tile reader processes.")] = 2,
+    target_mpp: TargetMppOpt = 0.5,
+    tile_px: TilePxOpt = 512,
+    stride_px: StridePxOpt = None,
+    min_tissue: MinTissueOpt = 0.25,
+    slide_mpp: Annotated[
+        float | None, typer.Option("--slide-mpp", help="Level-0 µm/px for slides whose manifest row gives none.")
+    ] = None,
+    cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort name (default: the folder name).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo slides already ingested.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Tile, embed and store every slide under PATH; reruns skip slides already done.
+
+    Exit status: 0 when every slide is in the store, 3 when some failed (named in the
+    summary) and the rest were ingested, 2 for bad options, manifest or weights.
+    """
+    import json
+
+    from conchdb.ingest.cohort import discover
+    from conchdb.ingest.manifest import read_manifest
+    from conchdb.ingest.pipeline import Ingest, IngestOptions
+    from conchdb.slides.grid import TilingParams
+
+    if batch_size < 1 or readers < 0:
+        raise ConchdbError("--batch-size must be ≥ 1 and --readers ≥ 0", "e.g. --batch-size 32 --readers 2")
+    params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
+    found = discover(path)
+    table = read_manifest(manifest, found)  # every input is checked before the model loads
+    # Tiles need only the vision tower; the fingerprint recorded is still the whole checkpoint's.
+    encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size)
+    opened = options.open_store()
+    settings = IngestOptions(params, batch_size, readers, force, cohort, slide_mpp)
+    try:
+        with _ingest_progress(enabled=not as_json) as progress:
+            summary = Ingest(found, table, encoder, opened, options.collection_name, settings, progress).run()
+    finally:
+        opened.close()
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict()))
+    else:
+        print_ingest_summary(summary.to_dict())
+    raise typer.Exit(summary.exit_code)
+
+
+def _ingest_progress(enabled: bool) -> Any:
+    """A rich progress display fed by the pipeline's callbacks (a context manager)."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from conchdb.ingest.pipeline import Progress as Callbacks
+
+    @contextlib.contextmanager
+    def display() -> Any:
+        if not enabled:
+            yield Callbacks()
+            return
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console, transient=False,
+        )
+        slides = bar.add_task("slides", total=None, rate="")
+        tiles = bar.add_task("tiles", total=0, rate="")
+        import time
+
+        start = time.perf_counter()
+        done = [0]
+
+        def on_start(n: int) -> None:
+            bar.update(slides, total=n)
+
+        def on_slide(slide_id: str, n: int) -> None:
+            task = bar.tasks[tiles]
+            bar.update(tiles, total=(task.total or 0) + n, description=f"tiles  [dim]{slide_id}[/]")
+
+        def on_batch(n: int) -> None:
+            done[0] += n
+            rate = done[0] / max(time.perf_counter() - start, 1e-9)
+            bar.update(tiles, advance=n, rate=f"{rate:.1f} tiles/s")
+
+        def on_outcome(outcome: Any) -> None:
+            bar.update(slides, advance=1)
+            if outcome.status == SlideStatus.FAILED:
+                bar.console.print(f"[red]failed[/] {outcome.error}", highlight=False, soft_wrap=True)
+
+        with bar:
+            yield Callbacks(on_start, on_slide, on_batch, on_outcome)
+
+    return display()
+
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True)
+def stats(
+    options: Options,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Collections, point counts, slides by status, model fingerprint, tiling, location and size."""
+    import json
+
+    from conchdb.store.stats import store_stats
+
+    opened = options.open_store()
+    try:
+        doc = store_stats(opened)
+    finally:
+        opened.close()
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    print_stats(doc)

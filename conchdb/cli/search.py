@@ -1,0 +1,212 @@
+"""`conchdb search`, `describe`, `classify` and `heatmap`: queries over a store.
+
+Each command opens one `Searcher` as a context manager: the store is opened and the model
+loaded (only the tower the query needs) when a query first needs them, and the store is
+closed when the command is done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from conchdb.cli.app import Options, app, err_console, handles_errors, out_console, print_json, uses_options
+from conchdb.errors import ConchdbError, QueryError
+
+ImageQueryOpt = Annotated[
+    str | None, typer.Option("--image", help="An image file, or a slide region PATH+x,y,w,h (level-0 pixels).")
+]
+WhereOpt = Annotated[
+    list[str], typer.Option("--where", help="Filter: field=v, field!=v, field=a,b,c, field>=x, field<x ...; repeat.")
+]
+EnsembleOpt = Annotated[
+    bool, typer.Option("--ensemble", help="Average the text over CONCH-style prompt templates.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True, collection=True, model=True)
+def search(
+    options: Options,
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: ImageQueryOpt = None,
+    point: Annotated[str | None, typer.Option("--point", help="Id of a stored tile: find tiles like it.")] = None,
+    where: WhereOpt = [],  # noqa: B006
+    top_k: Annotated[int, typer.Option("--top-k", help="Results per page, 1 to 1000.")] = 10,
+    page: Annotated[int, typer.Option("--page", help="Page of results; 2 is results top-k+1 to 2×top-k.")] = 1,
+    group_by: Annotated[
+        str | None, typer.Option("--group-by", help="'slide' (or a payload field): one result per slide.")
+    ] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="Tiles kept per group.")] = 3,
+    ensemble: EnsembleOpt = False,
+    min_score: Annotated[float | None, typer.Option("--min-score", help="Leave out hits below this cosine.")] = None,
+    as_json: JsonOpt = False,
+    export: Annotated[Path | None, typer.Option("--export", help="Write hit JPEGs and index.html here.")] = None,
+    slide_mpp: Annotated[
+        float | None,
+        typer.Option("--slide-mpp", help="Level-0 µm/px of a region's slide that is not in the store."),
+    ] = None,
+) -> None:
+    """Search tiles by text, by image or by a stored tile, with filters; exactly one of QUERY, --image, --point."""
+    from conchdb.search.filters import filter_fields
+    from conchdb.search.searcher import require_text
+
+    if sum(q is not None for q in (query, image, point)) != 1:
+        raise QueryError("give exactly one query", fix="QUERY text, --image PATH, or --point ID")
+    if query is not None:
+        require_text(query)
+    if page < 1:
+        raise QueryError(f"--page {page} is not a page number", fix="pages start at 1")
+    if slide_mpp is not None and image is None:
+        raise QueryError("a slide pixel size applies to a slide region query", fix="give --image PATH+x,y,w,h")
+    with options.searcher() as searcher:
+        flt = searcher.parse_where(where)
+        # The image is read before the model loads, which loads only the tower the query needs.
+        pixels = searcher.load_image(image, slide_mpp=slide_mpp) if image is not None else None
+        vector = searcher.query_vector(text=query, image=pixels, point=point, ensemble=ensemble)
+        hits = searcher.search(vector, top_k, flt, min_score, (page - 1) * top_k, group_by, group_size)
+    if export is not None:
+        from conchdb.search.export import export_hits
+
+        title = f"text: {query}" if query is not None else f"image: {image}" if image is not None else f"point: {point}"
+        done = export_hits(hits, export, title)
+        for tile in done.failures:
+            err_console.print(f"[yellow]warning:[/] hit {tile.label}: {tile.error}", highlight=False, soft_wrap=True)
+        err_console.print(f"export: {len(done.tiles) - len(done.failures)} images and {done.index}", highlight=False)
+    if as_json:
+        print_json([h.to_dict() for h in hits])
+        return
+    from conchdb.cli.tables import hits_table
+
+    if not hits:
+        out_console.print("no results")
+        return
+    out_console.print(hits_table(hits, filter_fields(flt)))
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True, collection=True, model=True)
+def describe(
+    options: Options,
+    image: Annotated[str, typer.Argument(help="An image file, or a slide region PATH+x,y,w,h (level-0 pixels).")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Number of texts, 1 to 1000.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Image -> text: the added texts (conchdb texts add) closest to an image, else built-in histopathology terms."""
+    with options.searcher() as searcher:
+        pixels = searcher.load_image(image)
+        matches = searcher.describe(searcher.image_vector(pixels), top_k)
+    if as_json:
+        print_json([m.to_dict() for m in matches])
+        return
+    from conchdb.cli.tables import texts_table
+
+    out_console.print(texts_table(matches))
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True, collection=True, model=True)
+def classify(
+    options: Options,
+    image: Annotated[
+        str | None, typer.Argument(help="A tile or ROI image, or a slide region PATH+x,y,w,h.")
+    ] = None,
+    slide: Annotated[
+        str | None, typer.Option("--slide", help="A stored slide id: MI-Zero over its stored tiles.")
+    ] = None,
+    label: Annotated[list[str], typer.Option("--label", help="A class name; repeat, at least two.")] = [],  # noqa: B006
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Classes and templates in CONCH's prompts/*.json format.")
+    ] = None,
+    ensemble: Annotated[
+        bool, typer.Option("--ensemble", help="Put each --label into CONCH-style templates.")
+    ] = False,
+    topk: Annotated[str, typer.Option("--topk", help="MI-Zero: k values of top-k mean pooling.")] = "1,5,10,50,100",
+    where: WhereOpt = [],  # noqa: B006
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot classification of an image, or of a slide (--slide) from its stored tile vectors."""
+    from conchdb.search import classes_from_labels, load_prompt_file
+    from conchdb.search.zeroshot import parse_ks
+
+    if (image is None) == (slide is None):
+        raise QueryError("give an IMAGE or --slide SLIDE_ID (one of them)")
+    if bool(label) == (prompts is not None):
+        raise QueryError("give the classes with --label TEXT (repeated) or --prompts FILE.json (one of them)")
+    classes = load_prompt_file(prompts) if prompts is not None else classes_from_labels(label, ensemble)
+    try:
+        ks = parse_ks(topk)
+    except ValueError as exc:
+        raise QueryError(f"--topk {topk!r}: {exc}", fix="give k values such as 1,5,10,50,100") from None
+    if image is not None:
+        with options.searcher(with_store=False) as searcher:
+            pixels = searcher.load_image(image)
+            searcher.require("vision", "text")  # one load for the image and the class prompts
+            scores = searcher.classify(searcher.image_vector(pixels), classes)
+        if as_json:
+            print_json({"image": image, **scores.to_dict()})
+            return
+        from conchdb.cli.tables import classes_table
+
+        out_console.print(classes_table(scores, title=f"{image}: {scores.prediction}"))
+        return
+    with options.searcher() as searcher:
+        flt = searcher.parse_where(where)
+        n_tiles, results = searcher.classify_slide(slide, classes, ks, flt)
+    if as_json:
+        print_json({"slide_id": slide, "tiles": n_tiles, "results": [r.to_dict() for r in results]})
+        return
+    from conchdb.cli.tables import mi_zero_table
+
+    out_console.print(mi_zero_table(results, title=f"{slide}: MI-Zero over {n_tiles} stored tiles"))
+
+
+@app.command()
+@handles_errors
+@uses_options(store=True, collection=True, model=True)
+def heatmap(
+    options: Options,
+    slide_id: Annotated[str, typer.Argument(help="A stored slide id.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    query: Annotated[str | None, typer.Argument(help="Text query (or give --image).")] = None,
+    image: ImageQueryOpt = None,
+    ensemble: EnsembleOpt = False,
+    where: WhereOpt = [],  # noqa: B006
+    size: Annotated[int, typer.Option("--size", help="Longest side of the thumbnail, pixels.")] = 1024,
+) -> None:
+    """Similarity of each stored tile of a slide to a text or image query, over the slide's thumbnail."""
+    from conchdb.search.heatmap import slide_heatmap
+    from conchdb.search.searcher import require_text
+
+    if (query is None) == (image is None):
+        raise QueryError("give a text QUERY or --image PATH (one of them)")
+    if query is not None:
+        require_text(query)
+    if not 64 <= size <= 8192:
+        raise QueryError(f"--size {size} is outside 64..8192")
+    with options.searcher() as searcher:
+        flt = searcher.parse_where(where)
+        searcher.slide_tiles(slide_id, flt)  # an unknown slide fails before the model loads
+        pixels = searcher.load_image(image) if image is not None else None
+        vector = searcher.query_vector(text=query, image=pixels, ensemble=ensemble)
+        tiles, scores = searcher.slide_similarity(slide_id, vector, flt)
+    result = slide_heatmap(tiles, scores, f"{slide_id}: {query if query is not None else image}", size)
+    try:
+        result.image.save(out, "PNG")
+    except (OSError, ValueError) as exc:
+        raise ConchdbError(f"cannot write {out}: {exc}", fix="give --out a writable .png path") from None
+    best = result.best.payload
+    out_console.print(
+        f"wrote {out}: {result.tiles} tiles, scores {result.low:.4f} to {result.high:.4f}, "
+        f"best at ({best.get('x')}, {best.get('y')})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
