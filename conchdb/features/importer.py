@@ -347,6 +347,9 @@ class FeatureImport:
             ))
             self.store.delete(self.collection, scope)
             self.store.delete(records, Filter((*flt.must, *scope.must)))
+            kept = record.payload.get("raw_features")
+            if kept:
+                Path(kept).unlink(missing_ok=True)
 
     # -- the run -------------------------------------------------------------------------
 

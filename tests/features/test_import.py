@@ -54,7 +54,7 @@ def test_golden_features_import_as_conchs_embeddings_and_are_found_by_their_imag
                 np.testing.assert_allclose(stored[(x, y)], proj[row], atol=1e-5)
         tile = next(store.scroll("trident")).payload
         assert (tile["source"], tile["size"], tile["tile_px"], tile["magnification"]) == ("trident", 1024, 512, 20)
-        assert tile["mpp"] is None and tile["target_mpp"] is None and tile["path"] is None
+        assert all(tile.get(key) is None for key in ("mpp", "target_mpp", "path")), "unknown without the slide"
         (record,) = [h.payload for h in store.scroll(slides_collection("trident"))]
         assert (record["status"], record["tiles"], record["slide_missing"]) == ("done", len(unproj), True)
         assert (record["patch_size_level0"], record["level0_magnification"]) == (1024, 40)
@@ -235,3 +235,13 @@ def test_with_slides_tile_images_and_heatmaps_cut_the_right_pixels(tmp_path, env
     assert re.search(rf"best at \({best['x']}, {best['y']}\)", result.stdout), result.stdout
     with Image.open(tmp_path / "h.png") as picture:
         assert picture.width > SLIDE_W // 2
+
+
+def test_a_file_whose_coordinates_lie_outside_its_slide_is_refused(tmp_path, env):
+    slides, path = _slide_folder(tmp_path)
+    root = tmp_path / "job"
+    write_trident_file(root, "s1", raw(2), np.array([[0, 0], [SLIDE_W + 64, 0]]), patch_size=TILE, target_mag=20,
+                       level0_mag=20)
+    doc = import_json(root, env, "--slides", str(slides), code=3)
+    (failure,) = doc["failed"]
+    assert "outside" in failure["error"] and str(path) in failure["error"] and "s1.h5" in failure["error"]
