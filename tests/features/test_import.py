@@ -210,6 +210,8 @@ def test_with_slides_tile_images_and_heatmaps_cut_the_right_pixels(tmp_path, env
     joined = import_json(root, env, "--slides", str(slides))
     assert joined["ingested"] == 1 and joined["slides_without_slide_file"] == []
     assert joined["slides_without_manifest_row"] == []
+    kept = list((tmp_path / "store" / "features" / "conch_tiles").glob("*.h5"))
+    assert len(kept) == 1, "the unjoined import's kept features went with its record"
     with EdgeStore(tmp_path / "store") as store:
         assert store.count("conch_tiles", Filter((Condition("slide_id", "eq", "s1"),))) == 0, "replaced"
         hits = list(store.scroll("conch_tiles", None, with_vectors=True))
