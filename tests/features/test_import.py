@@ -247,3 +247,23 @@ def test_a_file_whose_coordinates_lie_outside_its_slide_is_refused(tmp_path, env
     doc = import_json(root, env, "--slides", str(slides), code=3)
     (failure,) = doc["failed"]
     assert "outside" in failure["error"] and str(path) in failure["error"] and "s1.h5" in failure["error"]
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+def test_import_into_a_server_store_projects_with_the_encoder(tmp_path, encoder):
+    from qdrant_client import QdrantClient
+
+    from conchdb.store.server import ServerStore
+
+    features = raw(5)
+    write_trident_file(tmp_path / "job", "a", features, grid_coords(5))
+    store = ServerStore(client=QdrantClient(":memory:"))
+    summary = import_features(tmp_path / "job", encoder, store, "tiles", ImportOptions("trident"))
+    assert summary.exit_code == 0 and summary.tiles_written == 5
+    stored = by_coords(store, "tiles")
+    expected = encoder.project(features)
+    for row, (x, y) in enumerate(grid_coords(5)):
+        np.testing.assert_allclose(stored[(x, y)], expected[row], atol=1e-6)
+    record = next(store.scroll(slides_collection("tiles"))).payload
+    assert record["status"] == "done" and record.get("raw_features") is None
+    store.close()
