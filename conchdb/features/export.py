@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from conchdb.catalog import SlideStatus, slides_collection
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.features.files import FeatureFileError, read_feature_file, write_trident
-from conchdb.ingest.pipeline import DONE, slides_collection
 from conchdb.store import Condition, Filter, Hit, Store
 
 EXPORT_FORMATS = ("trident",)
@@ -78,9 +78,10 @@ def _records(store: Store, collection: str, slide_ids: Sequence[str] | None) -> 
     if store.collection_metadata(records_collection) is None:
         raise ConchdbError(
             f"collection '{collection}' in {store.location} has no slide records",
-            hint="ingest or import slides into it first, or name the collection that holds them",
+            fix="ingest or import slides into it first, or name the collection that holds them",
+            parameter="collection",
         )
-    flt = Filter((Condition("status", "eq", DONE),))
+    flt = Filter((Condition("status", "eq", SlideStatus.DONE.value),))
     records = [h.payload for h in store.scroll(records_collection, flt)]
     if slide_ids is None:
         return sorted(records, key=lambda r: (str(r.get("slide_id")), str(r.get("tiling"))))
@@ -92,7 +93,8 @@ def _records(store: Store, collection: str, slide_ids: Sequence[str] | None) -> 
         close = sorted({m for s in unknown for m in difflib.get_close_matches(s, sorted(known), n=2)})
         raise QueryError(
             f"no finished slide {', '.join(repr(s) for s in unknown)} in collection '{collection}'",
-            hint=f"did you mean {', '.join(close)}?" if close else "see the slide ids with conchdb stats",
+            fix=f"did you mean {', '.join(close)}?" if close else "see the slide ids with conchdb stats",
+            parameter="slide_ids",
         )
     wanted = set(slide_ids)
     return sorted((r for r in records if r.get("slide_id") in wanted),
@@ -126,7 +128,7 @@ def _raw_rows(record: dict[str, Any], coords: np.ndarray) -> tuple[np.ndarray, n
         raise FeatureFileError(
             f"no pre-projection features are kept for slide '{record.get('slide_id')}' "
             f"(tiling {record.get('tiling')})",
-            hint="they exist only for slides imported from TRIDENT or CLAM files; export the projections instead",
+            fix="they exist only for slides imported from TRIDENT or CLAM files; export the projections instead",
         )
     kept = read_feature_file(path, "trident", _width(path))
     index = {(int(x), int(y)): i for i, (x, y) in enumerate(kept.coords)}
@@ -144,7 +146,7 @@ def _width(path: str) -> int:
             return int(fh["features"].shape[1])
     except (OSError, KeyError, IndexError) as exc:
         raise FeatureFileError(f"{path}: cannot read the kept pre-projection features ({exc})",
-                               hint="import the slide's feature file again") from None
+                               fix="import the slide's feature file again") from None
 
 
 def _in_scope(record: dict[str, Any], where: Filter | None) -> bool:
@@ -169,22 +171,24 @@ def _tiles(store: Store, collection: str, record: dict[str, Any], where: Filter 
 def export_features(
     store: Store,
     collection: str,
-    folder: str | Path,
+    out: str | Path,
     slide_ids: Sequence[str] | None = None,
     *,
     raw: bool = False,
     where: Filter | None = None,
     fmt: str = "trident",
 ) -> ExportSummary:
-    """Write one TRIDENT `.h5` per finished slide (all, or `slide_ids`) into `folder`.
+    """Write one TRIDENT `.h5` per finished slide (all, or `slide_ids`) into the folder `out`.
 
     `where` keeps only the tiles that match it; a slide none of whose tiles match is left
     out and reported. Two slide records that would give the same file name (one slide at
     two tilings, or two cohorts) are an error that asks for a narrower selection.
     """
     if fmt not in EXPORT_FORMATS:
-        raise ConchdbError(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(EXPORT_FORMATS)}")
-    folder = Path(folder)
+        raise ConchdbError(
+            f"unknown export format {fmt!r}", fix=f"use one of {', '.join(EXPORT_FORMATS)}", parameter="fmt"
+        )
+    folder = Path(out)
     records = [r for r in _records(store, collection, slide_ids) if _in_scope(r, where)]
     names: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -194,13 +198,14 @@ def export_features(
             raise QueryError(
                 f"slides '{other['slide_id']}' ({other['cohort']}, tiling {other['tiling']}) and "
                 f"'{record['slide_id']}' ({record['cohort']}, tiling {record['tiling']}) would both be {name}.h5",
-                hint="export one tiling or cohort at a time: filter with tiling=KEY or cohort=NAME",
+                fix="export one tiling or cohort at a time: filter with tiling=KEY or cohort=NAME",
+                parameter="where",
             )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         problem = f"cannot create the export folder {folder}: {exc}"
-        raise ConchdbError(problem, hint="choose a writable folder") from None
+        raise ConchdbError(problem, fix="choose a writable folder", parameter="out") from None
     summary = ExportSummary(folder, raw)
     for name, record in names.items():
         done = ExportedSlide(str(record["slide_id"]))
@@ -223,10 +228,10 @@ def export_features(
                 "tiling": str(record["tiling"]), "cohort": str(record["cohort"]),
             })
         except FeatureFileError as exc:
-            done.error = exc.message if not exc.hint else f"{exc.message} (fix: {exc.hint})"
+            done.error = exc.message if not exc.fix else f"{exc.message} (fix: {exc.fix})"
             continue
         except OSError as exc:
             problem = f"cannot write {folder / (name + '.h5')}: {exc}"
-            raise ConchdbError(problem, hint="choose a writable folder") from None
+            raise ConchdbError(problem, fix="choose a writable folder", parameter="out") from None
         done.file, done.tiles = str(path), len(features)
     return summary

@@ -118,10 +118,12 @@ def find_feature_files(root: str | Path, fmt: str) -> tuple[list[Path], list[Pat
     slides without an h5 file; or the `.h5`/`.pt` files directly in `root`.
     """
     if fmt not in FORMATS:
-        raise FeatureFileError(f"unknown feature format {fmt!r}", hint="use trident or clam")
+        raise FeatureFileError(f"unknown feature format {fmt!r}", fix="use trident or clam", parameter="fmt")
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FeatureFileError(f"{root}: no such folder", hint="give the folder the feature files were written to")
+        raise FeatureFileError(
+            f"{root}: no such folder", fix="give the folder the feature files were written to", parameter="path"
+        )
     if fmt == "trident":
         folders = [root] if root.name == TRIDENT_FOLDER else sorted(p for p in root.rglob(TRIDENT_FOLDER) if p.is_dir())
         folders = folders or [root]
@@ -167,7 +169,7 @@ def _read_h5(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, dict[str
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise FeatureFileError(
             f"{path}: cannot read the HDF5 file ({exc})",
-            hint="the file is corrupt or truncated; extract this slide's features again",
+            fix="the file is corrupt or truncated; extract this slide's features again",
         ) from None
     return features, coords, attrs
 
@@ -180,12 +182,12 @@ def _read_pt(path: Path) -> np.ndarray:
     except Exception as exc:  # torch raises many types for a damaged pickle or zip
         raise FeatureFileError(
             f"{path}: cannot read the .pt file ({type(exc).__name__}: {exc})",
-            hint="the file is corrupt or truncated; extract this slide's features again",
+            fix="the file is corrupt or truncated; extract this slide's features again",
         ) from None
     if not isinstance(data, torch.Tensor):
         raise FeatureFileError(
             f"{path}: holds a {type(data).__name__}, not a features tensor",
-            hint="give the pt_files that CLAM's extract_features_fp.py writes",
+            fix="give the pt_files that CLAM's extract_features_fp.py writes",
         )
     return data.float().numpy()
 
@@ -193,47 +195,47 @@ def _read_pt(path: Path) -> np.ndarray:
 def check_features(path: Path, features: np.ndarray | None, coords: np.ndarray | None, dim: int) -> None:
     """Refuse what are not CONCH v1 pre-projection features with one patch corner per row."""
     if features is None:
-        raise FeatureFileError(f"{path}: no 'features' dataset", hint="give feature files written by TRIDENT or CLAM")
+        raise FeatureFileError(f"{path}: no 'features' dataset", fix="give feature files written by TRIDENT or CLAM")
     if coords is None:
         raise FeatureFileError(
-            f"{path}: no 'coords' dataset", hint="give the h5 files that hold features and coords together"
+            f"{path}: no 'coords' dataset", fix="give the h5 files that hold features and coords together"
         )
     if features.ndim != 2:
         raise FeatureFileError(
             f"{path}: 'features' has shape {features.shape}, not (patches, {dim})",
-            hint="give patch features (one row per patch), not slide-level features",
+            fix="give patch features (one row per patch), not slide-level features",
         )
     width = features.shape[1]
     if width != dim:
         known = f" ({_OTHER_ENCODERS[width]})" if width in _OTHER_ENCODERS else ""
         raise FeatureFileError(
             f"{path}: features are {width}-d{known}; CONCH v1 pre-projection features are {dim}-d",
-            hint=f"import the {TRIDENT_FOLDER} features (TRIDENT) or conch_v1 features (CLAM)",
+            fix=f"import the {TRIDENT_FOLDER} features (TRIDENT) or conch_v1 features (CLAM)",
         )
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise FeatureFileError(
-            f"{path}: 'coords' has shape {coords.shape}, not (patches, 2)", hint="extract this slide's features again"
+            f"{path}: 'coords' has shape {coords.shape}, not (patches, 2)", fix="extract this slide's features again"
         )
     if coords.shape[0] != features.shape[0]:
         raise FeatureFileError(
             f"{path}: {features.shape[0]} feature rows but {coords.shape[0]} coordinates",
-            hint="the features and coordinates come from different runs; extract this slide's features again",
+            fix="the features and coordinates come from different runs; extract this slide's features again",
         )
     if not np.issubdtype(features.dtype, np.floating) or not np.isfinite(features).all():
         raise FeatureFileError(
             f"{path}: features are not finite floating-point numbers ({features.dtype})",
-            hint="extract this slide's features again",
+            fix="extract this slide's features again",
         )
     if len(coords) and (not np.all(np.equal(np.mod(coords, 1), 0)) or coords.min() < 0):
         raise FeatureFileError(
             f"{path}: coordinates are not non-negative whole level-0 pixels",
-            hint="give the coords the tool wrote (level-0 top-left corners)",
+            fix="give the coords the tool wrote (level-0 top-left corners)",
         )
     norms = np.linalg.norm(features.astype(np.float64), axis=1)
     if len(norms) and np.all(np.abs(norms - 1.0) < UNIT_NORM_TOLERANCE):
         raise FeatureFileError(
             f"{path}: every feature row has length 1: these are already projected and normalized embeddings",
-            hint="import the pre-projection features (CONCH's encode_image with proj_contrast=False, "
+            fix="import the pre-projection features (CONCH's encode_image with proj_contrast=False, "
             "normalize=False), which is what TRIDENT's conch_v1 and CLAM's conch_v1 write",
         )
 
@@ -266,7 +268,7 @@ def _geometry(path: Path, source: str, attrs: Mapping[str, Any]) -> dict[str, An
         where = "" if source == "trident" else " (nor in a patches/ file from create_patches_fp.py)"
         raise FeatureFileError(
             f"{path}: 'coords' has no patch_size attribute{where}",
-            hint="give files written by TRIDENT, or for CLAM the folder of its patches/ files",
+            fix="give files written by TRIDENT, or for CLAM the folder of its patches/ files",
         )
     level0 = _int_attr(path, attrs, "patch_size_level0")
     magnification = _float_attr(attrs, "target_magnification")
@@ -313,7 +315,7 @@ def read_feature_file(path: str | Path, fmt: str, dim: int = 512, patches: Path 
     if features is not None and coords is None and path.suffix == ".pt":
         raise FeatureFileError(
             f"{path}: no coordinates for these features (no h5_files/{path.stem}.h5 and no patches/{path.stem}.h5)",
-            hint="give the CLAM folder that holds h5_files/, or the folder of create_patches_fp.py's patches/",
+            fix="give the CLAM folder that holds h5_files/, or the folder of create_patches_fp.py's patches/",
         )
     check_features(path, features, coords, dim)
     assert features is not None and coords is not None

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from conchdb.catalog import IMPORT_RESERVED, SlideStatus, imported_tiles_layout, tiling_key
 from conchdb.errors import SlideError
 from conchdb.features.files import (
     TRIDENT_FOLDER,
@@ -42,26 +43,12 @@ from conchdb.features.files import (
     write_trident,
 )
 from conchdb.ingest.cohort import Cohort, CohortSlide, content_identity, discover
-from conchdb.ingest.grid import TilingParams
 from conchdb.ingest.manifest import Manifest, read_manifest
-from conchdb.ingest.pipeline import (
-    DONE,
-    FAILED,
-    IN_PROGRESS,
-    NO_TISSUE,
-    IngestSummary,
-    Progress,
-    SlideOutcome,
-    SlideWriter,
-    Tiling,
-    tiling_key,
-)
-from conchdb.ingest.slide import open_slide
+from conchdb.ingest.pipeline import IngestSummary, Progress, SlideOutcome, SlideWriter, Tiling
 from conchdb.model.encoder import Encoder
-from conchdb.store import Condition, FieldType, Filter, Point, Store
+from conchdb.slides.slide import open_slide
+from conchdb.store import Condition, Filter, Point, Store
 
-# Payload fields an imported tile has beyond ingest's.
-IMPORT_FIELDS: dict[str, FieldType] = {"source": "keyword", "magnification": "float"}
 WRITE_BATCH = 1024
 """Points per upsert: projection is a matrix product, so the store write is the slow part."""
 
@@ -159,7 +146,8 @@ def plan_import(root: str | Path, options: ImportOptions, manifest: str | Path |
         layout = f"{TRIDENT_FOLDER}/*.h5" if options.fmt == "trident" else "h5_files/*.h5 or pt_files/*.pt"
         raise FeatureFileError(
             f"{root}: no {options.fmt} feature files ({layout})",
-            hint="give the folder the tool wrote its features to, and the matching format",
+            fix="give the folder the tool wrote its features to, and the matching format",
+            parameter="path",
         )
     slides = discover(options.slides) if options.slides is not None else None
     jobs = _jobs(files, slides)
@@ -192,7 +180,7 @@ class FeatureImport:
         metadata: dict[str, Any] = {"cohort": self.cohort_name, "source": self.options.fmt}
         if tiling.target_mpp is not None:
             metadata["tiling"] = {"target_mpp": tiling.target_mpp, "tile_px": tiling.tile_px}
-        self.writer.prepare(metadata, IMPORT_FIELDS)
+        self.writer.prepare(metadata, imported_tiles_layout(self.manifest.columns), reserved=IMPORT_RESERVED)
         self._prepared = True
 
     def _slide_info(self, job: _Job, features: FeatureFile) -> dict[str, Any]:
@@ -209,7 +197,7 @@ class FeatureImport:
                     raise FeatureFileError(
                         f"{features.path}: patch_level {features.patch_level}, but {job.slide.path} has "
                         f"{slide.level_count} level(s)",
-                        hint="the feature file belongs to another slide; check the slides folder",
+                        fix="the feature file belongs to another slide; check the slides folder",
                     )
                 factor = slide.level_downsamples[features.patch_level]
                 features.patch_size_level0 = int(round(features.patch_px * factor))
@@ -217,7 +205,7 @@ class FeatureImport:
             raise FeatureFileError(
                 f"{features.path}: coordinates reach ({features.coords[:, 0].max()}, {features.coords[:, 1].max()}), "
                 f"outside {job.slide.path} ({width}×{height})",
-                hint="the feature file belongs to another slide; check the slides folder",
+                fix="the feature file belongs to another slide; check the slides folder",
             )
         return info
 
@@ -229,7 +217,7 @@ class FeatureImport:
         source, px, stride = features.source, features.patch_px, features.stride_px
         if mpp:
             target = float(f"{mpp * size / px:.6g}")
-            return Tiling(f"{source}-{tiling_key(TilingParams(target, px, stride, 0.0))}", target, px)
+            return Tiling(f"{source}-{tiling_key(target, px, stride)}", target, px)
         label = f"{features.magnification:g}x" if features.magnification else f"l0-{size}px"
         return Tiling(f"{source}-{label}-{px}px-s{stride}", None, px)
 
@@ -259,12 +247,12 @@ class FeatureImport:
 
     def _import(self, job: _Job) -> SlideOutcome:
         start = time.perf_counter()
-        outcome = SlideOutcome(job.slide.id, str(job.file), FAILED)
+        outcome = SlideOutcome(job.slide.id, str(job.file), SlideStatus.FAILED)
         try:
             features = read_feature_file(job.file, self.options.fmt, self.encoder.dim, self.options.patches)
             info = self._slide_info(job, features)
         except (FeatureFileError, SlideError) as exc:
-            outcome.error = exc.message if not exc.hint else f"{exc.message} (fix: {exc.hint})"
+            outcome.error = exc.message if not exc.fix else f"{exc.message} (fix: {exc.fix})"
             return outcome
         if features.patch_size_level0 is None:
             outcome.error = (
@@ -277,7 +265,7 @@ class FeatureImport:
         slide = job.slide
         record = self.writer.record(slide, tiling)
         if not self.options.force and self.writer.is_done(slide, record, source_identity=job.file_identity):
-            outcome.status, outcome.tiles = "skipped", int(record.get("tiles", 0)) if record else 0
+            outcome.status, outcome.tiles = SlideStatus.SKIPPED, int(record.get("tiles", 0)) if record else 0
             return outcome
         if job.joined:
             self._drop_unjoined(job)
@@ -294,19 +282,19 @@ class FeatureImport:
             **({} if job.joined else {"path": None}),
         }
         if len(features) == 0:
-            self.writer.write_record(slide, tiling, NO_TISSUE, tiles=0, error=None, **extra)
+            self.writer.write_record(slide, tiling, SlideStatus.NO_TISSUE, tiles=0, error=None, **extra)
             self.writer.delete_stale(slide, tiling)
-            outcome.status = NO_TISSUE
+            outcome.status = SlideStatus.NO_TISSUE
             return outcome
-        self.writer.write_record(slide, tiling, IN_PROGRESS, tiles=0, error=None, **extra)
+        self.writer.write_record(slide, tiling, SlideStatus.IN_PROGRESS, tiles=0, error=None, **extra)
         if self.progress.on_slide:
             self.progress.on_slide(slide.id, len(features))
         mean = self._write_tiles(job, tiling, features, info)
         self.writer.delete_stale(slide, tiling)
         raw = self._raw_file(job, tiling, features, info)
-        self.writer.write_record(slide, tiling, DONE, vector=mean, tiles=len(features), error=None,
+        self.writer.write_record(slide, tiling, SlideStatus.DONE, vector=mean, tiles=len(features), error=None,
                                  raw_features=raw, **extra)
-        outcome.status, outcome.tiles = DONE, len(features)
+        outcome.status, outcome.tiles = SlideStatus.DONE, len(features)
         outcome.seconds = time.perf_counter() - start
         return outcome
 
@@ -367,7 +355,7 @@ class FeatureImport:
             for job in self.jobs:
                 outcome = self._import(job)
                 summary.outcomes.append(outcome)
-                if outcome.status in (DONE, NO_TISSUE, "skipped") and not job.joined:
+                if outcome.status != SlideStatus.FAILED and not job.joined:
                     summary.without_slide.append(job.slide.id)
                 if self.progress.on_outcome:
                     self.progress.on_outcome(outcome)

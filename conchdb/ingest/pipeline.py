@@ -234,13 +234,20 @@ class SlideWriter:
         self.cohort_name = cohort_name
         self.run_id = uuid.uuid4().hex
 
-    def prepare(self, metadata: dict[str, Any], tiles: Layout | None = None, slides: Layout | None = None) -> None:
+    def prepare(
+        self,
+        metadata: dict[str, Any],
+        tiles: Layout | None = None,
+        slides: Layout | None = None,
+        reserved: frozenset[str] | set[str] = RESERVED_FIELDS,
+    ) -> None:
         """Create or check both collections; refuses another model's collection before any work.
 
         `metadata` is what the collections record beside the model (tiling, cohort); the
-        layouts default to the catalog's tiles and slides layouts with the manifest's columns."""
+        layouts default to the catalog's tiles and slides layouts with the manifest's columns;
+        `reserved` are the field names a manifest column may not take."""
         metadata = {**self.encoder.describe(), **metadata}
-        clash = sorted(set(self.manifest.columns) & RESERVED_FIELDS)
+        clash = sorted(set(self.manifest.columns) & reserved)
         if clash:
             raise ConchdbError(
                 f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",

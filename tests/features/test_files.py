@@ -50,7 +50,7 @@ def test_clam_without_its_patches_file_is_refused_with_the_fix(tmp_path):
     (path,), _ = find_feature_files(feats, "clam")
     with pytest.raises(FeatureFileError, match="no patch_size attribute") as err:
         read_feature_file(path, "clam")
-    assert "patches" in err.value.hint
+    assert "patches" in err.value.fix
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_files_that_are_not_conch_v1_features_are_refused_naming_the_file(tmp_pa
     path = make(tmp_path)
     with pytest.raises(FeatureFileError, match=words) as err:
         read_feature_file(path, "trident")
-    assert str(path) in err.value.message and err.value.hint
+    assert str(path) in err.value.message and err.value.fix
 
 
 def test_missing_dataset_and_truncated_file_are_refused(tmp_path):
@@ -83,7 +83,7 @@ def test_missing_dataset_and_truncated_file_are_refused(tmp_path):
     good.write_bytes(data[: len(data) // 2])
     with pytest.raises(FeatureFileError, match="cannot read the HDF5 file") as err:
         read_feature_file(good, "trident")
-    assert "truncated" in err.value.hint
+    assert "truncated" in err.value.fix
 
 
 def test_written_trident_files_read_back_with_the_same_attributes(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conchdb.catalog import TILES_COLLECTION as TILES
+from conchdb.catalog import slides_collection
 from conchdb.cli import app
 from conchdb.features.importer import ImportOptions, import_features
-from conchdb.ingest.pipeline import slides_collection
 from conchdb.search import Searcher
 from conchdb.store import Condition, Filter
 from conchdb.store.edge import EdgeStore
@@ -61,7 +62,7 @@ def test_golden_features_import_as_conchs_embeddings_and_are_found_by_their_imag
         searcher = Searcher(golden_encoder, store, "trident")
         for row in (0, 3):
             vector = searcher.image_vector(conch_assets / "golden" / "images" / names[row])
-            best = store.query("trident", vector, 1)[0]
+            best = store.query("trident", vector, k=1)[0]
             assert (best.payload["x"], best.payload["y"]) == tuple(coords[row])
             assert best.score > 0.9999
 
@@ -132,11 +133,11 @@ def test_importing_the_same_folder_twice_writes_nothing_new(tmp_path, env):
     first = import_json(root, env)
     assert (first["ingested"], first["tiles_written"]) == (2, 8)
     with EdgeStore(tmp_path / "store") as store:
-        before = {h.id: (h.payload["ingest_run"], h.vector.tolist()) for h in store.scroll("conch_tiles", None, True)}
+        before = {h.id: (h.payload["ingest_run"], h.vector.tolist()) for h in store.scroll(TILES, with_vectors=True)}
     second = import_json(root, env)
     assert (second["ingested"], second["skipped"], second["tiles_written"]) == (0, 2, 0)
     with EdgeStore(tmp_path / "store") as store:
-        after = {h.id: (h.payload["ingest_run"], h.vector.tolist()) for h in store.scroll("conch_tiles", None, True)}
+        after = {h.id: (h.payload["ingest_run"], h.vector.tolist()) for h in store.scroll(TILES, with_vectors=True)}
         assert store.count(slides_collection("conch_tiles")) == 2
     assert after == before
 
