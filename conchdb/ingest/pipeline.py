@@ -33,6 +33,7 @@ from conchdb.catalog import (
     FINISHED,
     RESERVED_FIELDS,
     TILES_COLLECTION,
+    Layout,
     SlideStatus,
     slides_collection,
     slides_layout,
@@ -204,6 +205,148 @@ def _slide_info(slide: Slide) -> dict[str, Any]:
             "height": slide.dimensions[1]}
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """What decides the pixels of a slide's tiles, as the store records it: the tiling key
+    (part of the record id and a filter on tiles) and the tile resolution. `target_mpp` is
+    None only for imported features whose slide, hence pixel size, is unknown."""
+
+    key: str
+    target_mpp: float | None
+    tile_px: int
+
+    @classmethod
+    def of(cls, params: TilingParams) -> Tiling:
+        return cls(tiling_key(params.target_mpp, params.tile_px, params.stride), params.target_mpp, params.tile_px)
+
+
+class SlideWriter:
+    """How one cohort's slides are written into a tiles collection and its records collection.
+
+    Ingest (tiles embedded from pixels) and feature import (tiles projected from TRIDENT or
+    CLAM files) both write through this, so that their points get the same ids, payload
+    fields and slide records, and reruns, stale-tile cleanup and statuses work the same.
+    """
+
+    def __init__(self, store: Store, collection: str, encoder: Encoder, manifest: Manifest, cohort_name: str):
+        self.store, self.collection, self.encoder, self.manifest = store, collection, encoder, manifest
+        self.slides = slides_collection(collection)
+        self.cohort_name = cohort_name
+        self.run_id = uuid.uuid4().hex
+
+    def prepare(
+        self,
+        metadata: dict[str, Any],
+        tiles: Layout | None = None,
+        slides: Layout | None = None,
+        reserved: frozenset[str] | set[str] = RESERVED_FIELDS,
+    ) -> None:
+        """Create or check both collections; refuses another model's collection before any work.
+
+        `metadata` is what the collections record beside the model (tiling, cohort); the
+        layouts default to the catalog's tiles and slides layouts with the manifest's columns;
+        `reserved` are the field names a manifest column may not take."""
+        metadata = {**self.encoder.describe(), **metadata}
+        clash = sorted(set(self.manifest.columns) & reserved)
+        if clash:
+            raise ConchdbError(
+                f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
+                fix="rename those columns in the manifest",
+                parameter="manifest",
+            )
+        tiles = tiles or tiles_layout(self.manifest.columns)
+        slides = slides or slides_layout(self.manifest.columns)
+        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, **asdict(tiles)))
+        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, **asdict(slides)))
+
+    def record_id(self, slide: CohortSlide, tiling: Tiling) -> str:
+        return stable_id("slide", self.cohort_name, slide.id, tiling.key)
+
+    def record(self, slide: CohortSlide, tiling: Tiling) -> dict[str, Any] | None:
+        """The slide's record payload at this tiling, or None if it was never written."""
+        hits = self.store.retrieve(self.slides, [self.record_id(slide, tiling)])
+        return hits[0].payload if hits else None
+
+    def is_done(self, slide: CohortSlide, record: dict[str, Any] | None, **same: Any) -> bool:
+        """Whether a record says the slide is finished from the same file (and the same
+        values of any other record fields named in `same`)."""
+        return (
+            record is not None
+            and record.get("status") in FINISHED
+            and record.get("identity") == slide.identity
+            and all(record.get(key) == value for key, value in same.items())
+        )
+
+    def write_record(
+        self, slide: CohortSlide, tiling: Tiling, status: SlideStatus, vector: np.ndarray | None = None, **extra: Any
+    ) -> None:
+        if vector is None:
+            # Records of unfinished slides still need a vector; a fixed axis keeps them apart
+            # from real means, and slide search filters on status anyway.
+            vector = np.zeros(self.encoder.dim, dtype=np.float32)
+            vector[0] = 1.0
+        payload = {
+            "slide_id": slide.id,
+            "path": str(slide.path),
+            "cohort": self.cohort_name,
+            "identity": slide.identity,
+            "status": status.value,
+            "tiling": tiling.key,
+            "target_mpp": tiling.target_mpp,
+            "tile_px": tiling.tile_px,
+            "ingest_run": self.run_id,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self.manifest.payload_for(slide.id),
+            **extra,
+        }
+        self.store.upsert(self.slides, [Point(self.record_id(slide, tiling), vector, payload)])
+
+    def slide_filter(self, slide: CohortSlide, tiling: Tiling, *more: Condition) -> Filter:
+        return Filter((
+            Condition("slide_id", "eq", slide.id),
+            Condition("cohort", "eq", self.cohort_name),
+            Condition("tiling", "eq", tiling.key),
+            *more,
+        ))
+
+    def delete_stale(self, slide: CohortSlide, tiling: Tiling) -> None:
+        """Drop the slide's tiles at this tiling left by earlier runs."""
+        self.store.delete(self.collection, self.slide_filter(slide, tiling, Condition("ingest_run", "ne", self.run_id)))
+
+    def delete_tiles(self, slide: CohortSlide, tiling: Tiling) -> None:
+        self.store.delete(self.collection, self.slide_filter(slide, tiling))
+
+    def shared_payload(
+        self, slide: CohortSlide, tiling: Tiling, size: int, info: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
+        """What every tile of the slide shares; it goes to the store once per batch, not per tile."""
+        return {
+            "slide_id": slide.id,
+            "path": str(slide.path),
+            "cohort": self.cohort_name,
+            "size": size,
+            "mpp": info.get("mpp"),
+            "mpp_source": info.get("mpp_source"),
+            "target_mpp": tiling.target_mpp,
+            "tile_px": tiling.tile_px,
+            "tiling": tiling.key,
+            "ingest_run": self.run_id,
+            **extra,
+            **self.manifest.payload_for(slide.id),
+        }
+
+    def tile_points(
+        self, slide: CohortSlide, tiling: Tiling, size: int, tiles: list[dict[str, Any]], vectors: np.ndarray
+    ) -> list[Point]:
+        """Points of tiles given as payloads with level-0 `x` and `y` (and per-tile fields)."""
+        identity = f"{self.cohort_name}/{slide.id}@{slide.identity}"
+        fingerprint = self.encoder.fingerprint
+        return [
+            Point(tile_point_id(identity, t["x"], t["y"], size, tiling.target_mpp, fingerprint), vec, t)
+            for t, vec in zip(tiles, vectors, strict=True)
+        ]
+
+
 class Ingest:
     """One ingest run over a cohort into one store collection."""
 
@@ -219,87 +362,32 @@ class Ingest:
     ):
         self.cohort, self.manifest, self.encoder, self.store = cohort, manifest, encoder, store
         self.collection = collection
-        self.slides = slides_collection(collection)
         self.options = options or IngestOptions()
         self.progress = progress or Progress()
         self.cohort_name = self.options.cohort_name or cohort.root.name
-        params = self.options.params
-        self.tiling = tiling_key(params.target_mpp, params.tile_px, params.stride)
-        self.run_id = uuid.uuid4().hex
+        self.slide_writer = SlideWriter(store, collection, encoder, manifest, self.cohort_name)
+        self.slides = self.slide_writer.slides
+        self.tiling = Tiling.of(self.options.params)
+        self.run_id = self.slide_writer.run_id
         self.timings: dict[str, float] = {}
-
-    # -- collections and records ---------------------------------------------------------
 
     def prepare(self) -> None:
         """Create or check both collections; refuses another model's collection before any work."""
-        metadata = {
-            **self.encoder.describe(),
-            "tiling": self.options.params.to_dict(),
-            "cohort": self.cohort_name,
-        }
-        clash = sorted(set(self.manifest.columns) & RESERVED_FIELDS)
-        if clash:
-            raise ConchdbError(
-                f"manifest {self.manifest.path}: column(s) {', '.join(clash)} would overwrite conchdb's own fields",
-                fix="rename those columns in the manifest",
-                parameter="manifest",
-            )
-        tiles, slides = tiles_layout(self.manifest.columns), slides_layout(self.manifest.columns)
-        self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, **asdict(tiles)))
-        self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, **asdict(slides)))
-
-    def record_id(self, slide: CohortSlide) -> str:
-        return stable_id("slide", self.cohort_name, slide.id, self.tiling)
-
-    def _record(self, slide: CohortSlide) -> dict[str, Any] | None:
-        hits = self.store.retrieve(self.slides, [self.record_id(slide)])
-        return hits[0].payload if hits else None
+        self.slide_writer.prepare({"tiling": self.options.params.to_dict(), "cohort": self.cohort_name})
 
     def _write_record(
         self, slide: CohortSlide, status: SlideStatus, vector: np.ndarray | None = None, **extra: Any
     ) -> None:
-        if vector is None:
-            # Records of unfinished slides still need a vector; a fixed axis keeps them apart
-            # from real means, and slide search filters on status anyway.
-            vector = np.zeros(self.encoder.dim, dtype=np.float32)
-            vector[0] = 1.0
-        payload = {
-            "slide_id": slide.id,
-            "path": str(slide.path),
-            "cohort": self.cohort_name,
-            "identity": slide.identity,
-            "status": status.value,
-            "tiling": self.tiling,
-            "target_mpp": self.options.params.target_mpp,
-            "tile_px": self.options.params.tile_px,
-            "ingest_run": self.run_id,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **self.manifest.payload_for(slide.id),
-            **extra,
-        }
-        self.store.upsert(self.slides, [Point(self.record_id(slide), vector, payload)])
-
-    def _slide_filter(self, slide: CohortSlide, *more: Condition) -> Filter:
-        return Filter((
-            Condition("slide_id", "eq", slide.id),
-            Condition("cohort", "eq", self.cohort_name),
-            Condition("tiling", "eq", self.tiling),
-            *more,
-        ))
+        self.slide_writer.write_record(slide, self.tiling, status, vector, **extra)
 
     # -- the run -------------------------------------------------------------------------
 
     def _todo(self) -> Iterator[tuple[CohortSlide, dict[str, Any] | None]]:
         for slide in self.cohort.slides:
-            yield slide, self._record(slide)
+            yield slide, self.slide_writer.record(slide, self.tiling)
 
     def _is_done(self, slide: CohortSlide, record: dict[str, Any] | None) -> bool:
-        return (
-            not self.options.force
-            and record is not None
-            and record.get("status") in FINISHED
-            and record.get("identity") == slide.identity
-        )
+        return not self.options.force and self.slide_writer.is_done(slide, record)
 
     def _override(self, slide: CohortSlide) -> tuple[float | None, str]:
         mpp = self.manifest.mpp_for(slide.id)
@@ -366,7 +454,7 @@ class Ingest:
         outcome = SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED)
         if plan.error is None and plan.grid is not None and len(plan.grid) == 0:
             self._write_record(slide, SlideStatus.NO_TISSUE, tiles=0, error=None, **plan.info)
-            self._delete_stale(slide)
+            self.slide_writer.delete_stale(slide, self.tiling)
             outcome.status = SlideStatus.NO_TISSUE
             return outcome
         if plan.error is None:
@@ -374,7 +462,7 @@ class Ingest:
             try:
                 mean = self._embed_slide(plan, writer)
                 writer.flush()
-                self._delete_stale(slide)
+                self.slide_writer.delete_stale(slide, self.tiling)
                 self._write_record(slide, SlideStatus.DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
                 outcome.status, outcome.tiles = SlideStatus.DONE, len(plan.grid)
             except SlideError as exc:
@@ -385,12 +473,9 @@ class Ingest:
             self._write_record(slide, SlideStatus.FAILED, tiles=0, error=plan.error, **plan.info)
             if record is None or record.get("status") != SlideStatus.DONE:
                 # Nothing good was stored for this slide before: drop the partial tiles.
-                self.store.delete(self.collection, self._slide_filter(slide))
+                self.slide_writer.delete_tiles(slide, self.tiling)
         outcome.seconds = time.perf_counter() - start
         return outcome
-
-    def _delete_stale(self, slide: CohortSlide) -> None:
-        self.store.delete(self.collection, self._slide_filter(slide, Condition("ingest_run", "ne", self.run_id)))
 
     def _embed_slide(self, plan: _Plan, writer: _Writer) -> np.ndarray:
         """Stream, embed and hand over every tile of the slide; returns the normalized mean vector."""
@@ -398,21 +483,7 @@ class Ingest:
         assert grid is not None
         if self.progress.on_slide:
             self.progress.on_slide(slide.id, len(grid))
-        # What every tile of the slide shares goes to the store once per batch, not per tile.
-        shared = {
-            "slide_id": slide.id,
-            "path": str(slide.path),
-            "cohort": self.cohort_name,
-            "size": grid.tile_size_level0,
-            "mpp": plan.info.get("mpp"),
-            "mpp_source": plan.info.get("mpp_source"),
-            "target_mpp": grid.target_mpp,
-            "tile_px": grid.tile_px,
-            "tiling": self.tiling,
-            "ingest_run": self.run_id,
-            **self.manifest.payload_for(slide.id),
-        }
-        identity = f"{self.cohort_name}/{slide.id}@{slide.identity}"
+        shared = self.slide_writer.shared_payload(slide, self.tiling, grid.tile_size_level0, plan.info)
         total = np.zeros(self.encoder.dim, dtype=np.float64)
         reader = TileReader(
             slide.path, grid, batch_size=self.options.batch_size, workers=self.options.readers,
@@ -429,14 +500,8 @@ class Ingest:
                 vectors = self.encoder.encode_tiles(batch.tiles, timings=self.timings)
                 total += vectors.sum(axis=0)
                 tiles = grid.tiles[batch.start : batch.start + len(batch)]
-                points = [
-                    Point(
-                        tile_point_id(identity, t.x, t.y, t.size, grid.target_mpp, self.encoder.fingerprint),
-                        vec,
-                        {"x": t.x, "y": t.y, "tissue": t.tissue},
-                    )
-                    for t, vec in zip(tiles, vectors, strict=True)
-                ]
+                payloads = [{"x": t.x, "y": t.y, "tissue": t.tissue} for t in tiles]
+                points = self.slide_writer.tile_points(slide, self.tiling, grid.tile_size_level0, payloads, vectors)
                 writer.put(points, shared)
                 if self.progress.on_batch:
                     self.progress.on_batch(len(points))
