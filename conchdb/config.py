@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, the server backend is used")
     qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
     collection: str = Field(TILES_COLLECTION, description="tiles collection name")
+    api_key: str | None = Field(None, description="API key that `conchdb serve` requires of every request")
 
     @property
     def models_dir(self) -> Path:
