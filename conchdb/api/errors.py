@@ -111,7 +111,9 @@ def error_response(exc: ConchdbError) -> JSONResponse:
 
 def _validation_field(loc: tuple[Any, ...]) -> str | None:
     """`("body", "filters", "grade")` -> `filters.grade`: where in the request the problem is."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie", "form"):
+        parts = parts[1:]
     return ".".join(parts) or None
 
 
