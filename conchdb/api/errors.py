@@ -132,6 +132,7 @@ def _on_validation(request: Request, exc: RequestValidationError) -> JSONRespons
 
 def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     fixes = {
+        400: "send a JSON object encoded as UTF-8, with Content-Type: application/json",
         404: "see the endpoints at /docs",
         405: "see the methods each endpoint takes at /docs",
     }
