@@ -54,7 +54,9 @@ def _check(field: str, value: Any, kind: str | None, numeric: bool) -> Any:
         return value
     if kind == "integer" and got == "float" and numeric:
         return value  # `grade < 2.5` on an integer field is a fine range
-    raise _fail(field, f"{value!r} is {got}, but '{field}' holds {kind} values", f"give '{field}' {'an' if kind == 'integer' else 'a'} {kind} value")
+    article = "an" if kind == "integer" else "a"
+    problem = f"{value!r} is {got}, but '{field}' holds {kind} values"
+    raise _fail(field, problem, f"give '{field}' {article} {kind} value")
 
 
 def parse_filters(spec: Mapping[str, Any] | None, types: FieldTypes, max_conditions: int) -> Filter:

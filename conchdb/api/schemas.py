@@ -35,7 +35,9 @@ class SearchOptions(Strict):
     top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Results per page.")
     page: int = Field(1, ge=1, le=MAX_PAGE, description="Page of results; 2 is results top_k+1 to 2×top_k.")
     filters: dict[str, Any] | None = FiltersField
-    group_by: str | None = Field(None, max_length=200, description="'slide' (or a payload field): one result per slide.")
+    group_by: str | None = Field(
+        None, max_length=200, description="'slide' (or a payload field): one result per slide."
+    )
     group_size: int = Field(3, ge=1, le=100, description="Tiles kept per group.")
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Leave out hits below this cosine.")
 

@@ -27,7 +27,8 @@ router = APIRouter(prefix="/v1", tags=["search"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
     for status, text in {
-        400: "the body cannot be parsed", 401: "no or wrong API key", 404: "an id names nothing stored", 409: "the store refuses",
+        400: "the body cannot be parsed", 401: "no or wrong API key", 404: "an id names nothing stored",
+        409: "the store refuses",
         413: "the upload is too large", 415: "the upload is not an image", 422: "the request is not valid",
         503: "the model or the collection is not available",
     }.items()
