@@ -15,8 +15,8 @@ import io
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -164,8 +164,8 @@ class Service:
             raise ConchdbError("the server needs a store", "open a store before serving")
         self.settings = settings
         self.raw_store = searcher.store
-        searcher.store = SerialStore(searcher.store)  # type: ignore[assignment]
-        self.searcher = searcher
+        # The server's own Searcher over the serialized store; the caller's is left as it was.
+        self.searcher = replace(searcher, store=SerialStore(searcher.store))
         self.collection = searcher.collection
         self.model_lock = threading.Lock()
         self.batcher: TextBatcher | None = None
@@ -487,7 +487,3 @@ def hit_dict(hit: SearchHit) -> dict[str, Any]:
         out["tiles"] = [hit_dict(t) for t in hit.tiles]
     return out
 
-
-def iter_hits(hits: Sequence[SearchHit]) -> Iterator[SearchHit]:
-    for hit in hits:
-        yield from hit.flat()

@@ -7,7 +7,7 @@ routes read their bounds from it, never from the environment.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from conchdb.search.searcher import MAX_DEPTH, MAX_TOP_K
 
@@ -40,7 +40,6 @@ class ApiSettings:
     text_cache: int = 4096
     text_batch: int = 64
     open_slides: int = 16
-    image_size_limits: tuple[int, int] = field(default=(64, 4096))
 
 
 def is_loopback(host: str) -> bool:
