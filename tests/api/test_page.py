@@ -51,7 +51,7 @@ def server(searcher):
         yield live
 
 
-def test_search_filter_view_and_more_like_this(browser, server, tmp_path_factory):
+def test_search_filter_view_and_more_like_this(browser, server, searcher, tmp_path_factory):
     page = browser.new_page(viewport={"width": 1400, "height": 950})
     requests: list[str] = []
     failures: list[str] = []
@@ -107,6 +107,19 @@ def test_search_filter_view_and_more_like_this(browser, server, tmp_path_factory
     page.wait_for_function(
         f"() => {{ const c = document.querySelector('.card'); return c && c.dataset.id === '{clicked}'"
         " && document.getElementById('summary').textContent.includes('tiles like tile'); }",
+        timeout=20_000,
+    )
+
+    target = next(iter(searcher.store.scroll("conch_tiles")))  # an image query through the file picker
+    p = target.payload
+    query = tmp_path_factory.mktemp("upload") / "query.png"
+    with Image.open(p["path"]) as image:
+        image.convert("RGB").crop((p["x"], p["y"], p["x"] + p["size"], p["y"] + p["size"])).save(query)
+    page.fill("#filters input[name=diagnosis]", "")
+    page.set_input_files("#file", str(query))
+    page.wait_for_function(
+        f"() => {{ const c = document.querySelector('.card'); return c && c.dataset.id === '{target.id}'"
+        " && document.getElementById('summary').textContent.includes('the image query.png'); }",
         timeout=20_000,
     )
     assert not failures, failures
