@@ -1,18 +1,17 @@
 """How an error becomes an HTTP response: `{"error", "field", "fix"}` with a status that means something.
 
-Library code raises `ConchdbError`s that name the parameter and the fix; this module is the
-one place that turns them into JSON. The status comes from the error's type (a malformed
-query is 422, an upload that is not an image 415, a slide file that moved 404, a store that
-refuses 409, a model that cannot load 503), the `field` from the error's parameter in the
-API's JSON spelling, and the `fix` is worded for a JSON client: a hint written for the
-command line (`pass --top-k ...`) names the JSON field instead. Nothing else reaches the
-client: an unexpected exception is logged here and answered with a plain 500.
+Library code raises `ConchdbError`s that carry the `parameter` they are about and a `fix` in
+words that suit any front end; this module is the one place that turns them into JSON. The
+status comes from the error's type (a malformed query is 422, an upload that is not an image
+415, a slide file that moved 404, a store that refuses 409, a model that cannot load 503),
+and the `field` is the error's parameter in the API's JSON spelling (`where` is `filters`,
+`point` is `point_id`). Nothing else reaches the client: an unexpected exception is logged
+here and answered with a plain 500.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,29 +36,20 @@ class ApiError(ConchdbError):
     """An error the API itself raises, with its HTTP status and the JSON field it is about."""
 
     def __init__(self, status: int, message: str, fix: str | None = None, *, field: str | None = None):
-        super().__init__(message, fix)
+        super().__init__(message, fix, parameter=field)
         self.status = status
         self.field = field
 
 
-# The library's parameter names, and CLI flags in fixes written before the error model
-# named parameters, in the API's JSON spelling.
 PARAMETER_FIELDS: dict[str, str] = {
-    "top_k": "top_k",
     "where": "filters",
-    "min_score": "min_score",
-    "group_by": "group_by",
-    "group_size": "group_size",
-    "image": "image",
+    "filter": "filters",
     "point": "point_id",
     "slide": "slide_id",
+    "k": "top_k",
     "label": "labels",
-    "prompts": "prompts",
-    "page": "page",
-    "ensemble": "ensemble",
-    "slide_mpp": "slide_mpp",
 }
-_FLAG = re.compile(r"--([a-z][a-z-]*)")
+"""Library parameter names whose JSON field is spelled otherwise (the rest are the same)."""
 
 STATUS_BY_TYPE: tuple[tuple[type[ConchdbError], int], ...] = (
     (CheckpointError, 503),
@@ -69,13 +59,6 @@ STATUS_BY_TYPE: tuple[tuple[type[ConchdbError], int], ...] = (
     (StoreError, 409),
     (QueryError, 422),
 )
-
-
-def api_wording(fix: str | None) -> str | None:
-    """A fix with every CLI flag it names written as the JSON field it stands for."""
-    if not fix:
-        return fix
-    return _FLAG.sub(lambda m: PARAMETER_FIELDS.get(m[1].replace("-", "_"), m[1].replace("-", "_")), fix)
 
 
 def error_status(exc: ConchdbError) -> int:
@@ -90,11 +73,9 @@ def error_status(exc: ConchdbError) -> int:
 
 def error_field(exc: ConchdbError) -> str | None:
     """The JSON field an error is about: the API's own, or the library's `parameter`."""
-    field = getattr(exc, "field", None)
-    if field:
-        return str(field)
-    parameter = getattr(exc, "parameter", None)
-    return PARAMETER_FIELDS.get(parameter, parameter) if parameter else None
+    if isinstance(exc, ApiError):
+        return exc.field
+    return PARAMETER_FIELDS.get(exc.parameter, exc.parameter) if exc.parameter else None
 
 
 def error_body(message: str, field: str | None = None, fix: str | None = None) -> dict[str, Any]:
@@ -104,9 +85,8 @@ def error_body(message: str, field: str | None = None, fix: str | None = None) -
 def error_response(exc: ConchdbError) -> JSONResponse:
     """The JSON response for a `ConchdbError` (the one mapping every route goes through)."""
     status = error_status(exc)
-    fix = getattr(exc, "fix", None) or getattr(exc, "hint", None)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(exc.message, error_field(exc), api_wording(fix)), status, headers=headers)
+    return JSONResponse(error_body(exc.message, error_field(exc), exc.fix), status, headers=headers)
 
 
 def _validation_field(loc: tuple[Any, ...]) -> str | None:

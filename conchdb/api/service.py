@@ -27,19 +27,15 @@ from conchdb.api.batching import TextBatcher
 from conchdb.api.errors import ApiError
 from conchdb.api.filters import parse_filters
 from conchdb.api.settings import ApiSettings
+from conchdb.catalog import SlideStatus, slides_collection
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.search import heatmap, prompts, regions
 from conchdb.search.searcher import Searcher, SearchHit
+from conchdb.slides import output_size, read_region
 from conchdb.store import Condition, Filter, Store
-from conchdb.store.stats import SLIDES_SUFFIX
 
 T = TypeVar("T")
 JPEG_QUALITY = 90
-
-
-def slides_of(collection: str) -> str:
-    """The slide-records collection of a tiles collection."""
-    return f"{collection}{SLIDES_SUFFIX}"
 
 
 class SerialStore:
@@ -269,13 +265,12 @@ class Service:
             if x + w > width or y + h > height:
                 raise ApiError(422, f"region {x},{y},{w},{h} lies outside slide '{slide_id}' ({width}×{height})",
                                "give x, y, w, h in level-0 pixels inside the slide", field="x")
-            scale = slide.mpp / target if slide.mpp else 1.0
-            out = (max(1, round(w * scale)), max(1, round(h * scale)))
+            out = output_size(slide, w, h, target)
             if max(out) > regions.MAX_REGION_PX:
                 raise ApiError(422, f"region {w}×{h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
                                f"choose a region under {regions.MAX_REGION_PX} px a side at {target} µm/px",
                                field="w")
-            return regions.read_scaled(slide, x, y, w, h, out)
+            return read_region(slide, x, y, w, h, out_size=out)
 
         return self._with_slide(record, read)
 
@@ -343,7 +338,7 @@ class Service:
 
     def slide_records(self, slide_id: str) -> list[dict[str, Any]]:
         """Every record of one slide id (one per cohort and tiling); 404 when there is none."""
-        name = slides_of(self.collection)
+        name = slides_collection(self.collection)
         records: list[dict[str, Any]] = []
         if self.store.collection_metadata(name) is not None:
             flt = Filter((Condition("slide_id", "eq", slide_id),))
@@ -351,7 +346,8 @@ class Service:
         if not records:
             raise not_found(f"no slide '{slide_id}' in collection '{self.collection}'",
                             "slide ids are the `slide_id` of search hits, or of GET /v1/slides", "slide_id")
-        return sorted(records, key=lambda r: (r.get("status") != "done", str(r.get("cohort")), str(r.get("tiling"))))
+        done = SlideStatus.DONE.value
+        return sorted(records, key=lambda r: (r.get("status") != done, str(r.get("cohort")), str(r.get("tiling"))))
 
     def slide_record(self, slide_id: str) -> dict[str, Any]:
         return self.slide_records(slide_id)[0]
@@ -359,7 +355,7 @@ class Service:
     def list_slides(self, page: int, page_size: int, filters: dict[str, Any] | None) -> tuple[list[dict], int]:
         from conchdb.search.filters import FieldTypes
 
-        name = slides_of(self.collection)
+        name = slides_collection(self.collection)
         meta = self.store.collection_metadata(name)
         if meta is None:
             return [], 0

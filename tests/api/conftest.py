@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conchdb.api import ApiSettings, create_app
-from conchdb.ingest.grid import TilingParams
 from conchdb.ingest.pipeline import IngestOptions, ingest
 from conchdb.search import Searcher
+from conchdb.slides.grid import TilingParams
 from conchdb.store.edge import EdgeStore
 from tests.search.conftest import SLIDES, encoder, make_slide_image  # noqa: F401 - fixture
 

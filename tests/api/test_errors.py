@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qdrant_client import QdrantClient
 
-from conchdb.api.errors import ApiError, api_wording, error_field, error_status
+from conchdb.api.errors import ApiError, error_field, error_status
 from conchdb.errors import (
     CheckpointError,
     ConchdbError,
@@ -30,20 +30,17 @@ def test_each_error_type_has_its_status():
 
 def test_the_field_comes_from_the_api_or_the_librarys_parameter():
     assert error_field(ApiError(422, "bad", field="filters.grade")) == "filters.grade"
-    named = QueryError("top-k 0 is outside 1..1000")
-    named.parameter = "top_k"  # the error model's attribute
-    assert error_field(named) == "top_k"
-    where = QueryError("bad filter")
-    where.parameter = "where"
-    assert error_field(where) == "filters"
+    assert error_field(QueryError("top-k 0 is outside 1..1000", parameter="top_k")) == "top_k"
+    assert error_field(QueryError("bad filter", parameter="where")) == "filters"
+    assert error_field(QueryError("no such point", parameter="point")) == "point_id"
     assert error_field(QueryError("no parameter")) is None
 
 
-def test_fixes_name_json_fields_not_flags():
-    assert api_wording("pass --top-k between 1 and 1000") == "pass top_k between 1 and 1000"
-    assert api_wording("narrow the search with --where or --min-score") == "narrow the search with filters or min_score"
-    assert api_wording("choose one with --where cohort=a") == "choose one with filters cohort=a"
-    assert api_wording(None) is None
+def test_a_library_error_reaches_the_client_with_its_json_field(client, store):
+    point = next(iter(store.scroll("conch_tiles"))).id
+    twice = client.post("/v1/classify", json={"point_id": point, "labels": ["tumor", "tumor"]})  # prompts.py refuses
+    assert twice.status_code == 422
+    assert twice.json() == {"error": "the same label is given twice", "field": "labels", "fix": "give each class once"}
 
 
 def test_a_server_without_the_model_still_serves_points_and_tiles(store, searcher):
