@@ -135,3 +135,18 @@ def test_the_page_says_clearly_when_the_server_refuses(browser, server):
     text = page.locator("#banner").inner_text()
     assert "refused (401)" in text and "API key" in text
     page.close()
+
+
+def test_a_hits_viewer_url_opens_its_slide_centred_on_the_tile(browser, server, searcher):
+    import httpx
+
+    hit = httpx.post(f"{server.url}/v1/search/text", json={"query": "mucosa", "top_k": 1},
+                     headers={"X-API-Key": KEY}, trust_env=False).json()["hits"][0]
+    page = browser.new_page()
+    page.on("dialog", lambda d: d.accept(KEY))
+    page.goto(server.url + hit["viewer_url"])
+    page.wait_for_function("() => window.conchdb.tilesLoaded > 0 && document.getElementById('tile-outline')",
+                           timeout=20_000)
+    assert hit["slide_id"] in page.locator("#viewer-title").inner_text()
+    assert f"({hit['x']}, {hit['y']})" in page.locator("#viewer-title").inner_text()
+    page.close()
