@@ -1,8 +1,8 @@
 """The HTTP API and web page: `create_app(searcher, settings)`, run by `conchdb serve`.
 
 Layers: `app` builds the FastAPI application; `routes/` holds one router per concern;
-`service` holds the one `Searcher` with the locks, batching and caches that concurrent
-requests need; `errors`, `auth`, `uploads`, `filters` and `schemas` are the edges where
+`service` holds the one `Searcher` that every request uses, with text batching (`batching`)
+and the guards of what concurrent requests share (`shared`); `errors`, `auth`, `uploads`, `filters` and `schemas` are the edges where
 requests are checked and errors rendered; `page` serves the web page under `web/`.
 """
 

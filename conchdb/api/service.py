@@ -1,20 +1,16 @@
 """What the routes call: one `Searcher`, its model and store opened once, shared by every request.
 
-Requests run on a thread pool, so what is shared is guarded here: the model runs one batch
-at a time (text queries that arrive together become one batch, `TextBatcher`), the store
-is called one operation at a time (the embedded engine's handles are not meant for
-concurrent callers, and its operations take milliseconds), and open slides are kept in a
-small LRU, each read under its own lock. Tile JPEGs are cached by point id, since a point
-id fixes its pixels.
+Requests run on a thread pool, so the model runs one batch at a time (text queries that
+arrive together become one batch, `TextBatcher`), and the store, open slides and encoded
+images go through the guards of `shared`. Every id a request gives is looked up in the
+store before any file is touched.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -27,6 +23,7 @@ from conchdb.api.batching import TextBatcher
 from conchdb.api.errors import ApiError
 from conchdb.api.filters import parse_filters
 from conchdb.api.settings import ApiSettings
+from conchdb.api.shared import BytesCache, SerialStore, SlideCache
 from conchdb.catalog import SlideStatus, slides_collection
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.search import heatmap, prompts, regions
@@ -36,87 +33,6 @@ from conchdb.store import Condition, Filter, Store
 
 T = TypeVar("T")
 JPEG_QUALITY = 90
-
-
-class SerialStore:
-    """A store whose operations run one at a time (scrolls are read whole under the lock)."""
-
-    def __init__(self, store: Store):
-        self._store = store
-        self._lock = threading.RLock()
-        self.location = store.location
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._store, name)
-        if not callable(target):
-            return target
-
-        @functools.wraps(target)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                out = target(*args, **kwargs)
-                return iter(list(out)) if name == "scroll" else out
-
-        return call
-
-
-class SlideCache:
-    """Open slides by key, the least recently used closed beyond `size`; `use(key, opener, fn)`."""
-
-    def __init__(self, size: int):
-        self._size = size
-        self._entries: OrderedDict[Any, tuple[Any, threading.Lock]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def use(self, key: Any, opener: Callable[[], Any], fn: Callable[[Any], T]) -> T:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-        if entry is None:
-            opened = opener()
-            with self._lock:
-                entry = self._entries.setdefault(key, (opened, threading.Lock()))
-                if entry[0] is not opened:
-                    opened.close()
-                evicted = []
-                while len(self._entries) > self._size:
-                    evicted.append(self._entries.popitem(last=False)[1])
-            for handle, lock in evicted:
-                with lock:
-                    handle.close()
-        handle, lock = entry
-        with lock:
-            return fn(handle)
-
-    def close(self) -> None:
-        with self._lock:
-            entries, self._entries = list(self._entries.values()), OrderedDict()
-        for handle, lock in entries:
-            with lock:
-                handle.close()
-
-
-class BytesCache:
-    """A bounded LRU of encoded images."""
-
-    def __init__(self, size: int):
-        self._size = size
-        self._items: OrderedDict[Any, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_make(self, key: Any, make: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            data = self._items.get(key)
-            if data is not None:
-                self._items.move_to_end(key)
-                return data
-        data = make()
-        with self._lock:
-            self._items[key] = data
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return data
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
