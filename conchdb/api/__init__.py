@@ -6,6 +6,7 @@ Layers: `app` builds the FastAPI application; `routes/` holds one router per con
 `auth`, `uploads`, `filters` and `schemas` are the edges where requests are checked and
 errors rendered; `page` serves the web page under `web/`.
 """
+
 from conchdb.api.app import create_app
 from conchdb.api.settings import ApiSettings, is_loopback
 
