@@ -21,6 +21,12 @@ from conchdb.api.page import viewer_installed
 from tests.api.conftest import KEY, LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-dev-shm-usage",  # root in a container
+    # nothing but the test server: no update checks, sync, field trials or safe-browsing lists
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-domain-reliability", "--disable-features=OptimizationHints,MediaRouter",
+]
 
 
 def _need(condition: bool, reason: str) -> None:
@@ -40,7 +46,7 @@ def browser():
     except ImportError:
         _need(False, "playwright is not installed (pip install -e '.[dev]')")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
