@@ -5,7 +5,7 @@ lives in its own module, which registers its commands on import; `tables.py` and
 `summaries.py` render results for the terminal.
 """
 
-from conchdb.cli import embed, features, ingest, search, texts, tiles  # noqa: F401  (register the commands)
+from conchdb.cli import embed, features, ingest, search, texts, tiles, workers  # noqa: F401  (register the commands)
 from conchdb.cli.app import app
 
 
