@@ -44,7 +44,8 @@ out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ALIASES = {"path": ("file", "slide"), "k": ("top_k", "topk"), "labels": ("label",), "slide_id": ("slide",)}
+ALIASES = {"path": ("file", "slide"), "k": ("top_k", "topk"), "labels": ("label",), "slide_id": ("slide",),
+           "broker_url": ("broker",)}
 """Library parameter names whose command-line spelling differs, by the commands' own names."""
 
 
@@ -166,7 +167,8 @@ class Options:
                 "--store and --qdrant-url both given", "choose the embedded store or a server, not both"
             )
         url = self.qdrant_url or (None if self.store is not None else self.settings.qdrant_url)
-        return open_store(self.store or self.settings.store_path, url, self.settings.qdrant_api_key)
+        return open_store(self.store or self.settings.store_path, url, self.settings.qdrant_api_key,
+                          shard_number=self.settings.qdrant_shards, replication_factor=self.settings.qdrant_replicas)
 
     def load_encoder(
         self, towers: Iterable[str] = ("vision", "text"), need_tokenizer: bool = True, batch_size: int = 32

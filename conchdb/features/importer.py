@@ -281,20 +281,15 @@ class FeatureImport:
             **info,
             **({} if job.joined else {"path": None}),
         }
-        if len(features) == 0:
-            self.writer.write_record(slide, tiling, SlideStatus.NO_TISSUE, tiles=0, error=None, **extra)
-            self.writer.delete_stale(slide, tiling)
-            outcome.status = SlideStatus.NO_TISSUE
-            return outcome
-        self.writer.write_record(slide, tiling, SlideStatus.IN_PROGRESS, tiles=0, error=None, **extra)
-        if self.progress.on_slide:
-            self.progress.on_slide(slide.id, len(features))
-        mean = self._write_tiles(job, tiling, features, info)
-        self.writer.delete_stale(slide, tiling)
-        raw = self._raw_file(job, tiling, features, info)
-        self.writer.write_record(slide, tiling, SlideStatus.DONE, vector=mean, tiles=len(features), error=None,
-                                 raw_features=raw, **extra)
-        outcome.status, outcome.tiles = SlideStatus.DONE, len(features)
+        # The pipeline's steps: no tissue is finished at once, else in progress, tiles, done.
+        finished = self.writer.begin(slide, tiling, len(features), **extra)
+        if finished is None:
+            if self.progress.on_slide:
+                self.progress.on_slide(slide.id, len(features))
+            mean = self._write_tiles(job, tiling, features, info)  # upserted synchronously: nothing to flush
+            raw = self._raw_file(job, tiling, features, info)
+            finished = self.writer.finish(slide, tiling, len(features), mean, raw_features=raw, **extra)
+        outcome.status, outcome.tiles = finished.status, finished.tiles
         outcome.seconds = time.perf_counter() - start
         return outcome
 

@@ -13,6 +13,12 @@ Consistency comes from ids and records, not from transactions:
 - every point carries the `ingest_run` that wrote it; when a slide completes, points of
   that slide and tiling left by earlier runs (an interrupted run over a file since
   replaced, a changed tissue setting) are deleted, and only then is the slide marked done.
+
+The per-slide work is split so that `conchdb.workers` runs the same code in another
+process: a `SlideJob` (plain data) says what to do, `plan_slide` grids it, `embed_slide`
+turns pixels into vectors, and a `SlideWriter` does everything the store sees (point ids,
+payloads, records, cleanup, the done rule) wherever the writing happens. Feature import
+(`conchdb.features`) writes through the same `SlideWriter`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +48,7 @@ from conchdb.catalog import (
 )
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
-from conchdb.ingest.manifest import Manifest, read_manifest
+from conchdb.ingest.manifest import Manifest, ManifestRow, read_manifest
 from conchdb.model.encoder import Encoder
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
 from conchdb.slides.reader import TileReader
@@ -133,7 +139,7 @@ class Progress:
     on_outcome: Callable[[SlideOutcome], None] | None = None
 
 
-class _Writer:
+class Writer:
     """A thread that upserts batches of points in order, so the store write overlaps the
     next batch's embedding. `flush()` waits for everything handed over and re-raises a
     write error in the caller's thread."""
@@ -178,33 +184,6 @@ class _Writer:
         self._thread.join()
 
 
-@dataclass
-class _Plan:
-    """A slide opened and gridded, ready to read (or the error that stopped it)."""
-
-    slide: CohortSlide
-    mpp_override: float | None
-    grid: TileGrid | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-def _plan(slide: CohortSlide, mpp_override: float | None, override_source: str, params: TilingParams) -> _Plan:
-    plan = _Plan(slide, mpp_override)
-    try:
-        with open_slide(slide.path, mpp_override, override_source) as opened:
-            _, plan.grid = plan_tiles(opened, params)
-            plan.info = _slide_info(opened)
-    except SlideError as exc:
-        plan.error = str(exc)
-    return plan
-
-
-def _slide_info(slide: Slide) -> dict[str, Any]:
-    return {"mpp": slide.mpp, "mpp_source": slide.mpp_source, "width": slide.dimensions[0],
-            "height": slide.dimensions[1]}
-
-
 @dataclass(frozen=True)
 class Tiling:
     """What decides the pixels of a slide's tiles, as the store records it: the tiling key
@@ -220,19 +199,89 @@ class Tiling:
         return cls(tiling_key(params.target_mpp, params.tile_px, params.stride), params.target_mpp, params.tile_px)
 
 
-class SlideWriter:
-    """How one cohort's slides are written into a tiles collection and its records collection.
+@dataclass
+class SlideJob:
+    """Everything one slide's embedding needs, as plain data: what the in-process run hands
+    its per-slide code and what a worker receives in a task (`conchdb.workers`)."""
 
-    Ingest (tiles embedded from pixels) and feature import (tiles projected from TRIDENT or
-    CLAM files) both write through this, so that their points get the same ids, payload
-    fields and slide records, and reruns, stale-tile cleanup and statuses work the same.
+    slide: CohortSlide
+    cohort: str
+    run_id: str
+    params: TilingParams
+    metadata: dict[str, Any] = field(default_factory=dict)  # the slide's manifest row
+    mpp_override: float | None = None
+    override_source: str = "--slide-mpp"
+    batch_size: int = 32
+    readers: int = 2
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling.of(self.params)
+
+
+@dataclass
+class _Plan:
+    """A slide opened and gridded, ready to read (or the error that stopped it)."""
+
+    slide: CohortSlide
+    mpp_override: float | None
+    grid: TileGrid | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def plan_slide(job: SlideJob) -> _Plan:
+    """Open the slide and plan its tiles; a slide that cannot be opened comes back with `error`."""
+    plan = _Plan(job.slide, job.mpp_override)
+    try:
+        with open_slide(job.slide.path, job.mpp_override, job.override_source) as opened:
+            _, plan.grid = plan_tiles(opened, job.params)
+            plan.info = _slide_info(opened)
+    except SlideError as exc:
+        plan.error = str(exc)
+    return plan
+
+
+def _slide_info(slide: Slide) -> dict[str, Any]:
+    return {"mpp": slide.mpp, "mpp_source": slide.mpp_source, "width": slide.dimensions[0],
+            "height": slide.dimensions[1]}
+
+
+class SlideWriter:
+    """Everything one run writes for a cohort's slides into a tiles collection and its records
+    collection: point ids, tile payloads, slide records, stale-tile cleanup and the done rule.
+
+    Ingest (tiles embedded from pixels, in this process or by workers) and feature import
+    (tiles projected from TRIDENT or CLAM files) all write through this, so their points get
+    the same ids and payload fields, and reruns, cleanup and statuses work the same. A slide
+    goes through `begin` (no tissue: finished; else in progress), its tiles, then `finish`
+    (done only after every tile is written and older runs' tiles are gone) or `fail`.
+
+    `encoder` needs only `dim`, `fingerprint` and `describe()` (the broker run passes the
+    workers' model description); `run_id` is given when the run was started elsewhere.
     """
 
-    def __init__(self, store: Store, collection: str, encoder: Encoder, manifest: Manifest, cohort_name: str):
+    def __init__(
+        self,
+        store: Store,
+        collection: str,
+        encoder: Encoder,
+        manifest: Manifest,
+        cohort_name: str,
+        run_id: str | None = None,
+    ):
         self.store, self.collection, self.encoder, self.manifest = store, collection, encoder, manifest
         self.slides = slides_collection(collection)
         self.cohort_name = cohort_name
-        self.run_id = uuid.uuid4().hex
+        self.run_id = run_id or uuid.uuid4().hex
+
+    @classmethod
+    def for_job(cls, store: Store, collection: str, encoder: Encoder, job: SlideJob) -> SlideWriter:
+        """The writer a worker uses for one job: the job's run, cohort and manifest row."""
+        row = ManifestRow(0, job.slide.id, job.mpp_override, dict(job.metadata))
+        return cls(store, collection, encoder, Manifest(None, {job.slide.id: row}), job.cohort, job.run_id)
+
+    # -- collections ---------------------------------------------------------------------
 
     def prepare(
         self,
@@ -258,6 +307,8 @@ class SlideWriter:
         slides = slides or slides_layout(self.manifest.columns)
         self.store.ensure_collection(CollectionSpec(self.collection, self.encoder.dim, metadata, **asdict(tiles)))
         self.store.ensure_collection(CollectionSpec(self.slides, self.encoder.dim, metadata, **asdict(slides)))
+
+    # -- records -------------------------------------------------------------------------
 
     def record_id(self, slide: CohortSlide, tiling: Tiling) -> str:
         return stable_id("slide", self.cohort_name, slide.id, tiling.key)
@@ -316,6 +367,56 @@ class SlideWriter:
     def delete_tiles(self, slide: CohortSlide, tiling: Tiling) -> None:
         self.store.delete(self.collection, self.slide_filter(slide, tiling))
 
+    # -- one slide's steps ---------------------------------------------------------------
+
+    def begin(self, slide: CohortSlide, tiling: Tiling, tiles: int, **extra: Any) -> SlideOutcome | None:
+        """Before the first tile: a slide without tissue is finished here (its outcome is
+        returned); otherwise it is recorded in progress and None returned. `extra` are the
+        record's further fields (pixel size, dimensions, an import's source)."""
+        if tiles == 0:
+            self.write_record(slide, tiling, SlideStatus.NO_TISSUE, tiles=0, error=None, **extra)
+            self.delete_stale(slide, tiling)
+            return SlideOutcome(slide.id, str(slide.path), SlideStatus.NO_TISSUE)
+        self.write_record(slide, tiling, SlideStatus.IN_PROGRESS, tiles=0, error=None, **extra)
+        return None
+
+    def finish(
+        self,
+        slide: CohortSlide,
+        tiling: Tiling,
+        tiles: int,
+        mean: np.ndarray,
+        flush: Callable[[], None] | None = None,
+        **extra: Any,
+    ) -> SlideOutcome:
+        """The done rule: every tile written (`flush`, for tiles handed to a writer thread),
+        older runs' tiles deleted, then the record says done."""
+        if flush is not None:
+            flush()
+        self.delete_stale(slide, tiling)
+        self.write_record(slide, tiling, SlideStatus.DONE, vector=mean, tiles=tiles, error=None, **extra)
+        return SlideOutcome(slide.id, str(slide.path), SlideStatus.DONE, tiles)
+
+    def fail(
+        self,
+        slide: CohortSlide,
+        tiling: Tiling,
+        error: str,
+        previous: str | None,
+        flush: Callable[[], None] | None = None,
+        **extra: Any,
+    ) -> SlideOutcome:
+        """Record the failure once; `previous` is the record's status before this run."""
+        if flush is not None:
+            flush()
+        self.write_record(slide, tiling, SlideStatus.FAILED, tiles=0, error=error, **extra)
+        if previous != SlideStatus.DONE:
+            # Nothing good was stored for this slide before: drop the partial tiles.
+            self.delete_tiles(slide, tiling)
+        return SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED, error=error)
+
+    # -- tiles ---------------------------------------------------------------------------
+
     def shared_payload(
         self, slide: CohortSlide, tiling: Tiling, size: int, info: dict[str, Any], **extra: Any
     ) -> dict[str, Any]:
@@ -346,9 +447,102 @@ class SlideWriter:
             for t, vec in zip(tiles, vectors, strict=True)
         ]
 
+    def sink(
+        self, slide: CohortSlide, tiling: Tiling, size: int, info: dict[str, Any], writer: Writer
+    ) -> Callable[[list[dict[str, Any]], np.ndarray], None]:
+        """What `embed_slide` hands its batches to when this process writes them: named
+        points, with the slide's shared payload, queued on the writer thread."""
+        shared = self.shared_payload(slide, tiling, size, info)
+
+        def put(tiles: list[dict[str, Any]], vectors: np.ndarray) -> None:
+            writer.put(self.tile_points(slide, tiling, size, tiles, vectors), shared)
+
+        return put
+
+
+TileSink = Callable[[list[dict[str, Any]], np.ndarray], None]
+"""Takes one embedded batch: the tiles' own payloads (level-0 `x`, `y`, `tissue`) and their vectors."""
+
+
+def embed_slide(
+    job: SlideJob,
+    grid: TileGrid,
+    encoder: Encoder,
+    sink: TileSink,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Stream and embed every tile of the slide, handing each batch to `sink`; returns the
+    normalized mean vector. Naming and writing the points is the sink's (a `SlideWriter`'s)
+    job, so a worker can embed here and leave the writing to the ingesting process."""
+    progress = progress or Progress()
+    timings = timings if timings is not None else {}
+    if progress.on_slide:
+        progress.on_slide(job.slide.id, len(grid))
+    total = np.zeros(encoder.dim, dtype=np.float64)
+    reader = TileReader(
+        job.slide.path, grid, batch_size=job.batch_size, workers=job.readers, mpp_override=job.mpp_override,
+    )
+    with reader:
+        batches = iter(reader)
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            timings["read_wait_s"] = timings.get("read_wait_s", 0.0) + time.perf_counter() - t
+            if batch is None:
+                break
+            vectors = encoder.encode_tiles(batch.tiles, timings=timings)
+            total += vectors.sum(axis=0)
+            tiles = grid.tiles[batch.start : batch.start + len(batch)]
+            sink([{"x": t.x, "y": t.y, "tissue": t.tissue} for t in tiles], vectors)
+            if progress.on_batch:
+                progress.on_batch(len(tiles))
+    norm = np.linalg.norm(total)
+    return (total / norm if norm > 0 else total).astype(np.float32)
+
+
+def ingest_one_slide(
+    job: SlideJob,
+    plan: _Plan,
+    encoder: Encoder,
+    slide_writer: SlideWriter,
+    writer: Writer,
+    previous: str | None,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> SlideOutcome:
+    """One slide's whole work where the embedding process also writes: records, tiles, done rule.
+
+    The in-process run calls it per slide; a worker writing into a Qdrant server calls it
+    per task. `previous` is the slide record's status before this run (None: no record).
+    """
+    start = time.perf_counter()
+    slide, tiling = job.slide, job.tiling
+    outcome: SlideOutcome | None = None
+    error = plan.error
+    if error is None and plan.grid is not None:
+        grid = plan.grid
+        outcome = slide_writer.begin(slide, tiling, len(grid), **plan.info)
+        if outcome is None:
+            try:
+                sink = slide_writer.sink(slide, tiling, grid.tile_size_level0, plan.info, writer)
+                mean = embed_slide(job, grid, encoder, sink, progress, timings)
+                outcome = slide_writer.finish(slide, tiling, len(grid), mean, writer.flush, **plan.info)
+            except SlideError as exc:
+                error = str(exc)
+    if error is not None:
+        outcome = slide_writer.fail(slide, tiling, error, previous, writer.flush, **plan.info)
+    assert outcome is not None
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
 
 class Ingest:
-    """One ingest run over a cohort into one store collection."""
+    """One ingest run over a cohort into one store collection.
+
+    The run decides what to do (discovery, records, the skip rule) and hands each slide to
+    the per-slide code above; `conchdb.workers` sends the same `SlideJob`s to workers.
+    """
 
     def __init__(
         self,
@@ -375,18 +569,22 @@ class Ingest:
         """Create or check both collections; refuses another model's collection before any work."""
         self.slide_writer.prepare({"tiling": self.options.params.to_dict(), "cohort": self.cohort_name})
 
-    def _write_record(
-        self, slide: CohortSlide, status: SlideStatus, vector: np.ndarray | None = None, **extra: Any
-    ) -> None:
-        self.slide_writer.write_record(slide, self.tiling, status, vector, **extra)
+    def job(self, slide: CohortSlide) -> SlideJob:
+        """The plain-data description of one slide's work in this run."""
+        mpp, source = self._override(slide)
+        return SlideJob(
+            slide, self.cohort_name, self.run_id, self.options.params, self.manifest.payload_for(slide.id),
+            mpp, source, self.options.batch_size, self.options.readers,
+        )
+
+    def record(self, slide: CohortSlide) -> dict[str, Any] | None:
+        """The slide's record as stored now (None: never seen)."""
+        return self.slide_writer.record(slide, self.tiling)
 
     # -- the run -------------------------------------------------------------------------
 
-    def _todo(self) -> Iterator[tuple[CohortSlide, dict[str, Any] | None]]:
-        for slide in self.cohort.slides:
-            yield slide, self.slide_writer.record(slide, self.tiling)
-
-    def _is_done(self, slide: CohortSlide, record: dict[str, Any] | None) -> bool:
+    def is_done(self, slide: CohortSlide, record: dict[str, Any] | None) -> bool:
+        """The skip rule: done (or without tissue) from this very file, and not forced."""
         return not self.options.force and self.slide_writer.is_done(slide, record)
 
     def _override(self, slide: CohortSlide) -> tuple[float | None, str]:
@@ -395,7 +593,8 @@ class Ingest:
             return mpp, "manifest"
         return self.options.slide_mpp, "--slide-mpp"
 
-    def run(self) -> IngestSummary:
+    def new_summary(self) -> IngestSummary:
+        """An empty summary of this run: store, manifest findings, files that are not slides."""
         # The manifest lies among the cohort's files but is not a slide passed over.
         manifest = self.manifest.path.resolve() if self.manifest.path else None
         not_slides = sum(Path(f).resolve() != manifest for f in self.cohort.skipped)
@@ -404,28 +603,51 @@ class Ingest:
         summary.manifest_unmatched = [f"line {line}: {value}" for line, value in self.manifest.unmatched]
         summary.manifest_missing = list(self.manifest.missing) if self.manifest.path else []
         summary.timings = self.timings
+        return summary
+
+    def pending(self, summary: IngestSummary) -> list[tuple[CohortSlide, dict[str, Any] | None]]:
+        """The slides still to do, with their records; the done ones go into `summary` as skipped."""
+        work = [(slide, self.record(slide)) for slide in self.cohort.slides]
+        for slide, record in work:
+            if self.is_done(slide, record):
+                assert record is not None
+                skipped = SlideOutcome(slide.id, str(slide.path), SlideStatus.SKIPPED, int(record.get("tiles", 0)))
+                self.emit(summary, skipped)
+        return [(s, r) for s, r in work if not self.is_done(s, r)]
+
+    def finish(self, summary: IngestSummary, start: float) -> IngestSummary:
+        """After the last slide: build the indexes deferred while loading and close the timings."""
+        # Also when nothing was written now: a run that died before this point left its
+        # slides done but their index unbuilt (a no-op on a finished collection).
+        t = time.perf_counter()
+        self.store.finish_bulk_load(self.collection)
+        self.timings["index_s"] = time.perf_counter() - t
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def run(self) -> IngestSummary:
+        summary = self.new_summary()
         start = time.perf_counter()
         self.prepare()
         if self.progress.on_start:
             self.progress.on_start(len(self.cohort.slides))
-        writer = _Writer(self.store, self.collection, self.timings)
+        writer = Writer(self.store, self.collection, self.timings)
         planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conchdb-planner")
         try:
-            work = [(s, r) for s, r in self._todo()]
-            pending = [(s, r) for s, r in work if not self._is_done(s, r)]
-            for slide, record in work:
-                if self._is_done(slide, record):
-                    skipped = SlideOutcome(slide.id, str(slide.path), SlideStatus.SKIPPED, int(record.get("tiles", 0)))
-                    self._emit(summary, skipped)
+            pending = self.pending(summary)
+            jobs = [self.job(slide) for slide, _ in pending]
             futures: list[Future[_Plan]] = []
-            for i, (slide, record) in enumerate(pending):
+            for i, (job, (_, record)) in enumerate(zip(jobs, pending, strict=True)):
                 if i == 0:
-                    futures.append(planner.submit(_plan, slide, *self._override(slide), self.options.params))
-                if i + 1 < len(pending):  # plan the next slide while this one is embedded
-                    nxt = pending[i + 1][0]
-                    futures.append(planner.submit(_plan, nxt, *self._override(nxt), self.options.params))
-                plan = futures[i].result()
-                self._emit(summary, self._ingest_slide(plan, record, writer))
+                    futures.append(planner.submit(plan_slide, job))
+                if i + 1 < len(jobs):  # plan the next slide while this one is embedded
+                    futures.append(planner.submit(plan_slide, jobs[i + 1]))
+                previous = record.get("status") if record else None
+                outcome = ingest_one_slide(
+                    job, futures[i].result(), self.encoder, self.slide_writer, writer, previous, self.progress,
+                    self.timings,
+                )
+                self.emit(summary, outcome)
         except KeyboardInterrupt:
             summary.interrupted = True
             raise
@@ -436,77 +658,12 @@ class Ingest:
             finally:
                 writer.close()
                 summary.seconds = time.perf_counter() - start
-        # Also when nothing was written now: a run that died before this point left its
-        # slides done but their index unbuilt (a no-op on a finished collection).
-        t = time.perf_counter()
-        self.store.finish_bulk_load(self.collection)
-        self.timings["index_s"] = time.perf_counter() - t
-        summary.seconds = time.perf_counter() - start
-        return summary
+        return self.finish(summary, start)
 
-    def _emit(self, summary: IngestSummary, outcome: SlideOutcome) -> None:
+    def emit(self, summary: IngestSummary, outcome: SlideOutcome) -> None:
         summary.outcomes.append(outcome)
         if self.progress.on_outcome:
             self.progress.on_outcome(outcome)
-
-    def _ingest_slide(self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer) -> SlideOutcome:
-        slide, start = plan.slide, time.perf_counter()
-        outcome = SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED)
-        if plan.error is None and plan.grid is not None and len(plan.grid) == 0:
-            self._write_record(slide, SlideStatus.NO_TISSUE, tiles=0, error=None, **plan.info)
-            self.slide_writer.delete_stale(slide, self.tiling)
-            outcome.status = SlideStatus.NO_TISSUE
-            return outcome
-        if plan.error is None:
-            self._write_record(slide, SlideStatus.IN_PROGRESS, tiles=0, error=None, **plan.info)
-            try:
-                mean = self._embed_slide(plan, writer)
-                writer.flush()
-                self.slide_writer.delete_stale(slide, self.tiling)
-                self._write_record(slide, SlideStatus.DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
-                outcome.status, outcome.tiles = SlideStatus.DONE, len(plan.grid)
-            except SlideError as exc:
-                writer.flush()
-                plan.error = str(exc)
-        if plan.error is not None:
-            outcome.error = plan.error
-            self._write_record(slide, SlideStatus.FAILED, tiles=0, error=plan.error, **plan.info)
-            if record is None or record.get("status") != SlideStatus.DONE:
-                # Nothing good was stored for this slide before: drop the partial tiles.
-                self.slide_writer.delete_tiles(slide, self.tiling)
-        outcome.seconds = time.perf_counter() - start
-        return outcome
-
-    def _embed_slide(self, plan: _Plan, writer: _Writer) -> np.ndarray:
-        """Stream, embed and hand over every tile of the slide; returns the normalized mean vector."""
-        slide, grid = plan.slide, plan.grid
-        assert grid is not None
-        if self.progress.on_slide:
-            self.progress.on_slide(slide.id, len(grid))
-        shared = self.slide_writer.shared_payload(slide, self.tiling, grid.tile_size_level0, plan.info)
-        total = np.zeros(self.encoder.dim, dtype=np.float64)
-        reader = TileReader(
-            slide.path, grid, batch_size=self.options.batch_size, workers=self.options.readers,
-            mpp_override=plan.mpp_override,
-        )
-        with reader:
-            batches = iter(reader)
-            while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                self.timings["read_wait_s"] = self.timings.get("read_wait_s", 0.0) + time.perf_counter() - t
-                if batch is None:
-                    break
-                vectors = self.encoder.encode_tiles(batch.tiles, timings=self.timings)
-                total += vectors.sum(axis=0)
-                tiles = grid.tiles[batch.start : batch.start + len(batch)]
-                payloads = [{"x": t.x, "y": t.y, "tissue": t.tissue} for t in tiles]
-                points = self.slide_writer.tile_points(slide, self.tiling, grid.tile_size_level0, payloads, vectors)
-                writer.put(points, shared)
-                if self.progress.on_batch:
-                    self.progress.on_batch(len(points))
-        norm = np.linalg.norm(total)
-        return (total / norm if norm > 0 else total).astype(np.float32)
 
 
 def ingest(
