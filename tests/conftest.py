@@ -44,3 +44,14 @@ def conch_assets(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(conch_assets: Path) -> Path:
     return conch_assets / "tokenizer" / "conch_byte_level_bpe_uncased.json"
+
+
+def need_tool(present: bool, reason: str) -> None:
+    """A tool from Debian (redis-server, chromium, docker-compose) that some tests drive:
+    missing on a developer's machine, the test skips with `reason`; in CI, which installs
+    it, a missing tool is a failure, so a broken install step cannot pass as a skip."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (.ci/run installs it)")
+    pytest.skip(reason)

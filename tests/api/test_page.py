@@ -8,7 +8,6 @@ like this". A screenshot of the page with the viewer open is kept as a test arti
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image
 from conchdb.api import ApiSettings, create_app
 from conchdb.api.page import viewer_installed
 from tests.api.conftest import KEY, LiveServer
+from tests.conftest import need_tool
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -29,22 +29,14 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _need(condition: bool, reason: str) -> None:
-    """Skip where a tool is missing on a developer's machine; in CI (which installs it) fail."""
-    if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (.ci/run installs it)")
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser():
-    _need(Path(CHROMIUM).is_file() or shutil.which("chromium") is not None, f"no chromium at {CHROMIUM}")
-    _need(viewer_installed(), "OpenSeadragon is not installed: run `npm ci --prefix conchdb/api/web`")
+    need_tool(Path(CHROMIUM).is_file() or shutil.which("chromium") is not None, f"no chromium at {CHROMIUM}")
+    need_tool(viewer_installed(), "OpenSeadragon is not installed: run `npm ci --prefix conchdb/api/web`")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _need(False, "playwright is not installed (pip install -e '.[dev]')")
+        need_tool(False, "playwright is not installed (pip install -e '.[dev]')")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

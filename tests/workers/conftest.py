@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from conchdb.model.checkpoint import save_checkpoint
+from tests.conftest import need_tool
 from tests.model.conftest import make_tiny_model
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -71,8 +72,7 @@ class RedisServer:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    need_tool(REDIS_SERVER is not None, "redis-server is not installed (Debian: apt-get install redis-server)")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from conchdb.cli import app
 from conchdb.config import Settings
+from tests.conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -100,8 +101,7 @@ def test_the_readme_names_every_variable_the_file_needs():
 
 def test_docker_compose_accepts_the_file(monkeypatch):
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose; .ci/run installs it)")
+    need_tool(binary is not None, "docker-compose is not installed (Debian: apt-get install docker-compose)")
     for name, value in VARIABLES.items():
         monkeypatch.setenv(name, value)
     done = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60)
