@@ -53,6 +53,9 @@ from conchdb.search.vocabulary import all_terms
 from conchdb.store import CollectionSpec, Point, stable_id
 from conchdb.store.edge import EdgeStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search import default_tokenizer  # noqa: E402  (the sibling benchmark's tokenizer lookup)
+
 COLLECTION = "conch_tiles"
 SLIDES, SLIDE_PX, TILE_PX = 6, 1024, 256
 MIX = (("text", 2), ("image", 1), ("tile", 2))
@@ -224,13 +227,6 @@ def in_process(store: Path, encoder: Encoder, texts: list[str], tiles: list[Imag
             timings["tile"].append(time.perf_counter() - start)
     return {kind: {"p50_ms": round(float(np.percentile(1e3 * np.array(t), 50)), 2),
                    "p99_ms": round(float(np.percentile(1e3 * np.array(t), 99)), 2)} for kind, t in timings.items()}
-
-
-def default_tokenizer() -> Path | None:
-    if os.environ.get("CONCHDB_TOKENIZER"):
-        return Path(os.environ["CONCHDB_TOKENIZER"])
-    assets = os.environ.get("CONCHDB_TEST_ASSETS")
-    return Path(assets) / "conch" / "tokenizer" / "conch_byte_level_bpe_uncased.json" if assets else None
 
 
 def main() -> None:
