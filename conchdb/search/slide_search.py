@@ -196,6 +196,22 @@ def rank_slides(
     depth: int = DEPTH,
 ) -> list[SlideMatch]:
     """The `k` stored slides that best match the query's mosaic, best first (see the module docstring)."""
+    return rank_slides_from(store, collection, query, k=k, flt=flt, exclude_same=exclude_same, depth=depth)[0]
+
+
+def rank_slides_from(
+    store: Store,
+    collection: str,
+    query: SlideQuery,
+    *,
+    k: int = 10,
+    flt: Filter | None = None,
+    exclude_same: Sequence[str] = (),
+    depth: int = DEPTH,
+) -> tuple[list[SlideMatch], int]:
+    """`rank_slides`, starting from `depth`, and the depth the first batch ended at: many
+    queries over one archive (an evaluation) start where the last one ended, instead of
+    each learning again that the archive needs deeper lists."""
     if not query.tiles:
         raise QueryError(
             f"the query slide {query.source} has no mosaic tiles", fix="ingest the slide again", parameter="slide_id"
@@ -207,7 +223,7 @@ def rank_slides(
     m = len(vectors)
     total = store.count(collection, base)
     if total == 0:
-        return []
+        return [], depth
     depth = max(1, min(depth, total))
     while True:
         table = _Table(floors=np.full(m, -np.inf))
@@ -224,7 +240,7 @@ def rank_slides(
             break
         depth = min(depth * 2, total, MAX_DEPTH)
     ranked = _refine(store, collection, vectors, base, table, k)
-    return _matches(store, collection, query, table, ranked[:k])
+    return _matches(store, collection, query, table, ranked[:k]), depth
 
 
 def _too_shallow(table: _Table, k: int, m: int) -> bool:
