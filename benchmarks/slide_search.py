@@ -150,7 +150,9 @@ def main() -> None:
         doc.update(queries=len(picks), p50_ms=round(percentile(ours, 50), 1), p99_ms=round(percentile(ours, 99), 1),
                    exact_p50_ms=round(percentile(exact, 50), 1), exact_p99_ms=round(percentile(exact, 99), 1),
                    top5_overlap=round(float(np.mean(overlap)), 4))
-        log(f"slide search p50 {doc['p50_ms']} ms; evaluating retrieval over {args.slides} slides")
+        log(f"slide search p50/p99 {doc['p50_ms']}/{doc['p99_ms']} ms, exact numpy {doc['exact_p50_ms']}/"
+            f"{doc['exact_p99_ms']} ms, top-5 overlap {doc['top5_overlap']}; evaluating retrieval over "
+            f"{args.slides} slides")
         t = time.perf_counter()
         report = evaluate_retrieval(store, COLLECTION, label="diagnosis", group="patient_id")
         doc["evaluate_s"] = round(time.perf_counter() - t, 2)
