@@ -90,15 +90,20 @@ TILE_FIELDS: dict[str, FieldType] = {
     "tissue": "float",
     "tiling": "keyword",
     "ingest_run": "keyword",
+    "mosaic": "bool",
 }
-"""Payload fields every tile carries: its slide, level-0 square (x, y, size), the slide's pixel
-size and where it came from, the tiling it was cut at, its tissue share, and the run that wrote it."""
-TILE_INDEXED = ("slide_id", "cohort")
+"""Payload fields of a tile: its slide, level-0 square (x, y, size), the slide's pixel size and
+where it came from, the tiling it was cut at, its tissue share, and the run that wrote it; and,
+on the few tiles of the slide's mosaic only, `mosaic: true` (conchdb/search/mosaic.py)."""
+MOSAIC_FIELD = "mosaic"
+"""The field that marks a slide's mosaic tiles (absent on its other tiles)."""
+TILE_INDEXED = ("slide_id", "cohort", MOSAIC_FIELD)
 """The tile fields that get a payload index: the slide and the cohort (selective filters; a
 slide's tiles are found by slide_id when a rerun cleans them up). Each index costs time on
 every write (benchmarks/store.py); tiling and ingest_run only ever narrow a slide's tiles
 further, and filters on x, y, size or tissue keep most points, so the engine checks those
-on the payload. Manifest columns are indexed."""
+on the payload. Manifest columns are indexed, and so is the mosaic mark, which only a slide's
+few mosaic tiles carry (a cheap index that makes `mosaic=true` a cheap filter)."""
 TILE_LOAD_INDEXED = ("slide_id",)
 """Indexed while ingest writes into a new collection (it finds a slide's tiles by slide_id);
 the embedded store builds the other indexes once, when the ingest ends."""

@@ -101,3 +101,10 @@ def test_imported_tiles_declare_the_import_fields_without_indexing_them():
         assert set(fields.values()) <= set(FIELD_TYPES) and not set(fields) & set(TILE_FIELDS)
     assert set(catalog.IMPORT_TILE_FIELDS) <= set(catalog.IMPORT_RECORD_FIELDS)
     assert catalog.RESERVED_FIELDS < catalog.IMPORT_RESERVED
+
+
+def test_the_mosaic_mark_is_an_indexed_bool_without_a_graph_of_its_own():
+    assert TILE_FIELDS[catalog.MOSAIC_FIELD] == "bool"
+    assert catalog.MOSAIC_FIELD in TILE_INDEXED
+    assert catalog.MOSAIC_FIELD not in TILE_GRAPH_FIELDS  # only mosaic tiles carry it: a graph would buy nothing
+    assert catalog.MOSAIC_FIELD not in catalog.SLIDE_FIELDS

@@ -47,6 +47,24 @@ class TextSearch(SearchOptions):
     ensemble: bool = Field(False, description="Average the text over CONCH-style prompt templates.")
 
 
+class SlideSearch(Strict):
+    """Stored slides like a stored slide (ranked against its mosaic)."""
+
+    slide_id: str = Field(min_length=1, max_length=MAX_SLIDE_ID_CHARS, description="The stored query slide.")
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Slides to return.")
+    filters: dict[str, Any] | None = FiltersField
+    exclude_same: list[str] = Field(
+        default_factory=list, max_length=8,
+        description="Fields whose query value leaves slides out (e.g. patient_id); the query slide always is.",
+    )
+
+
+class SlideSearchResponse(BaseModel):
+    slide_id: str
+    mosaic_tiles: int
+    results: list[dict[str, Any]] = Field(description="rank, slide_id, score, matched_tiles, payload per slide.")
+
+
 class ImageQuery(Strict):
     """A stored image: a point (tile) id, or a rectangle of a stored slide in level-0 pixels."""
 

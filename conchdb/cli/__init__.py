@@ -11,6 +11,7 @@ from conchdb.cli import (  # noqa: F401  (register the commands)
     ingest,
     search,
     serve,
+    slide_search,
     texts,
     tiles,
     workers,

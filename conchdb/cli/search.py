@@ -35,6 +35,13 @@ def search(
     query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
     image: ImageQueryOpt = None,
     point: Annotated[str | None, typer.Option("--point", help="Id of a stored tile: find tiles like it.")] = None,
+    slide: Annotated[str | None, typer.Option("--slide", help="A stored slide id: find slides like it.")] = None,
+    slide_file: Annotated[
+        Path | None, typer.Option("--slide-file", help="A slide file (not stored): find stored slides like it.")
+    ] = None,
+    exclude_same: Annotated[
+        list[str], typer.Option("--exclude-same", help="Slide search: leave out slides sharing the query's value.")
+    ] = [],  # noqa: B006
     where: WhereOpt = [],  # noqa: B006
     top_k: Annotated[int, typer.Option("--top-k", help="Results per page, 1 to 1000.")] = 10,
     page: Annotated[int, typer.Option("--page", help="Page of results; 2 is results top-k+1 to 2×top-k.")] = 1,
@@ -48,12 +55,25 @@ def search(
     export: Annotated[Path | None, typer.Option("--export", help="Write hit JPEGs and index.html here.")] = None,
     slide_mpp: Annotated[
         float | None,
-        typer.Option("--slide-mpp", help="Level-0 µm/px of a region's slide that is not in the store."),
+        typer.Option("--slide-mpp", help="Level-0 µm/px of a region's or --slide-file's slide (not in the store)."),
     ] = None,
 ) -> None:
-    """Search tiles by text, by image or by a stored tile, with filters; exactly one of QUERY, --image, --point."""
+    """Search tiles by text, by image or by a stored tile, or slides by a slide, with filters;
+    exactly one of QUERY, --image, --point, --slide, --slide-file."""
     from conchdb.search.filters import filter_fields
     from conchdb.search.searcher import require_text
+
+    if slide is not None or slide_file is not None:
+        from conchdb.cli.slide_search import search_slides_command
+
+        return search_slides_command(
+            options, slide=slide, slide_file=slide_file, slide_mpp=slide_mpp,
+            other_queries=sum(q is not None for q in (query, image, point)), where=where, top_k=top_k,
+            exclude_same=exclude_same, as_json=as_json, export=export,
+        )
+    if exclude_same:
+        raise QueryError("leaving out slides applies to slide searches", fix="give --slide or --slide-file",
+                         parameter="exclude_same")
 
     if sum(q is not None for q in (query, image, point)) != 1:
         raise QueryError("give exactly one query", fix="QUERY text, --image PATH, or --point ID")

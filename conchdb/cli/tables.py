@@ -14,6 +14,7 @@ from rich.table import Table
 
 from conchdb.catalog import TILE_FIELDS
 from conchdb.search.searcher import SearchHit, TextMatch
+from conchdb.search.slide_search import SlideMatch
 from conchdb.search.zeroshot import ClassScores, PooledScores
 
 MAX_EXTRA_COLUMNS = 5
@@ -57,6 +58,24 @@ def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), tit
             row.append("  ".join(f"{t.score:.3f}@{t.x},{t.y}" for t in hit.flat()))
         row += [_fmt(hit.payload.get(name)) for name in columns]
         table.add_row(*row)
+    return table
+
+
+def slide_matches_table(matches: Sequence[SlideMatch], title: str | None = None) -> Table:
+    """Rank, score, slide, its best tile pair (query x,y -> match x,y) and the slide's metadata columns."""
+    columns = [k for k in dict.fromkeys(k for m in matches for k in m.payload) if k not in TILE_FIELDS]
+    table = Table(title=title, title_justify="left")
+    table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("slide", overflow="fold", min_width=12)
+    table.add_column("best pair", overflow="fold")
+    for name in columns[:MAX_EXTRA_COLUMNS]:
+        table.add_column(name, overflow="fold")
+    for m in matches:
+        best = m.matched_tiles[0] if m.matched_tiles else None
+        pair = f"{best.score:.3f} ({best.query.x},{best.query.y})→({best.x},{best.y})" if best else ""
+        extra = [_fmt(m.payload.get(name)) for name in columns[:MAX_EXTRA_COLUMNS]]
+        table.add_row(str(m.rank), f"{m.score:.4f}", str(m.slide_id), pair, *extra)
     return table
 
 

@@ -49,6 +49,7 @@ from conchdb.catalog import (
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
 from conchdb.ingest.manifest import Manifest, ManifestRow, read_manifest
+from conchdb.ingest.mosaic import remark
 from conchdb.model.encoder import Encoder
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
 from conchdb.slides.reader import TileReader
@@ -390,10 +391,17 @@ class SlideWriter:
         **extra: Any,
     ) -> SlideOutcome:
         """The done rule: every tile written (`flush`, for tiles handed to a writer thread),
-        older runs' tiles deleted, then the record says done."""
+        older runs' tiles deleted, the slide's mosaic marked, then the record says done.
+
+        The mosaic is chosen from the tiles as stored (read back with their vectors), so every
+        way a slide gets its tiles (this process, a worker, a feature import) marks the same
+        mosaic that `conchdb mosaic` would."""
         if flush is not None:
             flush()
         self.delete_stale(slide, tiling)
+        stored = list(self.store.scroll(self.collection, self.slide_filter(slide, tiling), with_vectors=True))
+        if stored:
+            remark(self.store, self.collection, stored)
         self.write_record(slide, tiling, SlideStatus.DONE, vector=mean, tiles=tiles, error=None, **extra)
         return SlideOutcome(slide.id, str(slide.path), SlideStatus.DONE, tiles)
 

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from conchdb.catalog import TILE_SCOPE_FIELDS, TILES_COLLECTION, slides_collection, texts_collection
+from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, slides_collection, texts_collection
 from conchdb.errors import ConchdbError, QueryError
-from conchdb.search import filters, prompts, regions, vocabulary, zeroshot
+from conchdb.search import filters, prompts, regions, slide_search, vocabulary, zeroshot
+from conchdb.search.mosaic import choose_mosaic
 from conchdb.store import Condition, Filter, Hit, Store
 
 if TYPE_CHECKING:
@@ -205,6 +206,11 @@ class Searcher:
             raise ConchdbError(f"this query needs the {' and '.join(sorted(need - held))} tower of the model")
         self.encoder = self.load_encoder(need | held or BOTH_TOWERS)
         return self.encoder
+
+    def require_store(self) -> Store:
+        """The store, opened now if it was not (for callers that read it directly: mosaics,
+        evaluation)."""
+        return self._store()
 
     def require(self, *towers: str) -> Encoder:
         """Load the model with `towers` now (one load when a query will need both)."""
@@ -485,6 +491,69 @@ class Searcher:
         labels = [c.label for c in classes]
         scale = self._encoder("text").logit_scale
         return len(tiles), zeroshot.mi_zero(vectors, self.class_vectors(classes), scale, labels, ks)
+
+    # -- slide -> slides ------------------------------------------------------------------
+
+    def slide_query(self, slide_id: str) -> slide_search.SlideQuery:
+        """A stored slide as a query: its stored mosaic, or, for a slide stored before mosaics
+        existed, one chosen now from its stored vectors (`mosaic_stored` is then False)."""
+        store = self._store()
+        self.metadata()
+        scope = Filter((Condition("slide_id", "eq", slide_id), Condition(MOSAIC_FIELD, "eq", True)))
+        tiles = list(store.scroll(self.collection, scope, with_vectors=True))
+        stored = bool(tiles)
+        if not stored:
+            every = self.slide_tiles(slide_id)  # unknown slide: an error with close ids
+            chosen = set(choose_mosaic([t.id for t in every], np.stack([t.vector for t in every])))
+            tiles = [t for t in every if t.id in chosen]
+        for name in TILE_SCOPE_FIELDS:
+            values = sorted({str(t.payload[name]) for t in tiles if name in t.payload})
+            if len(values) > 1:
+                raise QueryError(
+                    f"slide '{slide_id}' is stored with several values of '{name}': {', '.join(values)}",
+                    fix="search with the slide's file instead, or keep one copy of the slide per collection",
+                    parameter="slide_id",
+                )
+        query_tiles = [
+            slide_search.QueryTile(t.vector, t.payload.get("x"), t.payload.get("y"), t.payload.get("size"), t.id)
+            for t in sorted(tiles, key=lambda t: t.id)
+        ]
+        payload = slide_search.slide_payload(tiles[0].payload)
+        return slide_search.SlideQuery(query_tiles, slide_id, slide_id, payload, stored)
+
+    def slide_file_query(
+        self, path: str | Path, slide_mpp: float | None = None, readers: int = 0
+    ) -> slide_search.SlideQuery:
+        """A slide file that is not stored, tiled with the collection's tiling and embedded now."""
+        from conchdb.search.slide_file import embed_slide_file, tiling_from_metadata
+
+        self.check_model(tower="vision")
+        params = tiling_from_metadata(self.metadata())
+        embedded = embed_slide_file(path, self._encoder("vision"), params, slide_mpp=slide_mpp, readers=readers)
+        keys = [f"{t.y:012d}:{t.x:012d}" for t in embedded.tiles]
+        chosen = set(choose_mosaic(keys, embedded.vectors))
+        size = embedded.grid.tile_size_level0
+        query_tiles = [
+            slide_search.QueryTile(vector, t.x, t.y, size)
+            for key, t, vector in zip(keys, embedded.tiles, embedded.vectors, strict=True)
+            if key in chosen
+        ]
+        payload = {"path": str(path), "mpp": embedded.mpp, "mpp_source": embedded.mpp_source, "size": size,
+                   "target_mpp": params.target_mpp, "tile_px": params.tile_px}
+        return slide_search.SlideQuery(query_tiles, str(path), None, payload, False)
+
+    def search_slides(
+        self,
+        query: slide_search.SlideQuery,
+        k: int = 10,
+        flt: Filter | None = None,
+        exclude_same: Sequence[str] = (),
+    ) -> list[slide_search.SlideMatch]:
+        """Stored slides ranked by how well they match the query slide's mosaic (see
+        `conchdb.search.slide_search`); the query slide itself is never among them."""
+        check_limits(k, 0, None)
+        self.metadata()
+        return slide_search.rank_slides(self._store(), self.collection, query, k=k, flt=flt, exclude_same=exclude_same)
 
     def slide_similarity(
         self, slide_id: str, vector: np.ndarray, flt: Filter | None = None

@@ -87,6 +87,20 @@ def to_hit(point: Any, with_vectors: bool) -> Hit:
     )
 
 
+def best_per_group(points: Sequence[Any], group_by: str) -> list[Hit]:
+    """The first (best) of an engine's scored points for each value of `group_by`, as hits;
+    the rest are skipped before their id and payload are converted."""
+    seen: set[Any] = set()
+    out = []
+    for point in points:
+        key = (point.payload or {}).get(group_by)
+        if key is None or isinstance(key, (list, dict)) or key in seen:
+            continue
+        seen.add(key)
+        out.append(to_hit(point, False))
+    return out
+
+
 def sort_groups(groups: list[Group]) -> list[Group]:
     """Hits best first inside each group, groups by their best hit."""
     for g in groups:
@@ -144,6 +158,27 @@ class Store(ABC):
     ) -> list[Hit]:
         """Nearest points to `vector`, best first: `k` of them after skipping `offset`, those
         matching `flt` and scoring at least `min_score`."""
+
+    @abstractmethod
+    def query_batch(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        *,
+        k: int,
+        flts: Sequence[Filter | None] | Filter | None = None,
+        payload_fields: Sequence[str] | None = None,
+        group_by: str | None = None,
+    ) -> list[list[Hit]]:
+        """The nearest `k` points to each row of `vectors`, best first, one list per row,
+        planned and run as one batch (much cheaper than one `query` per row).
+
+        `flts` is one filter for every row, or one per row. `payload_fields` limits the
+        payload returned to those keys (None: all of it): converting hits into Python
+        objects is most of the cost of a deep query. With `group_by`, a row's list keeps
+        only the best of its `k` nearest for each value of that field (one hit per slide),
+        and the others are never converted; points without the field are left out.
+        """
 
     @abstractmethod
     def query_groups(

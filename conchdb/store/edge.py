@@ -30,10 +30,12 @@ import qdrant_edge as qe
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store import lock
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_per_group, sort_groups, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
+    batch_filters,
+    batch_vectors,
     check_name,
     check_shared,
     check_spec,
@@ -376,6 +378,41 @@ class EdgeStore(Store):
         if k <= 0:
             return []
         return self._search(name, vector, k=k, flt=flt, min_score=min_score, offset=offset, with_vectors=with_vectors)
+
+    def query_batch(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        *,
+        k: int,
+        flts: Sequence[Filter | None] | Filter | None = None,
+        payload_fields: Sequence[str] | None = None,
+        group_by: str | None = None,
+    ) -> list[list[Hit]]:
+        """One planned batch of searches (see `Store.query_batch`)."""
+        record = self._record(name)
+        rows = batch_vectors(vectors, record, self.location)
+        if k <= 0 or not rows:
+            return [[] for _ in rows]
+        if payload_fields is not None and group_by is not None and group_by not in payload_fields:
+            payload_fields = [*payload_fields, group_by]
+        selector = True if payload_fields is None else qe.PayloadSelector.Include(list(payload_fields))
+        params = qe.SearchParams(hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search)
+        requests = [
+            qe.QueryRequest(
+                limit=int(k),
+                query=qe.Query.Nearest(row),
+                filter=self._filter(record, flt),
+                with_payload=selector,
+                with_vector=False,
+                params=params,
+            )
+            for row, flt in zip(rows, batch_filters(flts, len(rows)), strict=True)
+        ]
+        results = self._shard(name).query_batch(qe.QueryBatchRequest(requests))
+        if group_by is None:
+            return [[to_hit(p, False) for p in points] for points in results]
+        return [best_per_group(points, group_by) for points in results]
 
     def query_groups(
         self,

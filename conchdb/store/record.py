@@ -21,7 +21,7 @@ import numpy as np
 from conchdb import __version__
 from conchdb.catalog import FIELD_TYPES, GRAPH_TYPES, FieldType
 from conchdb.errors import StoreError
-from conchdb.store.types import CollectionSpec, Point
+from conchdb.store.types import CollectionSpec, Filter, Point
 
 RECORD_FORMAT = 2  # 1 had `indexes` only: every declared field was indexed
 FINGERPRINT = "model_fingerprint"
@@ -203,3 +203,21 @@ def query_vector(vector: np.ndarray, record: CollectionRecord, location: str) ->
             f"the query vector has {array.shape[0]}"
         )
     return array.tolist()
+
+
+def batch_filters(flts: Sequence[Filter | None] | Filter | None, rows: int) -> list[Filter | None]:
+    """One filter per query row of a batch: the same filter for all, or the list given (checked for length)."""
+    if flts is None or isinstance(flts, Filter):
+        return [flts] * rows
+    out = list(flts)
+    if len(out) != rows:
+        raise StoreError(f"a batch of {rows} query vectors got {len(out)} filters", fix="give one filter per vector")
+    return out
+
+
+def batch_vectors(vectors: np.ndarray, record: CollectionRecord, location: str) -> list[list[float]]:
+    """A batch's query vectors as lists, each checked against the collection's size."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array.reshape(1, -1)
+    return [query_vector(row, record, location) for row in array]

@@ -20,10 +20,12 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_per_group, sort_groups, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
+    batch_filters,
+    batch_vectors,
     check_name,
     check_shared,
     check_spec,
@@ -278,6 +280,40 @@ class ServerStore(Store):
             search_params=self._params,
         )
         return [to_hit(p, with_vectors) for p in result.points]
+
+    def query_batch(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        *,
+        k: int,
+        flts: Sequence[Filter | None] | Filter | None = None,
+        payload_fields: Sequence[str] | None = None,
+        group_by: str | None = None,
+    ) -> list[list[Hit]]:
+        """One `query_batch_points` request (see `Store.query_batch`)."""
+        record = self._record(name)
+        rows = batch_vectors(vectors, record, self.location)
+        if k <= 0 or not rows:
+            return [[] for _ in rows]
+        if payload_fields is not None and group_by is not None and group_by not in payload_fields:
+            payload_fields = [*payload_fields, group_by]
+        selector: bool | list[str] = True if payload_fields is None else list(payload_fields)
+        requests = [
+            models.QueryRequest(
+                query=row,
+                filter=self._filter(record, flt),
+                limit=int(k),
+                with_payload=selector,
+                with_vector=False,
+                params=self._params,
+            )
+            for row, flt in zip(rows, batch_filters(flts, len(rows)), strict=True)
+        ]
+        results = self._call(name, self.client.query_batch_points, name, requests=requests)
+        if group_by is None:
+            return [[to_hit(p, False) for p in result.points] for result in results]
+        return [best_per_group(result.points, group_by) for result in results]
 
     def query_groups(
         self,

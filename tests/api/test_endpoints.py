@@ -241,3 +241,18 @@ def test_text_queries_arriving_together_are_encoded_in_one_batch_and_cached():
     other = TextBatcher(slow_encode, "model-b", threading.Lock())
     other.vectors([texts[3]])
     assert len(calls) == 3  # another model's cache is its own
+
+
+def test_slide_search_ranks_the_other_stored_slides_as_the_searcher_does(client, searcher):
+    got = client.post("/v1/search/slide", json={"slide_id": "case_a/s1.png", "top_k": 5})
+    assert got.status_code == 200, got.text
+    doc = got.json()
+    want = searcher.search_slides(searcher.slide_query("case_a/s1.png"), 5)
+    assert doc["slide_id"] == "case_a/s1.png" and doc["mosaic_tiles"] > 0
+    assert [(r["slide_id"], round(r["score"], 5)) for r in doc["results"]] == [
+        (m.slide_id, round(m.score, 5)) for m in want
+    ]
+    assert {r["slide_id"] for r in doc["results"]} == {"case_a/s2.png", "case_b/s3.png"}
+    assert client.post("/v1/search/slide", json={"slide_id": "nope.png"}).status_code == 404
+    missing = client.post("/v1/search/slide", json={"slide_id": "case_a/s1.png", "exclude_same": ["nope"]})
+    assert missing.status_code == 422 and "nope" in missing.text

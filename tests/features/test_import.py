@@ -268,3 +268,19 @@ def test_import_into_a_server_store_projects_with_the_encoder(tmp_path, encoder)
     record = next(store.scroll(slides_collection("tiles"))).payload
     assert record["status"] == "done" and record.get("raw_features") is None
     store.close()
+
+
+def test_an_imported_slide_gets_its_mosaic_as_an_ingested_one_does(tmp_path, env):
+    from conchdb.catalog import MOSAIC_FIELD
+    from conchdb.ingest.mosaic import build_mosaics
+    from conchdb.search.mosaic import mosaic_size
+
+    root = tmp_path / "job"
+    write_trident_file(root, "big", raw(200), grid_coords(200))
+    assert import_json(root, env)["tiles_written"] == 200
+    with EdgeStore(tmp_path / "store") as store:
+        marked = list(store.scroll(TILES, Filter((Condition(MOSAIC_FIELD, "eq", True),))))
+        assert len(marked) == mosaic_size(200) == 10
+        assert all(h.payload["source"] == "trident" for h in marked)  # the mark kept the import's fields
+        again = build_mosaics(store, TILES)
+        assert (again.marked, again.unmarked) == (0, 0)

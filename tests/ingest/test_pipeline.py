@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conchdb.catalog import SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
+from conchdb.catalog import MOSAIC_FIELD, SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
 from conchdb.cli import app
 from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.model.checkpoint import save_checkpoint
@@ -78,8 +78,11 @@ def _ingest(root: Path, store: Path, ckpt: Path, *extra: str):
 
 def _catalogued(payload: dict, fields: dict) -> bool:
     """The payload holds the catalog's fields and the manifest's columns, and nothing else; a
-    plain image without a pixel size (the whole-image tile of boxes.png) has no `mpp`."""
-    return set(fields) - {"mpp"} | MANIFEST_COLUMNS <= set(payload) <= set(fields) | MANIFEST_COLUMNS
+    plain image without a pixel size (the whole-image tile of boxes.png) has no `mpp`, and
+    only a slide's mosaic tiles carry the mosaic mark (true)."""
+    if payload.get(MOSAIC_FIELD, True) is not True:
+        return False
+    return set(fields) - {"mpp", MOSAIC_FIELD} | MANIFEST_COLUMNS <= set(payload) <= set(fields) | MANIFEST_COLUMNS
 
 
 def _points(store_path: Path) -> dict[str, tuple[dict, np.ndarray]]:

@@ -123,6 +123,13 @@ def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
     return _response(service, service.search(vector, opts), body.top_k, body.page)
 
 
+@router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)
+def search_slide(body: schemas.SlideSearch, request: Request) -> dict[str, Any]:
+    """Stored slides like a stored slide: `{"slide_id": "case01.svs", "exclude_same": ["patient_id"]}`."""
+    size, matches = _service(request).search_slides(body.slide_id, body.top_k, body.filters, body.exclude_same)
+    return {"slide_id": body.slide_id, "mosaic_tiles": size, "results": [m.to_dict() for m in matches]}
+
+
 @router.post("/search/image", response_model=schemas.SearchResponse, responses=ERRORS,
              openapi_extra=_body(schemas.ImageSearch))
 async def search_image(request: Request) -> dict[str, Any]:

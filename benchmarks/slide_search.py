@@ -1,0 +1,171 @@
+"""Slide search and retrieval evaluation speed on a synthetic archive, beside exact numpy.
+
+    python benchmarks/slide_search.py [--slides 500] [--tiles 400] [--queries 50] [--json]
+
+Makes SLIDES x TILES unit 512-d vectors with class structure: each slide belongs to one of
+`--classes` diagnoses and one patient (two slides a patient), and its tiles mix the
+class's direction, the slide's own, and one of the slide's 20 "tissue patterns" drawn
+from 300 shared by every class, plus noise. They are written into the embedded store as
+ingest writes them (the slide's fields shared by each batch, the mosaic marked per slide),
+and the index is built. Then, for `--queries` stored slides, a 32-tile mosaic query (k-means
+over the slide's tiles, as ingest chooses mosaics, with k = 32) is ranked against every
+other slide twice: by `rank_slides` (batched store queries) and by exact numpy over all
+tile vectors in memory; the table gives both latencies (p50/p99) and the overlap of their
+top 5. Last, `evaluate_retrieval` runs leave-one-patient-out over all slides.
+
+Progress goes to stderr; stdout gets a table, or with --json one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, TILE_LOAD_INDEXED
+from conchdb.ingest.mosaic import mark_slide
+from conchdb.search.evaluation import evaluate_retrieval
+from conchdb.search.mosaic import kmeans
+from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
+from conchdb.store import CollectionSpec, Point, stable_id
+from conchdb.store.edge import EdgeStore
+
+DIM = 512
+COLLECTION = "bench_tiles"
+MOSAIC_K = 32
+PATTERNS, PATTERNS_PER_SLIDE = 300, 20
+TOP = 5
+KEYS = (
+    "slides", "tiles", "points", "write_s", "build_s", "queries", "p50_ms", "p99_ms",
+    "exact_p50_ms", "exact_p99_ms", "top5_overlap", "evaluate_s", "evaluate_top1", "evaluate_mmv5",
+)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_archive(slides: int, tiles: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(slides, tiles, DIM) vectors and each slide's class."""
+    rng = np.random.default_rng(seed)
+    class_dirs = unit(rng.normal(size=(classes, DIM)))
+    patterns = unit(rng.normal(size=(PATTERNS, DIM)))
+    labels = np.arange(slides) % classes
+    out = np.empty((slides, tiles, DIM), dtype=np.float32)
+    for s in range(slides):
+        own = unit(rng.normal(size=DIM))
+        kinds = rng.choice(PATTERNS, size=PATTERNS_PER_SLIDE, replace=False)
+        which = kinds[rng.integers(PATTERNS_PER_SLIDE, size=tiles)]
+        noise = rng.normal(size=(tiles, DIM)) / np.sqrt(DIM)
+        out[s] = unit(0.5 * class_dirs[labels[s]] + 0.3 * own + 0.7 * patterns[which] + 0.5 * noise)
+    return out, labels
+
+
+def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list[str]]:
+    """The archive written as ingest writes it; returns each slide's point ids."""
+    fields = {**TILE_FIELDS, "diagnosis": "keyword", "patient_id": "keyword"}
+    store.ensure_collection(CollectionSpec(
+        COLLECTION, DIM, {"model_fingerprint": "bench"}, fields,
+        graph_fields=("slide_id", "cohort", "diagnosis", "patient_id"),
+        indexed=(*TILE_INDEXED, "diagnosis", "patient_id"), load_indexed=TILE_LOAD_INDEXED,
+    ))
+    side = int(np.ceil(np.sqrt(vectors.shape[1])))
+    all_ids = []
+    for s in range(vectors.shape[0]):
+        slide_id = f"slide-{s:04d}"
+        shared = {
+            "slide_id": slide_id, "path": f"/archive/{slide_id}.svs", "cohort": "bench", "size": 1024,
+            "mpp": 0.25, "mpp_source": "openslide", "target_mpp": 0.5, "tile_px": 512, "tiling": "0.5um-512px-s512",
+            "ingest_run": "bench", "diagnosis": f"class-{labels[s]}", "patient_id": f"patient-{s // 2:04d}",
+        }
+        ids = [stable_id("bench", slide_id, t) for t in range(vectors.shape[1])]
+        own = [{"x": 1024 * (t % side), "y": 1024 * (t // side), "tissue": 0.9} for t in range(vectors.shape[1])]
+        for start in range(0, len(ids), 64):
+            points = [Point(i, v, p) for i, v, p in zip(ids[start:start + 64], vectors[s, start:start + 64],
+                                                         own[start:start + 64], strict=True)]
+            store.upsert(COLLECTION, points, shared)
+        mark_slide(store, COLLECTION, ids, vectors[s], own, shared)
+        all_ids.append(ids)
+    return all_ids
+
+
+def exact_ranking(flat: np.ndarray, slides: int, query: np.ndarray, exclude: int, k: int) -> list[str]:
+    """Median over query tiles of the best cosine per slide, over every tile in memory."""
+    best = (flat @ query.T).reshape(slides, -1, len(query)).max(axis=1)
+    score = np.median(best, axis=1)
+    score[exclude] = -np.inf
+    order = np.lexsort((np.arange(slides), -score))[:k]
+    return [f"slide-{s:04d}" for s in order]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slides", type=int, default=500)
+    parser.add_argument("--tiles", type=int, default=400)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    vectors, labels = make_archive(args.slides, args.tiles, args.classes)
+    flat = vectors.reshape(-1, DIM)
+    doc: dict = {"slides": args.slides, "tiles": args.tiles, "points": int(flat.shape[0])}
+    with tempfile.TemporaryDirectory(prefix="conchdb-slide-bench-") as tmp, EdgeStore(Path(tmp) / "store") as store:
+        log(f"writing {flat.shape[0]} points")
+        t = time.perf_counter()
+        ids = fill(store, vectors, labels)
+        doc["write_s"] = round(time.perf_counter() - t, 2)
+        log("building the index")
+        t = time.perf_counter()
+        store.finish_bulk_load(COLLECTION)
+        doc["build_s"] = round(time.perf_counter() - t, 2)
+        picks = np.linspace(0, args.slides - 1, min(args.queries, args.slides)).astype(int)
+        ours, exact, overlap = [], [], []
+        for n, s in enumerate(picks):
+            centres, _ = kmeans(vectors[s], min(MOSAIC_K, args.tiles))
+            chosen = sorted(set(np.argmin(((vectors[s][:, None, :] - centres[None]) ** 2).sum(-1), axis=0)))
+            query = SlideQuery([QueryTile(vectors[s, i], id=ids[s][i]) for i in chosen], f"slide-{s:04d}",
+                               f"slide-{s:04d}")
+            t = time.perf_counter()
+            found = rank_slides(store, COLLECTION, query, k=TOP)
+            if n > 0:  # the first query warms caches
+                ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            truth = exact_ranking(flat, args.slides, query.vectors, s, TOP)
+            if n > 0:
+                exact.append(time.perf_counter() - t)
+            overlap.append(len({m.slide_id for m in found} & set(truth)) / TOP)
+        doc.update(queries=len(picks), p50_ms=round(percentile(ours, 50), 1), p99_ms=round(percentile(ours, 99), 1),
+                   exact_p50_ms=round(percentile(exact, 50), 1), exact_p99_ms=round(percentile(exact, 99), 1),
+                   top5_overlap=round(float(np.mean(overlap)), 4))
+        log(f"slide search p50/p99 {doc['p50_ms']}/{doc['p99_ms']} ms, exact numpy {doc['exact_p50_ms']}/"
+            f"{doc['exact_p99_ms']} ms, top-5 overlap {doc['top5_overlap']}; evaluating retrieval over "
+            f"{args.slides} slides")
+        t = time.perf_counter()
+        report = evaluate_retrieval(store, COLLECTION, label="diagnosis", group="patient_id")
+        doc["evaluate_s"] = round(time.perf_counter() - t, 2)
+        doc["evaluate_top1"] = round(report.top1, 4)
+        doc["evaluate_mmv5"] = round(report.mmv5, 4)
+    rows = [(key, doc[key]) for key in KEYS]
+    table = "\n".join(f"{key:<16} {value}" for key, value in rows)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps({key: doc[key] for key in KEYS}))
+    else:
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Marking mosaics in the store: when a slide's ingest completes, and for whole collections.
+
+A mosaic tile carries `mosaic: true` in its payload; the other tiles lack the field.
+Marking only the few mosaic tiles keeps ingest's writes as they were (the field costs
+nothing on the other 95 %), and the bool index on the field holds just them, so
+`mosaic=true` is a cheap filter. The mark is written by upserting the chosen tiles again
+with the field added (the store API has no partial payload update, and a tile's full
+payload is at hand in both places that mark), so a slide's tiles are never read back
+from the slide file.
+
+`mark_slide` is the pipeline's hook, given the vectors it has just embedded; `build_mosaics`
+(`conchdb mosaic`) gives collections ingested before mosaics existed theirs from the
+stored vectors. Both choose with `conchdb.search.mosaic.choose_mosaic`, so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conchdb.catalog import MOSAIC_FIELD
+from conchdb.errors import StoreError
+from conchdb.search.mosaic import choose_mosaic
+from conchdb.store import CollectionSpec, Condition, Filter, Hit, Point, Store
+
+SLIDE_SCOPE = ("cohort", "tiling")
+"""Fields that tell apart stored copies of one slide id; each copy gets its own mosaic."""
+MOSAIC_SPEC_FIELDS = {MOSAIC_FIELD: "bool"}
+
+
+def mark_slide(
+    store: Store,
+    collection: str,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    payloads: Sequence[dict[str, Any]],
+    shared: dict[str, Any] | None = None,
+) -> list[str]:
+    """Choose the mosaic of a slide whose tiles were just written, and mark it; returns its ids.
+
+    `payloads` are the tiles' own payload fields and `shared` those of the whole slide,
+    exactly as they were upserted, so the marked tiles keep every field they had.
+    """
+    chosen = set(choose_mosaic(ids, vectors))
+    points = [
+        Point(point_id, vectors[i], {**payloads[i], MOSAIC_FIELD: True})
+        for i, point_id in enumerate(ids)
+        if point_id in chosen
+    ]
+    store.upsert(collection, points, shared or None)
+    return sorted(chosen)
+
+
+def remark(store: Store, collection: str, tiles: Sequence[Hit]) -> tuple[int, int, int]:
+    """Give one stored copy of a slide (its tiles, with vectors and payloads) the mosaic its
+    vectors choose; returns (mosaic size, tiles newly marked, tiles unmarked). A mosaic
+    already in place is not written again."""
+    ids = [t.id for t in tiles]
+    vectors = np.stack([np.asarray(t.vector, dtype=np.float32) for t in tiles])
+    chosen = set(choose_mosaic(ids, vectors))
+    changed = []
+    marked = unmarked = 0
+    for tile, vector in zip(tiles, vectors, strict=True):
+        has = tile.payload.get(MOSAIC_FIELD) is True
+        if (tile.id in chosen) == has:
+            continue
+        payload = {k: v for k, v in tile.payload.items() if k != MOSAIC_FIELD}
+        if tile.id in chosen:
+            payload[MOSAIC_FIELD] = True
+            marked += 1
+        else:
+            unmarked += 1
+        changed.append(Point(tile.id, vector, payload))
+    store.upsert(collection, changed)
+    return len(chosen), marked, unmarked
+
+
+@dataclass
+class MosaicSummary:
+    """What `build_mosaics` did; `to_dict()` is `conchdb mosaic --json`."""
+
+    collection: str
+    slides: int = 0
+    tiles: int = 0
+    marked: int = 0
+    unmarked: int = 0
+    mosaic_tiles: int = 0
+    without_tiles: list[str] = field(default_factory=list)
+    per_slide: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "slides": self.slides,
+            "tiles": self.tiles,
+            "mosaic_tiles": self.mosaic_tiles,
+            "newly_marked": self.marked,
+            "unmarked": self.unmarked,
+            "without_tiles": self.without_tiles,
+            "per_slide": self.per_slide,
+        }
+
+
+def declare_field(store: Store, collection: str, dim: int) -> None:
+    """Add the `mosaic` field and its index to a collection made before mosaics existed
+    (a no-op on one that has it). No fingerprint is given, so no model is checked."""
+    store.ensure_collection(
+        CollectionSpec(collection, dim, {}, dict(MOSAIC_SPEC_FIELDS), graph_fields=(), indexed=(MOSAIC_FIELD,))  # type: ignore[arg-type]
+    )
+
+
+def stored_slide_ids(store: Store, collection: str, slides_collection: str | None, flt: Filter | None) -> list[str]:
+    """The slide ids to visit: from the slide records when there are some and no filter
+    narrows the tiles (cheap: one record a slide), else from the tiles' payloads."""
+    if slides_collection and not flt and store.collection_metadata(slides_collection) is not None:
+        ids = {h.payload.get("slide_id") for h in store.scroll(slides_collection)}
+    else:
+        ids = {h.payload.get("slide_id") for h in store.scroll(collection, flt)}
+    return sorted(str(i) for i in ids if i is not None)
+
+
+def copies(tiles: Iterable[Hit]) -> dict[tuple[str, ...], list[Hit]]:
+    """A slide id's tiles split by stored copy (cohort, tiling)."""
+    out: dict[tuple[str, ...], list[Hit]] = {}
+    for tile in tiles:
+        key = tuple(str(tile.payload.get(name, "")) for name in SLIDE_SCOPE)
+        out.setdefault(key, []).append(tile)
+    return out
+
+
+def build_mosaics(
+    store: Store,
+    collection: str,
+    *,
+    slides_collection: str | None = None,
+    slide_ids: Sequence[str] | None = None,
+    flt: Filter | None = None,
+    on_slide: Callable[[str, int], None] | None = None,
+) -> MosaicSummary:
+    """Choose and mark the mosaic of every stored slide (or of `slide_ids`, or of the slides
+    whose tiles match `flt`) from its stored vectors; rerunning it changes nothing.
+
+    A slide named in `slide_ids` must have tiles; one found only among the slide records
+    (failed, or without tissue) is listed in `without_tiles`."""
+    if store.collection_metadata(collection) is None:
+        raise StoreError(
+            f"collection '{collection}' does not exist in {store.location}",
+            fix="ingest slides into it first, or name the tiles collection that holds them",
+            parameter="collection",
+        )
+    summary = MosaicSummary(collection)
+    wanted = list(slide_ids) if slide_ids else stored_slide_ids(store, collection, slides_collection, flt)
+    declared = False
+    for slide_id in wanted:
+        scope = Filter((Condition("slide_id", "eq", slide_id), *(flt.must if flt else ())))
+        tiles = list(store.scroll(collection, scope, with_vectors=True))
+        if not tiles and slide_ids:
+            raise StoreError(
+                f"no tiles of slide '{slide_id}' in collection '{collection}'",
+                fix="see the stored slide ids with the stats command",
+                parameter="slide_id",
+            )
+        if not tiles:
+            summary.without_tiles.append(slide_id)
+            continue
+        if not declared:
+            declare_field(store, collection, int(np.asarray(tiles[0].vector).shape[0]))
+            declared = True
+        for key, group in copies(tiles).items():
+            size, marked, unmarked = remark(store, collection, group)
+            summary.slides += 1
+            summary.tiles += len(group)
+            summary.marked += marked
+            summary.unmarked += unmarked
+            summary.mosaic_tiles += size
+            summary.per_slide.append(
+                {"slide_id": slide_id, **dict(zip(SLIDE_SCOPE, key, strict=True)), "tiles": len(group),
+                 "mosaic_tiles": size}
+            )
+        if on_slide:
+            on_slide(slide_id, len(tiles))
+    return summary
+

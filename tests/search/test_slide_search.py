@@ -1,0 +1,205 @@
+"""Slide -> slides on a synthetic archive with planted classes, on both backends, and mosaics."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conchdb.catalog import MOSAIC_FIELD
+from conchdb.cli import app
+from conchdb.errors import QueryError
+from conchdb.ingest.mosaic import build_mosaics, mark_slide
+from conchdb.search import Searcher
+from conchdb.search.mosaic import choose_mosaic
+from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
+from conchdb.store import Condition, Filter, Store, stable_id
+from conchdb.store.edge import EdgeStore
+from tests.search.archive import Archive, make_archive, write_archive
+from tests.search.conftest import BACKENDS, QUIET_LOCAL_MODE, open_backend
+
+pytestmark = QUIET_LOCAL_MODE
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def archive() -> Archive:
+    return make_archive()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def stored(request, tmp_path_factory, archive) -> Iterator[tuple[Store, str]]:
+    """The archive in a store of each backend, with mosaics built from the stored vectors."""
+    store = open_backend(request.param, tmp_path_factory.mktemp(f"slides-{request.param}"))
+    name = f"tiles_{uuid.uuid4().hex[:8]}"
+    write_archive(store, name, archive)
+    build_mosaics(store, name)
+    yield store, name
+    store.close()
+
+
+def mosaic_ids(store: Store, name: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for hit in store.scroll(name, Filter((Condition(MOSAIC_FIELD, "eq", True),))):
+        out.setdefault(hit.payload["slide_id"], set()).add(hit.id)
+    return out
+
+
+def test_same_class_slides_rank_first(stored, archive):
+    store, name = stored
+    searcher = Searcher(None, store, name)
+    for slide in archive.slides:
+        matches = searcher.search_slides(searcher.slide_query(slide), k=3)
+        assert [archive.labels[m.slide_id] for m in matches] == [archive.labels[slide]] * 3
+        assert slide not in {m.slide_id for m in matches}
+
+
+def test_scores_equal_the_exhaustive_median_of_best_cosines(stored, archive):
+    store, name = stored
+    searcher = Searcher(None, store, name)
+    for slide in archive.slides[:4]:
+        query = searcher.slide_query(slide)
+        matches = searcher.search_slides(query, k=len(archive.slides) - 1)
+        truth = archive.exact_scores(query.vectors, slide)
+        assert {m.slide_id for m in matches} == set(truth)
+        for m in matches:
+            assert m.score == pytest.approx(truth[m.slide_id], abs=1e-4)
+        assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+        best = matches[0]
+        assert len(best.matched_tiles) == len(query.tiles)
+        pair = best.matched_tiles[0]
+        assert pair.score == max(p.score for p in best.matched_tiles)
+        assert pair.query.id in {t.id for t in query.tiles}
+
+
+def test_exclude_same_patient_never_returns_that_patient_and_filters_narrow_the_candidates(stored, archive):
+    store, name = stored
+    searcher = Searcher(None, store, name)
+    for slide in archive.slides:
+        query = searcher.slide_query(slide)
+        matches = searcher.search_slides(query, k=20, exclude_same=["patient_id"])
+        assert matches
+        assert all(archive.patients[m.slide_id] != archive.patients[slide] for m in matches)
+        assert all(m.payload["patient_id"] == archive.patients[m.slide_id] for m in matches)
+    flt = searcher.parse_where(["diagnosis=normal"])
+    matches = searcher.search_slides(searcher.slide_query(archive.slides[0]), k=20, flt=flt)
+    assert {m.payload["diagnosis"] for m in matches} == {"normal"}
+    assert len(matches) == sum(label == "normal" for label in archive.labels.values())
+
+
+def test_excluding_by_a_field_the_query_lacks_is_an_error(stored, archive):
+    store, name = stored
+    searcher = Searcher(None, store, name)
+    with pytest.raises(QueryError, match="no value of 'site'"):
+        searcher.search_slides(searcher.slide_query(archive.slides[0]), exclude_same=["site"])
+
+
+def test_mosaics_are_the_same_across_backends_and_reruns(tmp_path, archive):
+    chosen = []
+    for kind in BACKENDS:
+        store = open_backend(kind, tmp_path / kind)
+        write_archive(store, "tiles", archive)
+        first = build_mosaics(store, "tiles")
+        again = build_mosaics(store, "tiles")
+        assert first.marked == first.mosaic_tiles == 8 * len(archive.slides)  # 30 tiles: k = 8
+        assert (again.marked, again.unmarked) == (0, 0)
+        chosen.append(mosaic_ids(store, "tiles"))
+        store.close()
+    assert chosen[0] == chosen[1]
+    for slide in archive.slides:
+        ids = [stable_id("archive", slide, t) for t in range(len(archive.vectors[slide]))]
+        assert chosen[0][slide] == set(choose_mosaic(ids, archive.vectors[slide]))
+
+
+def test_marking_at_ingest_and_rebuilding_agree_and_keep_the_payload(tmp_path, archive):
+    store = EdgeStore(tmp_path / "store")
+    write_archive(store, "tiles", archive)
+    slide = archive.slides[0]
+    tiles = sorted(store.scroll("tiles", Filter((Condition("slide_id", "eq", slide),)), with_vectors=True),
+                   key=lambda h: h.id)
+    own = [{k: h.payload[k] for k in ("x", "y", "tissue")} for h in tiles]
+    shared = {k: v for k, v in tiles[0].payload.items() if k not in ("x", "y", "tissue")}
+    marked = mark_slide(store, "tiles", [h.id for h in tiles], np.stack([h.vector for h in tiles]), own, shared)
+    summary = build_mosaics(store, "tiles", slide_ids=[slide])
+    assert (summary.marked, summary.unmarked, summary.mosaic_tiles) == (0, 0, len(marked))
+    for hit in store.retrieve("tiles", marked):
+        assert hit.payload[MOSAIC_FIELD] is True
+        assert {k: v for k, v in hit.payload.items() if k != MOSAIC_FIELD} == next(
+            t.payload for t in tiles if t.id == hit.id)
+    store.close()
+
+
+def test_a_slide_without_a_stored_mosaic_gets_one_chosen_for_the_query(tmp_path, archive):
+    store = EdgeStore(tmp_path / "store")
+    write_archive(store, "tiles", archive)
+    searcher = Searcher(None, store, "tiles")
+    query = searcher.slide_query(archive.slides[1])
+    assert not query.mosaic_stored and len(query.tiles) == 8
+    assert [m.slide_id for m in searcher.search_slides(query, k=1)][0] != archive.slides[1]
+    with pytest.raises(QueryError, match="no tiles of slide 's99.svs'"):
+        searcher.slide_query("s99.svs")
+    store.close()
+
+
+def test_a_query_tile_matching_nothing_in_a_filtered_slide_counts_as_no_match(tmp_path, archive):
+    store = EdgeStore(tmp_path / "store")
+    write_archive(store, "tiles", archive)
+    vectors = archive.vectors[archive.slides[0]][:3]
+    query = SlideQuery([QueryTile(v) for v in vectors], "three tiles")
+    flt = Filter((Condition("x", "lt", 512),))  # one tile per slide left
+    matches = rank_slides(store, "tiles", query, k=2, flt=flt)
+    assert matches[0].slide_id == archive.slides[0] and matches[0].score == pytest.approx(
+        float(np.median(vectors @ archive.vectors[archive.slides[0]][0])), abs=1e-4)
+    store.close()
+
+
+def test_the_cli_prints_json_and_refuses_mixed_queries(tmp_path, monkeypatch, archive):
+    monkeypatch.setenv("CONCHDB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONCHDB_QDRANT_URL", raising=False)
+    with EdgeStore(tmp_path / "store") as store:
+        write_archive(store, "conch_tiles", archive)
+    base = ["--store", str(tmp_path / "store")]
+    done = runner.invoke(app, ["mosaic", "--json", *base])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["mosaic_tiles"] == 8 * len(archive.slides)
+    slide = archive.slides[0]
+    result = runner.invoke(app, ["search", "--slide", slide, "--exclude-same", "patient_id", "--top-k", "4",
+                                 "--json", *base])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [d["rank"] for d in doc] == [1, 2, 3, 4]
+    assert set(doc[0]) == {"rank", "slide_id", "score", "matched_tiles", "payload"}
+    assert all(d["payload"]["patient_id"] != archive.patients[slide] for d in doc)
+    assert set(doc[0]["matched_tiles"][0]) == {"query_id", "query_x", "query_y", "id", "x", "y", "score"}
+    table = runner.invoke(app, ["search", "--slide", slide, "--top-k", "2", *base])
+    assert table.exit_code == 0, table.output
+    assert f"slides like {slide}" in table.stdout
+    assert any(other in table.stdout for other in archive.slides if archive.labels[other] == archive.labels[slide])
+    for args, words in (
+        (["search", "tumor", "--slide", slide], "exactly one query"),
+        (["search", "tumor", "--exclude-same", "patient_id"], "--exclude-same"),
+        (["search", "--slide", "nope.svs"], "no tiles of slide 'nope.svs'"),
+    ):
+        bad = runner.invoke(app, [*args, *base])
+        assert bad.exit_code == 2 and words in bad.output and "Traceback" not in bad.output
+
+
+def test_slide_records_without_tiles_are_listed_and_a_named_one_is_an_error(tmp_path, archive):
+    from conchdb.errors import StoreError
+    from conchdb.store import CollectionSpec, Point
+
+    store = EdgeStore(tmp_path / "store")
+    write_archive(store, "tiles", archive)
+    store.ensure_collection(CollectionSpec("tiles_slides", 512, {}, {"slide_id": "keyword"}))
+    records = [*archive.slides, "failed.svs"]
+    axis = np.eye(512, dtype=np.float32)[0]
+    store.upsert("tiles_slides", [Point(stable_id("record", s), axis, {"slide_id": s}) for s in records])
+    summary = build_mosaics(store, "tiles", slides_collection="tiles_slides")
+    assert summary.without_tiles == ["failed.svs"] and summary.slides == len(archive.slides)
+    with pytest.raises(StoreError, match="no tiles of slide 'failed.svs'"):
+        build_mosaics(store, "tiles", slide_ids=["failed.svs"])
+    store.close()
