@@ -17,12 +17,12 @@ Consistency comes from ids and records, not from transactions:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,10 @@ from conchdb.catalog import (
 )
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
+from conchdb.ingest.inflight import slides_in_flight
 from conchdb.ingest.manifest import Manifest, read_manifest
 from conchdb.model.encoder import Encoder
+from conchdb.model.feed import DeviceFeed, embed_batches, pinned
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
 from conchdb.slides.reader import TileReader
 from conchdb.slides.slide import Slide, open_slide
@@ -59,6 +61,8 @@ class IngestOptions:
     force: bool = False
     cohort_name: str | None = None
     slide_mpp: float | None = None
+    slides_in_flight: int = 1  # slides whose tiles are read at once (the current one and those after it)
+    compile: bool = False  # torch.compile the vision tower
 
 
 @dataclass
@@ -227,6 +231,7 @@ class Ingest:
         self.tiling = tiling_key(params.target_mpp, params.tile_px, params.stride)
         self.run_id = uuid.uuid4().hex
         self.timings: dict[str, float] = {}
+        self.feed = DeviceFeed(encoder, compile=self.options.compile, timings=self.timings)
 
     # -- collections and records ---------------------------------------------------------
 
@@ -321,7 +326,6 @@ class Ingest:
         if self.progress.on_start:
             self.progress.on_start(len(self.cohort.slides))
         writer = _Writer(self.store, self.collection, self.timings)
-        planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conchdb-planner")
         try:
             work = [(s, r) for s, r in self._todo()]
             pending = [(s, r) for s, r in work if not self._is_done(s, r)]
@@ -329,20 +333,20 @@ class Ingest:
                 if self._is_done(slide, record):
                     skipped = SlideOutcome(slide.id, str(slide.path), SlideStatus.SKIPPED, int(record.get("tiles", 0)))
                     self._emit(summary, skipped)
-            futures: list[Future[_Plan]] = []
-            for i, (slide, record) in enumerate(pending):
-                if i == 0:
-                    futures.append(planner.submit(_plan, slide, *self._override(slide), self.options.params))
-                if i + 1 < len(pending):  # plan the next slide while this one is embedded
-                    nxt = pending[i + 1][0]
-                    futures.append(planner.submit(_plan, nxt, *self._override(nxt), self.options.params))
-                plan = futures[i].result()
-                self._emit(summary, self._ingest_slide(plan, record, writer))
+            # --- slides in flight (conchdb.ingest.inflight): plans and readers run ahead ---
+            flight = slides_in_flight(
+                pending,
+                lambda item: _plan(item[0], *self._override(item[0]), self.options.params),
+                self._open_reader,
+                self.options.slides_in_flight,
+            )
+            with contextlib.closing(flight):
+                for (_, record), plan, reader in flight:
+                    self._emit(summary, self._ingest_slide(plan, record, writer, reader))
         except KeyboardInterrupt:
             summary.interrupted = True
             raise
         finally:
-            planner.shutdown(wait=True, cancel_futures=True)
             try:
                 writer.flush()
             finally:
@@ -361,7 +365,25 @@ class Ingest:
         if self.progress.on_outcome:
             self.progress.on_outcome(outcome)
 
-    def _ingest_slide(self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer) -> SlideOutcome:
+    def _open_reader(self, plan: _Plan) -> TileReader | None:
+        """The slide's tile reader (not yet started), or None when there is nothing to read."""
+        if plan.error is not None or plan.grid is None or len(plan.grid) == 0:
+            return None
+        return TileReader(
+            plan.slide.path, plan.grid, batch_size=self.options.batch_size, workers=self.options.readers,
+            mpp_override=plan.mpp_override, copy=False,
+        )
+
+    def _ingest_slide(
+        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | None
+    ) -> SlideOutcome:
+        """One slide's records and tiles; `reader` (closed here) is None when there is nothing to read."""
+        with reader if reader is not None else contextlib.nullcontext():
+            return self._ingest_read(plan, record, writer, reader)
+
+    def _ingest_read(
+        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | None
+    ) -> SlideOutcome:
         slide, start = plan.slide, time.perf_counter()
         outcome = SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED)
         if plan.error is None and plan.grid is not None and len(plan.grid) == 0:
@@ -372,7 +394,8 @@ class Ingest:
         if plan.error is None:
             self._write_record(slide, SlideStatus.IN_PROGRESS, tiles=0, error=None, **plan.info)
             try:
-                mean = self._embed_slide(plan, writer)
+                assert reader is not None
+                mean = self._embed_slide(plan, reader, writer)
                 writer.flush()
                 self._delete_stale(slide)
                 self._write_record(slide, SlideStatus.DONE, vector=mean, tiles=len(plan.grid), error=None, **plan.info)
@@ -392,7 +415,7 @@ class Ingest:
     def _delete_stale(self, slide: CohortSlide) -> None:
         self.store.delete(self.collection, self._slide_filter(slide, Condition("ingest_run", "ne", self.run_id)))
 
-    def _embed_slide(self, plan: _Plan, writer: _Writer) -> np.ndarray:
+    def _embed_slide(self, plan: _Plan, reader: TileReader, writer: _Writer) -> np.ndarray:
         """Stream, embed and hand over every tile of the slide; returns the normalized mean vector."""
         slide, grid = plan.slide, plan.grid
         assert grid is not None
@@ -414,21 +437,11 @@ class Ingest:
         }
         identity = f"{self.cohort_name}/{slide.id}@{slide.identity}"
         total = np.zeros(self.encoder.dim, dtype=np.float64)
-        reader = TileReader(
-            slide.path, grid, batch_size=self.options.batch_size, workers=self.options.readers,
-            mpp_override=plan.mpp_override,
-        )
-        with reader:
-            batches = iter(reader)
-            while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                self.timings["read_wait_s"] = self.timings.get("read_wait_s", 0.0) + time.perf_counter() - t
-                if batch is None:
-                    break
-                vectors = self.encoder.encode_tiles(batch.tiles, timings=self.timings)
+        # --- the device feed (conchdb.model.feed): batches in, (start, vectors) out ---
+        with pinned(reader.slots):
+            for first, vectors in embed_batches(reader, self.feed, self.timings):
                 total += vectors.sum(axis=0)
-                tiles = grid.tiles[batch.start : batch.start + len(batch)]
+                tiles = grid.tiles[first : first + len(vectors)]
                 points = [
                     Point(
                         tile_point_id(identity, t.x, t.y, t.size, grid.target_mpp, self.encoder.fingerprint),
