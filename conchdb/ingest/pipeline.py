@@ -41,6 +41,7 @@ from conchdb.catalog import (
 )
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
+from conchdb.ingest.gpu_jpeg import JpegTileSource, open_jpeg_source
 from conchdb.ingest.inflight import slides_in_flight
 from conchdb.ingest.manifest import Manifest, read_manifest
 from conchdb.model.encoder import Encoder
@@ -63,6 +64,7 @@ class IngestOptions:
     slide_mpp: float | None = None
     slides_in_flight: int = 1  # slides whose tiles are read at once (the current one and those after it)
     compile: bool = False  # torch.compile the vision tower
+    gpu_jpeg: bool = False  # decode tiled-JPEG levels on the model's device (CPU reader otherwise)
 
 
 @dataclass
@@ -365,24 +367,29 @@ class Ingest:
         if self.progress.on_outcome:
             self.progress.on_outcome(outcome)
 
-    def _open_reader(self, plan: _Plan) -> TileReader | None:
+    def _open_reader(self, plan: _Plan) -> TileReader | JpegTileSource | None:
         """The slide's tile reader (not yet started), or None when there is nothing to read."""
         if plan.error is not None or plan.grid is None or len(plan.grid) == 0:
             return None
+        if self.options.gpu_jpeg:
+            source = open_jpeg_source(plan.slide.path, plan.grid, self.options.batch_size, self.encoder.device,
+                                      plan.mpp_override)
+            if source is not None:
+                return source
         return TileReader(
             plan.slide.path, plan.grid, batch_size=self.options.batch_size, workers=self.options.readers,
             mpp_override=plan.mpp_override, copy=False,
         )
 
     def _ingest_slide(
-        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | None
+        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | JpegTileSource | None
     ) -> SlideOutcome:
         """One slide's records and tiles; `reader` (closed here) is None when there is nothing to read."""
         with reader if reader is not None else contextlib.nullcontext():
             return self._ingest_read(plan, record, writer, reader)
 
     def _ingest_read(
-        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | None
+        self, plan: _Plan, record: dict[str, Any] | None, writer: _Writer, reader: TileReader | JpegTileSource | None
     ) -> SlideOutcome:
         slide, start = plan.slide, time.perf_counter()
         outcome = SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED)
@@ -415,7 +422,7 @@ class Ingest:
     def _delete_stale(self, slide: CohortSlide) -> None:
         self.store.delete(self.collection, self._slide_filter(slide, Condition("ingest_run", "ne", self.run_id)))
 
-    def _embed_slide(self, plan: _Plan, reader: TileReader, writer: _Writer) -> np.ndarray:
+    def _embed_slide(self, plan: _Plan, reader: TileReader | JpegTileSource, writer: _Writer) -> np.ndarray:
         """Stream, embed and hand over every tile of the slide; returns the normalized mean vector."""
         slide, grid = plan.slide, plan.grid
         assert grid is not None

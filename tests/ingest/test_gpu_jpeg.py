@@ -1,0 +1,53 @@
+"""GPU JPEG decoding, run with torchvision's CPU decoder: the same pixels as OpenSlide within
+JPEG tolerance, the CPU reader wherever it does not apply, and the same points in ingest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conchdb.ingest.gpu_jpeg import open_jpeg_source
+from conchdb.slides.grid import TilingParams, plan_tiles
+from conchdb.slides.pyramid import write_pyramid_tiff
+from conchdb.slides.reader import TileReader
+from conchdb.slides.slide import open_slide
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pyramid(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real tissue as a 40×-like pyramid (0.25 µm/px), so 0.5 µm/px tiles are read at level 1."""
+    with open_slide(slides_dir / "cmu_small_region.svs") as slide:
+        w, h = slide.dimensions
+        rgb = np.asarray(slide.read_region((0, 0), 0, (w, h)).convert("RGB"))
+    big = np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)
+    path = tmp_path_factory.mktemp("jpeg") / "pyramid.tif"
+    write_pyramid_tiff(path, [big, rgb, rgb[::2, ::2].copy()], mpp=0.25)
+    return path
+
+
+@pytest.mark.parametrize("tile_px", [224, 448])
+def test_device_decoding_gives_openslides_pixels(pyramid: Path, tile_px: int):
+    with open_slide(pyramid) as slide:
+        _, grid = plan_tiles(slide, TilingParams(tile_px=tile_px))
+    source = open_jpeg_source(pyramid, grid, batch_size=6, device=CPU)
+    assert source is not None
+    with source:
+        ours = torch.cat([b.tiles for b in source]).numpy().astype(np.float32)
+    reference = np.concatenate([b.tiles for b in TileReader(pyramid, grid, batch_size=6, workers=0)])
+    assert ours.shape == reference.shape
+    diff = np.abs(ours - reference.astype(np.float32))
+    assert diff.mean() < 2.0  # two JPEG decoders and two bicubic resizers, not bit-exact
+    assert np.percentile(diff, 99) < 16
+
+
+def test_other_compressions_fall_back(slides_dir: Path):
+    """A PNG (no JPEG tiles) gets no device source: the CPU reader is used."""
+    path = slides_dir / "boxes.png"
+    with open_slide(path) as slide:
+        _, grid = plan_tiles(slide, TilingParams())
+    assert open_jpeg_source(path, grid, batch_size=4, device=CPU) is None
