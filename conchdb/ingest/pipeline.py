@@ -47,7 +47,7 @@ from conchdb.ingest.manifest import Manifest, read_manifest
 from conchdb.model.encoder import Encoder
 from conchdb.model.feed import DeviceFeed, embed_batches, pinned
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
-from conchdb.slides.reader import TileReader
+from conchdb.slides.reader import READ_BATCH, TileReader
 from conchdb.slides.slide import Slide, open_slide
 from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id, tile_point_id
 
@@ -65,6 +65,7 @@ class IngestOptions:
     slides_in_flight: int = 1  # slides whose tiles are read at once (the current one and those after it)
     compile: bool = False  # torch.compile the vision tower
     gpu_jpeg: bool = False  # decode tiled-JPEG levels on the model's device (CPU reader otherwise)
+    read_batch: int = READ_BATCH  # tiles per reader task; model batches (batch_size) are joined on the device
 
 
 @dataclass
@@ -233,7 +234,7 @@ class Ingest:
         self.tiling = tiling_key(params.target_mpp, params.tile_px, params.stride)
         self.run_id = uuid.uuid4().hex
         self.timings: dict[str, float] = {}
-        self.feed = DeviceFeed(encoder, compile=self.options.compile, timings=self.timings)
+        self.feed = DeviceFeed(encoder, self.options.compile, self.timings, self.options.batch_size)
 
     # -- collections and records ---------------------------------------------------------
 
@@ -377,8 +378,8 @@ class Ingest:
             if source is not None:
                 return source
         return TileReader(
-            plan.slide.path, plan.grid, batch_size=self.options.batch_size, workers=self.options.readers,
-            mpp_override=plan.mpp_override, copy=False,
+            plan.slide.path, plan.grid, batch_size=min(self.options.read_batch, self.options.batch_size),
+            workers=self.options.readers, mpp_override=plan.mpp_override, copy=False,
         )
 
     def _ingest_slide(

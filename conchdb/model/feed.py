@@ -60,9 +60,12 @@ def pin_host_array(array: np.ndarray) -> Callable[[], None] | None:
     None when CUDA is absent or refuses (the caller then stages through a pinned buffer)."""
     if not torch.cuda.is_available() or array.nbytes == 0:
         return None
-    cudart = torch.cuda.cudart()
     pointer = array.ctypes.data
-    if int(cudart.cudaHostRegister(pointer, array.nbytes, 0)) != 0:
+    try:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(pointer, array.nbytes, 0)) != 0:
+            return None
+    except (AttributeError, RuntimeError, TypeError):  # a build without these bindings
         return None
 
     def unpin() -> None:
@@ -83,24 +86,30 @@ class _Pending:
 class DeviceFeed:
     """Embeds uint8 tile batches (N, H, W, 3) on `encoder.device`, overlapping copies and compute.
 
-    Hand batches to `submit(tiles, tag)`; it returns the `(tag, vectors)` pairs that are
+    Hand model batches to `submit(tiles, tag)`; it returns the `(tag, vectors)` pairs that are
     finished by then, in submission order, and `drain()` returns the rest. `timings` gains
     `h2d_wait_s` (host waiting for a copy to land), `d2h_wait_s` (waiting for vectors) and,
     with `compile`, `compile_s` (the first, compiling call). `reset()` drops everything in
-    flight, e.g. after a slide failed mid-way.
+    flight, e.g. after a slide failed mid-way. `batch_size` is the model batch that
+    `embed_batches` assembles on the device from smaller reader batches (default: the
+    encoder's); see `device_batch_size` for a GPU.
     """
 
     encoder: Encoder
     compile: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
         self.device = self.encoder.device
+        self.batch_size = self.batch_size or self.encoder.batch_size
         self._cuda = self.device.type == "cuda"
         model = self.encoder.model
         self._forward: Callable[[torch.Tensor], torch.Tensor] = model.encode_image
         if self.compile:
-            self._forward = torch.compile(model.encode_image, dynamic=False)
+            # Ingest pads its last batch, so one shape compiles; a caller varying the batch
+            # size (the benchmark) gets one dynamic-shape recompile instead of one per size.
+            self._forward = torch.compile(model.encode_image)
         self._compiled_sizes: set[int] = set()
         self._pending: deque[_Pending] = deque()
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -142,14 +151,17 @@ class DeviceFeed:
                     self._compiled_sizes.add(len(pixels_u8))
             return vectors[:count].float()
 
-    def _to_device(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def to_device(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Start the batch's copy on the side stream and wait until it has landed (the GPU
         keeps computing the previous batch meanwhile); the host memory is then free."""
-        host = tiles if isinstance(tiles, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tiles))
-        if host.device == self.device:
-            return host
-        if not self._cuda:
-            return host.to(self.device)
+        if isinstance(tiles, torch.Tensor):
+            host = tiles
+            if host.device == self.device:
+                return host
+        else:
+            host = torch.from_numpy(np.ascontiguousarray(tiles))
+            if not self._cuda:  # the "device" is this memory: own it, the source reuses its buffer
+                return host.clone()
         assert self._copy_stream is not None
         if not host.is_pinned():
             if self._staging is None or self._staging.numel() < host.numel():
@@ -183,7 +195,7 @@ class DeviceFeed:
         if len(tiles) == 0:
             self._pending.append(_Pending(tag, torch.zeros((0, self.encoder.dim)), None, 0))
             return self._collect(IN_FLIGHT)
-        on_device = self._to_device(tiles)
+        on_device = self.to_device(tiles)
         vectors = self._run(on_device)
         if self._cuda:
             host = self._host_buffer(len(vectors), vectors.shape[1])
@@ -228,28 +240,49 @@ class DeviceFeed:
 def embed_batches(
     batches: Iterable[Any], feed: DeviceFeed, timings: dict[str, float] | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """`(start, vectors)` for each batch of `batches` (objects with `.tiles` and `.start`, as
-    `TileReader` yields), in order. The time spent waiting for the next batch is added to
-    `timings["read_wait_s"]`. A batch's `tiles` may be a view that the source reuses once
-    the next batch is asked for: `submit` is done with it by then. If the source raises
-    (a dead reader, a damaged region), what is in flight is dropped and the error goes on."""
+    """`(start, vectors)` for consecutive runs of tiles from `batches` (objects with `.tiles`
+    and `.start`, in grid order, as `TileReader` yields), each run `feed.batch_size` tiles
+    but the last. Reader batches are copied to the device as they come and joined there, so
+    readers can hand out small batches (bounded shared memory, short latency) while the
+    model gets large ones.
+
+    `timings` gains `read_wait_s` (waiting for the next reader batch) and `model_s` (time in
+    the feed, which holds its `h2d_wait_s` and `d2h_wait_s`). A batch's `tiles` may be a view
+    the source reuses once the next batch is asked for: its copy has landed by then. If the
+    source raises (a dead reader, a damaged region), what is in flight is dropped and the
+    error goes on."""
     timings = timings if timings is not None else feed.timings
+
+    def add(key: str, since: float) -> None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - since
+
     source = iter(batches)
+    staged: list[torch.Tensor] = []
+    staged_rows, first = 0, 0
     try:
         while True:
-            start = time.perf_counter()
-            batch = next(source, None)
-            timings["read_wait_s"] = timings.get("read_wait_s", 0.0) + time.perf_counter() - start
-            if batch is None:
-                break
             t = time.perf_counter()
-            finished = feed.submit(batch.tiles, batch.start)
-            timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - t
+            batch = next(source, None)
+            add("read_wait_s", t)
+            t = time.perf_counter()
+            if batch is not None:
+                if not staged:
+                    first = batch.start
+                staged.append(feed.to_device(batch.tiles))
+                staged_rows += len(batch.tiles)
+            finished: list[tuple[int, np.ndarray]] = []
+            while staged_rows >= feed.batch_size or (batch is None and staged_rows):
+                joined = staged[0] if len(staged) == 1 else torch.cat(staged)
+                take = min(feed.batch_size, staged_rows)
+                finished += feed.submit(joined[:take], first)
+                rest = joined[take:]
+                staged, staged_rows, first = ([rest] if len(rest) else []), len(rest), first + take
+            if batch is None:
+                finished += feed.drain()
+            add("model_s", t)
             yield from finished
-        t = time.perf_counter()
-        finished = feed.drain()
-        timings["model_s"] = timings.get("model_s", 0.0) + time.perf_counter() - t
-        yield from finished
+            if batch is None:
+                return
     except BaseException:
         feed.reset()
         raise

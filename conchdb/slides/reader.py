@@ -46,6 +46,11 @@ from conchdb.slides.slide import DAMAGED_HINT, Slide, open_slide
 if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
     from conchdb.slides.grid import TileGrid
 
+READ_BATCH = 32
+"""Tiles a worker reads per task when feeding a GPU: the model's larger batches are joined on
+the device, so shared memory (workers × prefetch × READ_BATCH tiles) and the wait for a
+worker's first batch stay small whatever the model batch."""
+
 POLL_S = 0.5
 """How often the parent checks that its workers are alive while waiting for a batch."""
 

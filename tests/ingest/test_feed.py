@@ -71,7 +71,7 @@ def _run(root: Path, encoder: Encoder, store_dir: Path, progress: Progress | Non
     store = EdgeStore(store_dir)
     try:
         run = Ingest(cohort, read_manifest(None, cohort), encoder, store, "tiles",
-                     IngestOptions(params=PARAMS, batch_size=8, **options), progress)
+                     IngestOptions(params=PARAMS, **{"batch_size": 8, "read_batch": 3, **options}), progress)
         summary = run.run()
         points = {h.id: h for h in store.scroll("tiles", with_vectors=True)}
         return run, summary, points
@@ -199,3 +199,24 @@ def test_attention_is_fused_in_the_trunk_and_the_pooler(encoder):
         with torch.inference_mode():
             model.encode_image(torch.zeros(2, 3, 64, 64))
     assert len(calls) == blocks + 1
+
+
+def test_compiled_forward_sees_one_batch_size(encoder, monkeypatch):
+    """With `compile`, a short last batch is padded to the compiled size (one compile), the
+    padding is dropped from the vectors, and the first call's seconds are reported."""
+    seen: list[int] = []
+
+    def fake_compile(fn):
+        def run(pixels):
+            seen.append(len(pixels))
+            return fn(pixels)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    feed = DeviceFeed(encoder, compile=True)
+    tiles = np.random.default_rng(1).integers(0, 255, (11, 64, 64, 3), dtype=np.uint8)
+    out = feed.submit(tiles[:8], 0) + feed.submit(tiles[8:], 8) + feed.drain()
+    assert seen == [8, 8]
+    assert [tag for tag, _ in out] == [0, 8] and len(out[1][1]) == 3
+    assert np.allclose(np.concatenate([v for _, v in out]), encoder.encode_tiles(tiles), atol=1e-5)
+    assert feed.timings["compile_s"] > 0

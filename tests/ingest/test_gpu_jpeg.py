@@ -51,3 +51,32 @@ def test_other_compressions_fall_back(slides_dir: Path):
     with open_slide(path) as slide:
         _, grid = plan_tiles(slide, TilingParams())
     assert open_jpeg_source(path, grid, batch_size=4, device=CPU) is None
+
+
+def test_ingest_with_device_decoding_gives_the_same_points(pyramid: Path, tmp_path: Path):
+    """`gpu_jpeg` changes how pixels are decoded, not which tiles are stored: the same ids,
+    and vectors as close as two JPEG decoders allow."""
+    import shutil
+
+    from conchdb.ingest.cohort import discover
+    from conchdb.ingest.manifest import read_manifest
+    from conchdb.ingest.pipeline import Ingest, IngestOptions
+    from conchdb.model.encoder import Encoder
+    from conchdb.store.edge import EdgeStore
+    from tests.model.conftest import make_tiny_model
+
+    root = tmp_path / "cohort"
+    root.mkdir()
+    shutil.copy(pyramid, root / "p.tif")
+    encoder = Encoder.from_model(make_tiny_model(0), device="cpu")
+    cohort = discover(root)
+    points = {}
+    for gpu_jpeg in (False, True):
+        store = EdgeStore(tmp_path / f"store{gpu_jpeg}")
+        options = IngestOptions(params=TilingParams(tile_px=224), batch_size=8, readers=0, gpu_jpeg=gpu_jpeg)
+        Ingest(cohort, read_manifest(None, cohort), encoder, store, "tiles", options).run()
+        points[gpu_jpeg] = {h.id: h.vector for h in store.scroll("tiles", with_vectors=True)}
+        store.close()
+    assert set(points[True]) == set(points[False]) and points[True]
+    cosines = [float(np.dot(points[True][k], v)) for k, v in points[False].items()]
+    assert min(cosines) > 0.99
