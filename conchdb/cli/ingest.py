@@ -23,7 +23,9 @@ def ingest(
     manifest: Annotated[
         Path | None, typer.Option("--manifest", help="CSV with a 'slide' column (default: PATH/manifest.csv).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per model batch.")] = 32,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Tiles per model batch (default: 32 on the CPU, more on a GPU).")
+    ] = None,
     readers: Annotated[
         int | None, typer.Option("--readers", help="Tile reader processes per slide (default: all cores but one).")
     ] = None,
@@ -61,14 +63,18 @@ def ingest(
     from conchdb.slides.reader import default_readers
 
     readers = default_readers() if readers is None else readers
-    if batch_size < 1 or readers < 0 or slides_in_flight < 1:
+    if (batch_size is not None and batch_size < 1) or readers < 0 or slides_in_flight < 1:
         raise ConchdbError("--batch-size and --slides-in-flight must be ≥ 1 and --readers ≥ 0",
                            "e.g. --batch-size 32 --readers 2 --slides-in-flight 1")
     params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
     found = discover(path)
     table = read_manifest(manifest, found)  # every input is checked before the model loads
     # Tiles need only the vision tower; the fingerprint recorded is still the whole checkpoint's.
-    encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size)
+    encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size or 32)
+    if batch_size is None:
+        from conchdb.model.feed import device_batch_size
+
+        batch_size = encoder.batch_size = device_batch_size(encoder.device, fallback=32)
     opened = options.open_store()
     settings = IngestOptions(params, batch_size, readers, force, cohort, slide_mpp, slides_in_flight,
                              compile_model, gpu_jpeg)
