@@ -21,8 +21,8 @@ import torch
 from conchdb.errors import SlideError
 from conchdb.model.jpeg import cut_tiles, decode_streams
 from conchdb.slides.grid import TileGrid
-from conchdb.slides.jpeg import JpegLevel
-from conchdb.slides.slide import DAMAGED_HINT, open_slide
+from conchdb.slides.jpeg import CHECK_TOLERANCE, JpegLevel
+from conchdb.slides.slide import DAMAGED_HINT, Slide, open_slide
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,18 @@ class JpegTileSource:
         self.close()
 
 
+def _device_decodes_like(level: JpegLevel, slide: Slide, index: int, device: torch.device) -> bool:
+    """The device's decoder gives OpenSlide's colours on the level's first tile (decoders differ
+    in how they read colour-space markers, so the CPU check alone is not enough)."""
+    w, h = min(level.tile_w, level.width), min(level.tile_h, level.height)
+    try:
+        decoded = decode_streams([level.stream(0)], device)[0][:, :h, :w].permute(1, 2, 0).float().cpu().numpy()
+    except RuntimeError:
+        return False
+    reference = np.asarray(slide.read_region((0, 0), index, (w, h)), dtype=np.float32)
+    return decoded.shape == reference.shape and float(np.abs(decoded - reference).mean()) < CHECK_TOLERANCE
+
+
 def open_jpeg_source(
     path: str | Path, grid: TileGrid, batch_size: int, device: torch.device, mpp_override: float | None = None
 ) -> JpegTileSource | None:
@@ -90,6 +102,9 @@ def open_jpeg_source(
         return None
     with open_slide(path, mpp_override) as slide:
         level = JpegLevel.open(slide, grid.read_level)
+        if level is not None and not _device_decodes_like(level, slide, grid.read_level, device):
+            level.close()
+            level = None
     if level is None:
         return None
     coords = grid.coords()

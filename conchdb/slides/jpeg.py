@@ -25,6 +25,11 @@ from PIL import Image
 from conchdb.slides.slide import Slide
 
 JPEG = 7
+PHOTOMETRIC_RGB = 2
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+"""An APP14 "Adobe" segment with transform 0: the components are R, G, B, not YCbCr. TIFF says
+so in its PhotometricInterpretation tag (Aperio's RGB JPEG tiles), but a JPEG stream alone
+does not, and decoders would otherwise convert colours that were never transformed."""
 CHECK_TOLERANCE = 4.0
 """Mean absolute difference (0–255) between a CPU decode of one tile and OpenSlide's pixels
 below which the level's JPEG streams are taken as decodable on their own."""
@@ -60,6 +65,8 @@ class JpegLevel:
         self._counts = tuple(int(c) for c in page.databytecounts)
         tables = page.jpegtables
         self._tables = bytes(tables)[2:-2] if tables else b""  # without their own SOI and EOI
+        if int(page.photometric) == PHOTOMETRIC_RGB:
+            self._tables = ADOBE_RGB + self._tables
         self._file = open(path, "rb")  # noqa: SIM115 -- kept open for the level's life, closed by close()
 
     @classmethod
@@ -96,7 +103,7 @@ class JpegLevel:
         """Tile `index` (row-major) as one self-contained JPEG stream."""
         self._file.seek(self._offsets[index])
         data = self._file.read(self._counts[index])
-        return data[:2] + self._tables + data[2:] if self._tables else data
+        return data[:2] + self._tables + data[2:] if self._tables else data  # after SOI
 
     def region(self, x0: int, y0: int, size0: int) -> RegionTiles:
         """The tiles under the level-0 square (x0, y0, size0) at this level (clipped to the level)."""

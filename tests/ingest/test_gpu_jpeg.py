@@ -30,8 +30,11 @@ def pyramid(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("tile_px", [224, 448])
-def test_device_decoding_gives_openslides_pixels(pyramid: Path, tile_px: int):
+@pytest.mark.parametrize(("slide", "tile_px"), [("pyramid", 224), ("pyramid", 448), ("svs", 224)])
+def test_device_decoding_gives_openslides_pixels(pyramid: Path, slides_dir: Path, slide: str, tile_px: int):
+    """A tifffile pyramid (YCbCr tiles, read at level 1) and an Aperio SVS (RGB tiles sharing
+    JPEG tables, read at level 0)."""
+    pyramid = pyramid if slide == "pyramid" else slides_dir / "cmu_small_region.svs"
     with open_slide(pyramid) as slide:
         _, grid = plan_tiles(slide, TilingParams(tile_px=tile_px))
     source = open_jpeg_source(pyramid, grid, batch_size=6, device=CPU)
