@@ -13,7 +13,8 @@ lockstep baseline.
   the model side waited for tiles, for host-to-device copies, for vectors, and writing;
 - the lockstep baseline on the same slide (open it, `read_region` each tile, PIL
   preprocessing, the model on one tile, one upsert), on the first `--lockstep-tiles` tiles;
-- peak GPU memory and the peak resident memory of this process and its readers.
+- peak GPU memory and the peak resident memory of this process and its readers (shared
+  slots touched by several processes count once per process, so it is an upper bound).
 
     python benchmarks/gpu.py [--device auto] [--small] [--json]
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -236,7 +238,9 @@ def main() -> None:
             slide = little if readers == 1 and little.exists() else big
             e2e[f"{readers} readers"] = {"slide_px": one_reader_px if slide == little else slide_px,
                                          **end_to_end(slide, encoder, readers, batch, root)}
-        e2e["gpu-jpeg"] = {"slide_px": slide_px, **end_to_end(big, encoder, 0, batch, root, gpu_jpeg=True)}
+        # Readers only matter if the device decoder is refused and the pipeline falls back.
+        e2e["gpu-jpeg"] = {"slide_px": slide_px,
+                           **end_to_end(big, encoder, max(reader_counts), batch, root, gpu_jpeg=True)}
         with open_slide(big) as opened:
             _, grid = plan_tiles(opened, TilingParams())
         coords = [(t.x, t.y) for t in grid.tiles[:lockstep_tiles]]
@@ -266,6 +270,8 @@ def main() -> None:
         "peak_gpu_mb": peak_gpu_mb,
         "peak_host_mb": round(monitor.peak_rss / 2**20, 1),
         "slide_write_s": round(slide_write_s, 2),
+        # Reader slots live in /dev/shm; a container's small default there kills readers (SIGBUS).
+        "dev_shm_mb": round(shutil.disk_usage("/dev/shm").total / 2**20) if Path("/dev/shm").exists() else None,
     }
     if args.json:
         print(json.dumps(doc))
