@@ -41,28 +41,28 @@ def _close(ahead: _Ahead) -> None:
 def slides_in_flight(
     items: Sequence[Item],
     plan: Callable[[Item], Plan],
-    open_reader: Callable[[Plan], TileReader | None],
+    open_reader: Callable[[Item, Plan], TileReader | None],
     depth: int = 1,
 ) -> Iterator[tuple[Item, Plan, TileReader | None]]:
-    """Each item in order with its plan and a started reader (None where `open_reader` gives
-    none: a slide that failed to open or has no tissue). The consumer closes each reader it
+    """Each item in order with its plan and a started reader (`open_reader(item, plan)`; None
+    where it gives none: a slide that failed to open or has no tissue). The consumer closes each reader it
     receives; readers not yet handed out are closed when the iteration ends or is left."""
     if depth < 1:
         raise ValueError("depth (slides in flight) must be ≥ 1")
 
     def planned(item: Item, reading: bool) -> tuple[Plan, TileReader | None]:
         result = plan(item)
-        return result, _started(result) if reading else None
+        return result, _started(item, result) if reading else None
 
-    def _started(result: Plan) -> TileReader | None:
-        reader = open_reader(result)
+    def _started(item: Item, result: Plan) -> TileReader | None:
+        reader = open_reader(item, result)
         if reader is not None:
             reader.start()
         return reader
 
-    def upgraded(earlier: Future[tuple[Plan, TileReader | None]]) -> tuple[Plan, TileReader | None]:
+    def upgraded(item: Item, earlier: Future[tuple[Plan, TileReader | None]]) -> tuple[Plan, TileReader | None]:
         result, _ = earlier.result()  # done: the one planner thread ran it first
-        return result, _started(result)
+        return result, _started(item, result)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conchdb-planner")
     ahead: deque[_Ahead] = deque()
@@ -72,7 +72,8 @@ def slides_in_flight(
             # Slides inside the window get a reader; the one just beyond it is only planned.
             for position, entry in enumerate(ahead):
                 if not entry.reading and position < depth:
-                    entry.future, entry.reading = pool.submit(upgraded, entry.future), True
+                    entry.future = pool.submit(upgraded, items[index + position], entry.future)
+                    entry.reading = True
             while submitted < min(len(items), index + depth + 1):
                 reading = submitted < index + depth
                 ahead.append(_Ahead(pool.submit(planned, items[submitted], reading), reading))

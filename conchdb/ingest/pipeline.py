@@ -340,7 +340,7 @@ class Ingest:
             flight = slides_in_flight(
                 pending,
                 lambda item: _plan(item[0], *self._override(item[0]), self.options.params),
-                self._open_reader,
+                lambda _item, plan: self._open_reader(plan),
                 self.options.slides_in_flight,
             )
             with contextlib.closing(flight):

@@ -110,8 +110,8 @@ def test_a_dead_reader_process_fails_only_its_slide(cohort, encoder, reference, 
     opened: list[TileReader] = []
     original = Ingest._open_reader
 
-    def recording(self, plan):
-        reader = original(self, plan)
+    def recording(self, *args):
+        reader = original(self, *args)
         if reader is not None:
             opened.append(reader)
         return reader
@@ -172,7 +172,7 @@ def test_slides_in_flight_reads_ahead_and_closes_what_it_did_not_hand_out():
         def close(self):
             events.append(f"close {self.name}")
 
-    flight = slides_in_flight(list("abcde"), lambda item: item, FakeReader, depth=3)
+    flight = slides_in_flight(list("abcde"), lambda item: item, lambda _item, plan: FakeReader(plan), depth=3)
     item, plan, reader = next(flight)
     assert (item, plan, reader.name) == ("a", "a", "a")
     deadline = time.monotonic() + 10  # the planner thread starts them while "a" is embedded
