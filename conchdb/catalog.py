@@ -137,6 +137,30 @@ SLIDE_INDEXED = ("slide_id", "cohort", "status", "tiling", "tiles")
 RESERVED_FIELDS = frozenset({*TILE_FIELDS, "status", "tiles", "error", "identity"})
 """Names a manifest column may not take: conchdb's own fields, which it would overwrite."""
 
+# -- imported features ----------------------------------------------------------------------
+
+IMPORT_TILE_FIELDS: dict[str, FieldType] = {"source": "keyword", "magnification": "float"}
+"""What a tile imported from a TRIDENT or CLAM feature file carries beyond `TILE_FIELDS`:
+the tool that extracted it (`trident`, `clam`) and the magnification it recorded (None
+when it recorded none). Its `size` is the file's level-0 patch size, `tile_px` its patch size."""
+IMPORT_RECORD_FIELDS: dict[str, FieldType] = {
+    "source": "keyword",
+    "source_file": "keyword",
+    "source_identity": "keyword",
+    "magnification": "float",
+    "level0_magnification": "float",
+    "patch_size_level0": "integer",
+    "overlap": "integer",
+    "slide_missing": "bool",
+    "raw_features": "keyword",
+}
+"""What the record of an imported slide carries beyond `SLIDE_FIELDS`: the feature file and
+its content identity (a changed file is imported again), the tool's magnifications, level-0
+patch size and overlap, whether the slide file was missing (pixel size unknown), and where
+its pre-projection features are kept (for export), if they are."""
+IMPORT_RESERVED = RESERVED_FIELDS | set(IMPORT_TILE_FIELDS) | set(IMPORT_RECORD_FIELDS)
+"""Names a manifest column may not take in an import (`RESERVED_FIELDS` in an ingest)."""
+
 # -- texts ----------------------------------------------------------------------------------
 
 TEXT_FIELDS: dict[str, FieldType] = {"text": "keyword", "source": "keyword", "line": "integer"}
@@ -174,6 +198,13 @@ def tiles_layout(columns: Mapping[str, str]) -> Layout:
     extra = column_fields(columns)
     graphs = (*TILE_GRAPH_FIELDS, *(name for name, kind in extra.items() if kind in GRAPH_TYPES))
     return Layout({**TILE_FIELDS, **extra}, graphs, (*TILE_INDEXED, *extra), TILE_LOAD_INDEXED)
+
+
+def imported_tiles_layout(columns: Mapping[str, str]) -> Layout:
+    """A tiles collection that imported features write into: the tiles layout and the import
+    fields, which are declared (typed filters) but not indexed (they rarely narrow a search)."""
+    layout = tiles_layout(columns)
+    return Layout({**layout.fields, **IMPORT_TILE_FIELDS}, layout.graph_fields, layout.indexed, layout.load_indexed)
 
 
 def slides_layout(columns: Mapping[str, str]) -> Layout:

@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, the server backend is used")
     qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
     collection: str = Field(TILES_COLLECTION, description="tiles collection name")
+    api_key: str | None = Field(None, description="API key that `conchdb serve` requires of every request")
+    qdrant_shards: int | None = Field(None, description="shards of a collection created on a Qdrant cluster")
+    qdrant_replicas: int | None = Field(None, description="copies of each shard on a Qdrant cluster")
+    broker_url: str | None = Field(
+        None, description="Redis URL of the broker for distributed ingest (redis://:PASSWORD@HOST:6379/0)"
+    )
+    queue: str = Field("conchdb", description="broker queue that workers take slides from")
+    visibility_timeout: int = Field(
+        21600, description="seconds a slide may take before the broker hands it to another worker"
+    )
+    max_deliveries: int = Field(
+        3, description="deliveries of one slide (a worker died on it each time) before it is recorded failed"
+    )
 
     @property
     def models_dir(self) -> Path:

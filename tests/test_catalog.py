@@ -91,3 +91,13 @@ def test_catalog_and_tabular_sit_at_the_bottom():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['conchdb', 'conchdb.catalog', 'conchdb.errors', 'conchdb.tabular']"
+
+
+def test_imported_tiles_declare_the_import_fields_without_indexing_them():
+    layout = catalog.imported_tiles_layout(COLUMNS)
+    assert layout.fields == {**tiles_layout(COLUMNS).fields, **catalog.IMPORT_TILE_FIELDS}
+    assert layout.indexed == tiles_layout(COLUMNS).indexed
+    for fields in (catalog.IMPORT_TILE_FIELDS, catalog.IMPORT_RECORD_FIELDS):
+        assert set(fields.values()) <= set(FIELD_TYPES) and not set(fields) & set(TILE_FIELDS)
+    assert set(catalog.IMPORT_TILE_FIELDS) <= set(catalog.IMPORT_RECORD_FIELDS)
+    assert catalog.RESERVED_FIELDS < catalog.IMPORT_RESERVED

@@ -5,7 +5,16 @@ lives in its own module, which registers its commands on import; `tables.py` and
 `summaries.py` render results for the terminal.
 """
 
-from conchdb.cli import embed, ingest, search, texts, tiles  # noqa: F401  (register the commands)
+from conchdb.cli import (  # noqa: F401  (register the commands)
+    embed,
+    features,
+    ingest,
+    search,
+    serve,
+    texts,
+    tiles,
+    workers,
+)
 from conchdb.cli.app import app
 
 

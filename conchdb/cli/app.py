@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 
@@ -45,27 +44,44 @@ out_console = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ALIASES = {"path": ("file", "slide"), "k": ("top_k", "topk"), "labels": ("label",), "slide_id": ("slide",)}
+ALIASES = {"path": ("file", "slide"), "k": ("top_k", "topk"), "labels": ("label",), "slide_id": ("slide",),
+           "broker_url": ("broker",)}
 """Library parameter names whose command-line spelling differs, by the commands' own names."""
 
 
-def option_name(parameter: str, command: click.Command | None) -> str:
+def current_command() -> Any:
+    """The click command running now, or None outside a command.
+
+    Typer ships its own copy of click (`typer._click`) in recent releases and plain click
+    in older ones; the running command's context lives in whichever one built it."""
+    import importlib
+
+    for module in ("typer._click.globals", "click"):
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except (ImportError, AttributeError):
+            continue
+        if ctx is not None:
+            return ctx.command
+    return None
+
+
+def option_name(parameter: str, command: Any) -> str:
     """How the user spells a library parameter: the current command's option (`--top-k`) or
     argument (`QUERY`), else the parameter as a flag."""
     if command is not None:
         for name in (parameter, *ALIASES.get(parameter, ())):
-            for param in command.params:
+            for param in getattr(command, "params", ()):
                 if param.name == name:
-                    if isinstance(param, click.Option):
+                    if param.param_type_name == "option":
                         return max(param.opts, key=len)
-                    return param.human_readable_name
+                    return getattr(param, "human_readable_name", None) or param.metavar or param.name.upper()
     return "--" + parameter.replace("_", "-")
 
 
 def report(exc: ConchdbError) -> None:
     """Print an error as `error: message` and `fix: --flag: what to do`."""
-    ctx = click.get_current_context(silent=True)
-    flag = option_name(exc.parameter, ctx.command if ctx else None) if exc.parameter else None
+    flag = option_name(exc.parameter, current_command()) if exc.parameter else None
     err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
     if exc.fix or flag:
         fix = exc.fix or "check it"
@@ -151,7 +167,8 @@ class Options:
                 "--store and --qdrant-url both given", "choose the embedded store or a server, not both"
             )
         url = self.qdrant_url or (None if self.store is not None else self.settings.qdrant_url)
-        return open_store(self.store or self.settings.store_path, url, self.settings.qdrant_api_key)
+        return open_store(self.store or self.settings.store_path, url, self.settings.qdrant_api_key,
+                          shard_number=self.settings.qdrant_shards, replication_factor=self.settings.qdrant_replicas)
 
     def load_encoder(
         self, towers: Iterable[str] = ("vision", "text"), need_tokenizer: bool = True, batch_size: int = 32

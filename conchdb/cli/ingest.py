@@ -48,13 +48,16 @@ def ingest(
     cohort: Annotated[str | None, typer.Option("--cohort", help="Cohort name (default: the folder name).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo slides already ingested.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    broker: Annotated[
+        str | None, typer.Option("--broker", help="Redis URL: workers embed the slides (also $CONCHDB_BROKER_URL).")
+    ] = None,
 ) -> None:
     """Tile, embed and store every slide under PATH; reruns skip slides already done.
 
+    With --broker the slides are embedded by `conchdb worker` processes instead of here.
     Exit status: 0 when every slide is in the store, 3 when some failed (named in the
-    summary) and the rest were ingested, 2 for bad options, manifest or weights.
+    summary) and the rest were ingested, 2 for bad options, manifest, weights or broker.
     """
-    import json
 
     from conchdb.ingest.cohort import discover
     from conchdb.ingest.manifest import read_manifest
@@ -67,6 +70,13 @@ def ingest(
         raise ConchdbError("--batch-size and --slides-in-flight must be ≥ 1 and --readers ≥ 0",
                            "e.g. --batch-size 32 --readers 2 --slides-in-flight 1")
     params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
+    settings = IngestOptions(params, batch_size or 32, readers, force, cohort, slide_mpp, slides_in_flight,
+                             compile_model, gpu_jpeg)
+    if broker or options.settings.broker_url:
+        from conchdb.cli.workers import ingest_through_broker
+
+        summary = ingest_through_broker(path, manifest, broker, options, settings, _ingest_progress(not as_json))
+        _finish(summary, as_json)
     found = discover(path)
     table = read_manifest(manifest, found)  # every input is checked before the model loads
     # Tiles need only the vision tower; the fingerprint recorded is still the whole checkpoint's.
@@ -74,15 +84,20 @@ def ingest(
     if batch_size is None:
         from conchdb.model.feed import device_batch_size
 
-        batch_size = encoder.batch_size = device_batch_size(encoder.device, fallback=32)
+        settings.batch_size = encoder.batch_size = device_batch_size(encoder.device, fallback=32)
     opened = options.open_store()
-    settings = IngestOptions(params, batch_size, readers, force, cohort, slide_mpp, slides_in_flight,
-                             compile_model, gpu_jpeg)
     try:
         with _ingest_progress(enabled=not as_json) as progress:
             summary = Ingest(found, table, encoder, opened, options.collection_name, settings, progress).run()
     finally:
         opened.close()
+    _finish(summary, as_json)
+
+
+def _finish(summary: Any, as_json: bool) -> None:
+    """Print an ingest's summary and exit with its code (0, or 3 when slides failed)."""
+    import json
+
     if as_json:
         typer.echo(json.dumps(summary.to_dict()))
     else:

@@ -70,3 +70,27 @@ def print_stats(doc: dict[str, Any]) -> None:
             counts = ", ".join(f"{n} {status}" for status, n in sorted(col["slides_by_status"].items()))
             out_console.print(f"  slides     {counts}", highlight=False)
 
+
+
+def print_import_summary(doc: dict[str, Any]) -> None:
+    """What `conchdb import-features` did, with the slides imported without their slide file."""
+    lines = [
+        ("store", f"{doc['store']}  (collection {doc['collection']})"),
+        ("files", f"{doc['feature_files']} {doc['source']} file(s): {doc['ingested']} imported, "
+                  f"{doc['skipped']} already done, {doc['no_tissue']} without patches, {len(doc['failed'])} refused"),
+        ("tiles", f"{doc['tiles_written']} written in {doc['seconds']:.1f} s"),
+    ]
+    if doc["not_feature_files"]:
+        lines.append(("other", f"{doc['not_feature_files']} file(s) passed over"))
+    if doc["manifest"]:
+        lines.append(("manifest", f"{doc['manifest']}: {len(doc['manifest_rows_unmatched'])} row(s) naming no "
+                                  f"slide, {len(doc['slides_without_manifest_row'])} slide(s) without a row"))
+    missing = doc["slides_without_slide_file"]
+    if missing:
+        lines.append(("no slide", f"{len(missing)} slide(s) without their slide file: stored with the level-0 "
+                                  "patch size and magnification of the file, pixel size unknown, no tile images "
+                                  "or heatmaps (import again with --slides): " + ", ".join(missing)))
+    for name, value in lines:
+        out_console.print(f"{name:<9} {value}", highlight=False, soft_wrap=True)
+    for failure in doc["failed"]:
+        out_console.print(f"[red]refused[/] {failure['error']}", highlight=False, soft_wrap=True)

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image
 
 from conchdb.errors import QueryError, SlideError
-from conchdb.slides import Slide, open_slide, output_size, read_region, read_thumbnail
+from conchdb.slides import Slide, open_slide, output_size, read_region
 
 MAX_REGION_PX = 4096
 """Largest side of a query region after resizing to the target resolution: the model sees
@@ -134,4 +134,6 @@ def thumbnail(slide: Slide, max_side: int) -> tuple[Image.Image, float]:
     """The whole slide with its longer side at most `max_side` px, and its downsample
     (level-0 pixels per thumbnail pixel)."""
     downsample = max(1.0, max(slide.dimensions) / max_side)
+    from conchdb.slides import read_thumbnail  # the tissue module loads scikit-image: only pictures need it
+
     return Image.fromarray(read_thumbnail(slide, downsample)), downsample

@@ -38,17 +38,23 @@ def open_store(
     api_key: str | None = None,
     *,
     tuning: StoreTuning | None = None,
+    shard_number: int | None = None,
+    replication_factor: int | None = None,
 ) -> Store:
     """The server store when `qdrant_url` is given (it wins over a path), else the embedded one at `store_path`;
     `tuning` is their index and search parameters (None: the defaults).
 
     Backends are imported here, not at package import, so that using one does not load
-    the other's engine.
+    the other's engine. `shard_number` and `replication_factor` apply to collections a
+    server store creates (a Qdrant cluster); the embedded store has one shard.
     """
     if qdrant_url:
         from conchdb.store.server import ServerStore
 
-        return ServerStore(qdrant_url, api_key=api_key, tuning=tuning)
+        return ServerStore(
+            qdrant_url, api_key=api_key, tuning=tuning, shard_number=shard_number,
+            replication_factor=replication_factor,
+        )
     if store_path is None:
         raise StoreError(
             "no store given",

@@ -45,14 +45,18 @@ def stable_id(*parts: object) -> str:
     return str(uuid.uuid5(NAMESPACE, text))
 
 
-def tile_point_id(slide_identity: str, x: int, y: int, size: int, target_mpp: float, model_fingerprint: str) -> str:
+def tile_point_id(
+    slide_identity: str, x: int, y: int, size: int, target_mpp: float | None, model_fingerprint: str
+) -> str:
     """The id of one tile's point: the same slide, place, size, resolution and model give the same id.
 
     `x`, `y` and `size` are level-0 pixels; `target_mpp` is rounded to 6 significant digits
-    first, so resolutions that differ only by float noise name the same tile.
+    first, so resolutions that differ only by float noise name the same tile. It is None for
+    tiles imported from feature files whose slide, hence pixel size, is unknown: their
+    pixels are then fixed by `size` and the tiling alone.
     """
     for label, value in (("x", x), ("y", y), ("size", size)):
         if isinstance(value, bool) or not isinstance(value, Real) or float(value) != int(value):
             raise ValueError(f"tile {label}={value!r} must be a whole number of level-0 pixels")
-    mpp = float(f"{float(target_mpp):.6g}")
+    mpp = None if target_mpp is None else float(f"{float(target_mpp):.6g}")
     return stable_id("tile", str(slide_identity), int(x), int(y), int(size), mpp, str(model_fingerprint))

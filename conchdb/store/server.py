@@ -80,6 +80,8 @@ class ServerStore(Store):
         *,
         tuning: StoreTuning | None = None,
         timeout: int = 60,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
     ):
         if client is None and not url:
             raise StoreError(
@@ -96,6 +98,9 @@ class ServerStore(Store):
             else QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
         )
         self.tuning = tuning = tuning or StoreTuning()
+        # A cluster spreads a new collection over `shard_number` shards, each kept on
+        # `replication_factor` nodes; None leaves the server's defaults (one node: 1 and 1).
+        self.shard_number, self.replication_factor = shard_number, replication_factor
         self._params = models.SearchParams(
             hnsw_ef=tuning.hnsw_ef,
             quantization=models.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
@@ -176,6 +181,8 @@ class ServerStore(Store):
                     m=0, ef_construct=self.tuning.hnsw_ef_construct, full_scan_threshold=FULL_SCAN_THRESHOLD_KB
                 ),
                 quantization_config=quantization,
+                shard_number=self.shard_number,
+                replication_factor=self.replication_factor,
                 metadata={META_KEY: record.to_dict()},
             )
         except (UnexpectedResponse, ValueError) as exc:

@@ -108,7 +108,7 @@ def test_a_dead_reader_process_fails_only_its_slide(cohort, encoder, reference, 
     """Killing the first slide's reader processes after its first batch fails that slide with
     the reader's message; the slides after it (already reading ahead) are done."""
     opened: list[TileReader] = []
-    original = Ingest._open_reader
+    original = Ingest._open_source
 
     def recording(self, *args):
         reader = original(self, *args)
@@ -125,7 +125,7 @@ def test_a_dead_reader_process_fails_only_its_slide(cohort, encoder, reference, 
                 proc.kill()
             killed.append(True)
 
-    monkeypatch.setattr(Ingest, "_open_reader", recording)
+    monkeypatch.setattr(Ingest, "_open_source", recording)
     _, summary, points = _run(cohort, encoder, tmp_path / "store", Progress(on_batch=on_batch),
                               readers=2, slides_in_flight=3)
     outcomes = {o.slide_id: o for o in summary.outcomes}

@@ -247,6 +247,10 @@ def test_errors_name_the_option_they_are_about(env, corpus):
     assert "fix: --where:" in fails("search", "tumor", "--where", "grade", *env, words="not of the form").stderr
     assert "fix: --collection:" in fails("search", "tumor", "--collection", "other", *env,
                                          words="does not exist").stderr
+    # the library says `labels`; classify's option is `--label`, found on the running command
+    corpus.tile(0).save("q.png")
+    assert "fix: --label: give each class once" in fails("classify", "q.png", "--label", "a", "--label", "a", *env,
+                                                          words="given twice").stderr
 
 
 def test_slide_mpp_is_for_region_queries(env, corpus, tmp_path):

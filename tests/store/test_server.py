@@ -80,3 +80,11 @@ def test_only_graph_fields_get_per_value_hnsw_links(client, monkeypatch):
     ServerStore(client=client).ensure_collection(spec("tiles"))
     assert {k for k, v in schemas.items() if v.enable_hnsw} == {"slide_id", "site", "flag"}
     assert isinstance(schemas["x"], models.IntegerIndexParams)
+
+
+def test_a_cluster_collection_gets_the_shards_and_replicas_asked_for(client, monkeypatch):
+    asked = {}
+    create = client.create_collection
+    monkeypatch.setattr(client, "create_collection", lambda *a, **kw: asked.update(kw) or create(*a, **kw))
+    ServerStore(client=client, shard_number=6, replication_factor=2).ensure_collection(spec("tiles"))
+    assert (asked["shard_number"], asked["replication_factor"]) == (6, 2)

@@ -1,0 +1,1 @@
+"""The API's routers, one per concern: searches, images and slides, system, the web page."""

@@ -1,0 +1,174 @@
+"""The API's request and response bodies (pydantic models, hence the OpenAPI document).
+
+Bounds live here as field constraints, so a `top_k` of 100000 or an unknown field is a 422
+naming the field before any work is done. Responses carry what `conchdb search --json`
+prints, plus the URLs of each hit's tile image and slide viewer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from conchdb.search.searcher import MAX_TOP_K
+
+MAX_QUERY_CHARS = 1000
+MAX_PAGE = 10_000
+MAX_SLIDE_ID_CHARS = 1024
+
+FiltersField = Field(
+    None,
+    description='Payload filters: {"site": "colon", "grade": {"gte": 2}, "diagnosis": {"in": ["a", "b"]}}; '
+    "operators eq, ne, in, nin, gt, gte, lt, lte; conditions are AND-combined.",
+    examples=[{"site": "colon", "grade": {"gte": 2}}],
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchOptions(Strict):
+    """How many results, which page, which tiles, grouped or not."""
+
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Results per page.")
+    page: int = Field(1, ge=1, le=MAX_PAGE, description="Page of results; 2 is results top_k+1 to 2×top_k.")
+    filters: dict[str, Any] | None = FiltersField
+    group_by: str | None = Field(
+        None, max_length=200, description="'slide' (or a payload field): one result per slide."
+    )
+    group_size: int = Field(3, ge=1, le=100, description="Tiles kept per group.")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Leave out hits below this cosine.")
+
+
+class TextSearch(SearchOptions):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for, in words.")
+    ensemble: bool = Field(False, description="Average the text over CONCH-style prompt templates.")
+
+
+class ImageQuery(Strict):
+    """A stored image: a point (tile) id, or a rectangle of a stored slide in level-0 pixels."""
+
+    point_id: str | None = Field(None, max_length=64, description="Id of a stored tile.")
+    slide_id: str | None = Field(None, min_length=1, max_length=MAX_SLIDE_ID_CHARS, description="A stored slide.")
+    x: int | None = Field(None, ge=0, le=10_000_000)
+    y: int | None = Field(None, ge=0, le=10_000_000)
+    w: int | None = Field(None, ge=1, le=10_000_000)
+    h: int | None = Field(None, ge=1, le=10_000_000)
+
+
+class ImageSearch(SearchOptions, ImageQuery):
+    """Search by a stored tile or slide region (JSON), or by an uploaded image (multipart)."""
+
+
+class Describe(ImageQuery):
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Number of texts.")
+
+
+class Classify(ImageQuery):
+    labels: list[str] | None = Field(None, min_length=2, max_length=64, description="Class names, two or more.")
+    prompts: dict[str, list[str]] | None = Field(
+        None, description="Class name -> sentences whose mean vector is the class (instead of labels)."
+    )
+    ensemble: bool = Field(False, description="Put each label into CONCH-style templates.")
+    topk: list[int] | None = Field(
+        None, min_length=1, max_length=16, description="MI-Zero on a stored slide: k values of top-k pooling."
+    )
+    filters: dict[str, Any] | None = FiltersField
+
+
+class Hit(BaseModel):
+    rank: int
+    score: float
+    id: str
+    slide_id: Any = None
+    x: Any = None
+    y: Any = None
+    size: Any = None
+    payload: dict[str, Any]
+    tile_url: str = Field(description="The tile's pixels, cut from its slide at its stored resolution.")
+    viewer_url: str = Field(description="The web page's viewer on this tile's slide, centred on the tile.")
+    tiles: list[Hit] | None = None
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+    top_k: int
+    page: int
+    collection: str
+
+
+class TextMatch(BaseModel):
+    rank: int
+    score: float
+    text: str
+    source: str
+    id: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class DescribeResponse(BaseModel):
+    texts: list[TextMatch]
+
+
+class ClassScore(BaseModel):
+    label: str
+    probability: float
+    logit: float
+
+
+class ClassifyResponse(BaseModel):
+    prediction: str
+    classes: list[ClassScore]
+
+
+class PooledScore(ClassifyResponse):
+    k: int
+    k_used: int
+
+
+class SlideClassifyResponse(BaseModel):
+    slide_id: str
+    tiles: int
+    results: list[PooledScore]
+
+
+class SlideRecord(BaseModel):
+    slide_id: str
+    records: list[dict[str, Any]] = Field(description="The slide's records (one per cohort and tiling).")
+    dzi_url: str
+    thumbnail_url: str
+
+
+class SlidePage(BaseModel):
+    slides: list[dict[str, Any]]
+    total: int
+    page: int
+    page_size: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    store: bool
+    model: bool
+    collection: str
+    points: int | None = None
+    model_fingerprint: str | None = None
+
+
+class FieldInfo(BaseModel):
+    name: str
+    type: str
+
+
+class Schema(BaseModel):
+    collection: str
+    fields: list[FieldInfo]
+    declared: bool
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None = None
+    fix: str | None = None

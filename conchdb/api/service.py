@@ -1,0 +1,401 @@
+"""What the routes call: one `Searcher`, its model and store opened once, shared by every request.
+
+Requests run on a thread pool, so the model runs one batch at a time (text queries that
+arrive together become one batch, `TextBatcher`), and the store, open slides and encoded
+images go through the guards of `shared`. Every id a request gives is looked up in the
+store before any file is touched.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from conchdb.api.batching import TextBatcher
+from conchdb.api.errors import ApiError
+from conchdb.api.filters import parse_filters
+from conchdb.api.settings import ApiSettings
+from conchdb.api.shared import BytesCache, SerialStore, SlideCache
+from conchdb.catalog import SlideStatus, slides_collection
+from conchdb.errors import ConchdbError, SlideError
+from conchdb.search import heatmap, prompts, regions
+from conchdb.search.searcher import Searcher, SearchHit
+from conchdb.slides import output_size, read_region
+from conchdb.store import Condition, Filter, Store
+
+T = TypeVar("T")
+JPEG_QUALITY = 90
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        image.convert("RGB").save(buffer, "JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def not_found(what: str, fix: str, field: str) -> ApiError:
+    return ApiError(404, what, fix, field=field)
+
+
+def check_point_id(point_id: str) -> str:
+    """A point id as stored (a UUID); anything else cannot name a point."""
+    try:
+        return str(uuid.UUID(point_id))
+    except (ValueError, AttributeError, TypeError):
+        raise not_found(f"no point with id {point_id!r}", "point ids are the `id` of search hits", "point_id") from None
+
+
+@dataclass
+class Options:
+    """Search options after validation: what `Searcher.search` takes."""
+
+    k: int
+    offset: int
+    flt: Filter
+    min_score: float | None
+    group_by: str | None
+    group_size: int
+
+
+class Service:
+    """The server's one `Searcher` and the caches and locks around it."""
+
+    def __init__(self, searcher: Searcher, settings: ApiSettings):
+        if searcher.store is None:
+            raise ConchdbError("the server needs a store", "open a store before serving")
+        self.settings = settings
+        self.raw_store = searcher.store
+        # The server's own Searcher over the serialized store; the caller's is left as it was.
+        self.searcher = replace(searcher, store=SerialStore(searcher.store))
+        self.collection = searcher.collection
+        self.model_lock = threading.Lock()
+        self.batcher: TextBatcher | None = None
+        if searcher.encoder is not None:
+            self.batcher = TextBatcher(
+                self._encode_texts, searcher.encoder.fingerprint, self.model_lock,
+                settings.text_batch, settings.text_cache,
+            )
+        self.tiles = BytesCache(settings.tile_cache)
+        self.pictures = BytesCache(256)
+        self.slides = SlideCache(settings.open_slides)
+        self.deepzoom = SlideCache(settings.open_slides)
+        self._checked_model = False
+
+    def close(self) -> None:
+        self.slides.close()
+        self.deepzoom.close()
+
+    # -- readiness -----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        return self.searcher.store  # type: ignore[return-value]
+
+    def health(self) -> dict[str, Any]:
+        meta = None
+        try:
+            meta = self.store.collection_metadata(self.collection)
+            points = self.store.count(self.collection) if meta is not None else None
+        except ConchdbError:
+            points = None
+        encoder = self.searcher.encoder
+        ready = meta is not None and encoder is not None
+        return {
+            "status": "ok" if ready else "unavailable",
+            "store": meta is not None,
+            "model": encoder is not None,
+            "collection": self.collection,
+            "points": points,
+            "model_fingerprint": encoder.fingerprint if encoder is not None else None,
+        }
+
+    def require_collection(self) -> dict[str, Any]:
+        meta = self.store.collection_metadata(self.collection)
+        if meta is None:
+            raise ApiError(
+                503, f"collection '{self.collection}' does not exist in {self.store.location}",
+                "ingest slides into the store, or serve the collection that holds them",
+            )
+        return meta
+
+    def require_model(self) -> Any:
+        if self.searcher.encoder is None or self.batcher is None:
+            raise ApiError(503, "this server was started without the CONCH model", "start it with a checkpoint")
+        if not self._checked_model:
+            self.require_collection()
+            self.searcher.check_model()
+            self._checked_model = True
+        return self.searcher.encoder
+
+    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        assert self.searcher.encoder is not None
+        return self.searcher.encoder.encode_texts(list(texts))
+
+    # -- query vectors -------------------------------------------------------------------
+
+    def text_vector(self, query: str, ensemble: bool = False) -> np.ndarray:
+        self.require_model()
+        text = query.strip()
+        if not text:
+            raise ApiError(422, "the text query is empty", "give a description, e.g. 'tumor necrosis'", field="query")
+        if len(text) > self.settings.max_query_chars:
+            raise ApiError(422, f"the query is longer than {self.settings.max_query_chars} characters",
+                           "shorten it", field="query")
+        assert self.batcher is not None
+        if not ensemble:
+            return self.batcher.vectors([text])[0]
+        return prompts.normalize(self.batcher.vectors(prompts.fill(prompts.TEMPLATES, text)).mean(axis=0))
+
+    def pixels_vector(self, pixels: Image.Image) -> np.ndarray:
+        encoder = self.require_model()
+        with self.model_lock:
+            return encoder.encode_images([pixels])[0]
+
+    def point_vector(self, point_id: str) -> np.ndarray:
+        self.require_collection()
+        pid = check_point_id(point_id)
+        found = self.store.retrieve(self.collection, [pid], with_vectors=True)
+        if not found or found[0].vector is None:
+            raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
+                            "point ids are the `id` of search hits", "point_id")
+        return np.asarray(found[0].vector, dtype=np.float32)
+
+    def region_pixels(self, slide_id: str, x: int, y: int, w: int, h: int) -> Image.Image:
+        """A stored slide's level-0 rectangle at the collection's tile resolution."""
+        record = self.slide_record(slide_id)
+        target = self.searcher.target_mpp()
+
+        def read(slide: Any) -> Image.Image:
+            width, height = slide.dimensions
+            if x + w > width or y + h > height:
+                raise ApiError(422, f"region {x},{y},{w},{h} lies outside slide '{slide_id}' ({width}×{height})",
+                               "give x, y, w, h in level-0 pixels inside the slide", field="x")
+            out = output_size(slide, w, h, target)
+            if max(out) > regions.MAX_REGION_PX:
+                raise ApiError(422, f"region {w}×{h} level-0 px is {out[0]}×{out[1]} px at the tile resolution",
+                               f"choose a region under {regions.MAX_REGION_PX} px a side at {target} µm/px",
+                               field="w")
+            return read_region(slide, x, y, w, h, out_size=out)
+
+        return self._with_slide(record, read)
+
+    def image_vector(self, query: dict[str, Any], pixels: Image.Image | None) -> np.ndarray:
+        """The vector of exactly one of: an upload, a point id, a slide region."""
+        region = [query.get(k) for k in ("x", "y", "w", "h")]
+        given = [pixels is not None, query.get("point_id") is not None, query.get("slide_id") is not None]
+        if sum(given) != 1:
+            raise ApiError(422, "give exactly one image query", "upload an 'image' (multipart), or send "
+                           '{"point_id"} or {"slide_id", "x", "y", "w", "h"}', field="image")
+        if pixels is not None:
+            return self.pixels_vector(pixels)
+        if query.get("point_id") is not None:
+            return self.point_vector(query["point_id"])
+        if any(v is None for v in region):
+            raise ApiError(422, "a slide region needs x, y, w and h (level-0 pixels)",
+                           'send {"slide_id", "x", "y", "w", "h"}', field="x")
+        self.require_model()
+        return self.pixels_vector(self.region_pixels(query["slide_id"], *region))  # type: ignore[arg-type]
+
+    # -- search --------------------------------------------------------------------------
+
+    def options(self, top_k: int, page: int, filters: dict[str, Any] | None, min_score: float | None,
+                group_by: str | None, group_size: int) -> Options:
+        offset = (page - 1) * top_k
+        if offset + top_k > self.settings.max_depth:
+            raise ApiError(422, f"page {page} with top_k {top_k} is beyond the first {self.settings.max_depth} "
+                           "results", "narrow the search with filters or min_score instead of paging deeper",
+                           field="page")
+        if top_k > self.settings.max_top_k:
+            raise ApiError(422, f"top_k {top_k} is above {self.settings.max_top_k}",
+                           f"give top_k between 1 and {self.settings.max_top_k}", field="top_k")
+        self.require_collection()
+        flt = parse_filters(filters, self.searcher.field_types(), self.settings.max_filters)
+        if group_by is not None:
+            key = {"slide": "slide_id"}.get(group_by, group_by)
+            types = self.searcher.field_types()
+            if types.declared and types.get(key) is None:
+                raise ApiError(422, f"no field '{group_by}' to group by", "group by 'slide' or a payload field",
+                               field="group_by")
+        return Options(top_k, offset, flt, min_score, group_by, group_size)
+
+    def search(self, vector: np.ndarray, opts: Options) -> list[SearchHit]:
+        return self.searcher.search(vector, opts.k, opts.flt, opts.min_score, opts.offset, opts.group_by,
+                                    opts.group_size)
+
+    def describe(self, vector: np.ndarray, k: int) -> list[Any]:
+        self.require_model()
+        with self.model_lock:
+            return self.searcher.describe(vector, k)
+
+    def classify(self, vector: np.ndarray, classes: Sequence[prompts.ClassPrompts]) -> Any:
+        self.require_model()
+        with self.model_lock:
+            return self.searcher.classify(vector, classes)
+
+    def classify_slide(self, slide_id: str, classes: Sequence[prompts.ClassPrompts], ks: Sequence[int],
+                       flt: Filter) -> tuple[int, list[Any]]:
+        self.slide_record(slide_id)
+        self.require_model()
+        with self.model_lock:
+            return self.searcher.classify_slide(slide_id, classes, ks, flt)
+
+    # -- slides --------------------------------------------------------------------------
+
+    def slide_records(self, slide_id: str) -> list[dict[str, Any]]:
+        """Every record of one slide id (one per cohort and tiling); 404 when there is none."""
+        name = slides_collection(self.collection)
+        records: list[dict[str, Any]] = []
+        if self.store.collection_metadata(name) is not None:
+            flt = Filter((Condition("slide_id", "eq", slide_id),))
+            records = [h.payload for h in self.store.scroll(name, flt)]
+        if not records:
+            raise not_found(f"no slide '{slide_id}' in collection '{self.collection}'",
+                            "slide ids are the `slide_id` of search hits, or of GET /v1/slides", "slide_id")
+        done = SlideStatus.DONE.value
+        return sorted(records, key=lambda r: (r.get("status") != done, str(r.get("cohort")), str(r.get("tiling"))))
+
+    def slide_record(self, slide_id: str) -> dict[str, Any]:
+        return self.slide_records(slide_id)[0]
+
+    def list_slides(self, page: int, page_size: int, filters: dict[str, Any] | None) -> tuple[list[dict], int]:
+        from conchdb.search.filters import FieldTypes
+
+        name = slides_collection(self.collection)
+        meta = self.store.collection_metadata(name)
+        if meta is None:
+            return [], 0
+        schema = meta.get("payload_schema") or {}
+        flt = parse_filters(filters, FieldTypes(dict(schema), declared=bool(schema)), self.settings.max_filters)
+        records = sorted((h.payload for h in self.store.scroll(name, flt)),
+                         key=lambda r: (str(r.get("slide_id")), str(r.get("cohort")), str(r.get("tiling"))))
+        start = (page - 1) * page_size
+        return [public_record(r) for r in records[start : start + page_size]], len(records)
+
+    def _with_slide(self, record: dict[str, Any], fn: Callable[[Any], T]) -> T:
+        """`fn(slide)` on the record's source slide, opened with its stored pixel size."""
+        key = (str(record.get("path")), record.get("mpp"))
+        try:
+            return self.slides.use(key, lambda: regions.open_source(record), fn)
+        except SlideError as exc:
+            raise not_found(exc.message, "the slide file must stay where it was ingested from; ingest it again "
+                            "from its new place", "slide_id") from None
+
+    def tile_jpeg(self, point_id: str) -> bytes:
+        self.require_collection()
+        pid = check_point_id(point_id)
+
+        def make() -> bytes:
+            found = self.store.retrieve(self.collection, [pid])
+            if not found:
+                raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
+                                "point ids are the `id` of search hits", "point_id")
+            payload = found[0].payload
+            return encode(self._with_slide(payload, lambda s: regions.read_hit_tile(s, payload)), "JPEG")
+
+        return self.tiles.get_or_make(pid, make)
+
+    def thumbnail_jpeg(self, slide_id: str, size: int) -> bytes:
+        record = self.slide_record(slide_id)
+        return self.pictures.get_or_make(
+            ("thumb", slide_id, size),
+            lambda: encode(self._with_slide(record, lambda s: regions.thumbnail(s, size)[0]), "JPEG"),
+        )
+
+    def heatmap_png(self, slide_id: str, vector: np.ndarray, title: str, style: str, size: int,
+                    flt: Filter) -> bytes:
+        """The slide's tiles tinted by similarity: a transparent overlay the viewer lays over the
+        slide (`overlay`), or the CLI's picture with thumbnail, title and colour bar (`figure`)."""
+        record = self.slide_record(slide_id)
+        tiles, scores = self.searcher.slide_similarity(slide_id, vector, flt)
+        if style == "figure":
+            thumb, downsample = self._with_slide(record, lambda s: regions.thumbnail(s, size))
+            image, _, _ = heatmap.render(thumb, downsample, tiles, scores, title)
+            return encode(image, "PNG")
+        width, height = self._with_slide(record, lambda s: s.dimensions)
+        downsample = max(1.0, max(width, height) / size)
+        shape = (max(1, round(height / downsample)), max(1, round(width / downsample)))
+        layer = heatmap.score_layer(shape, tiles, np.asarray(scores, dtype=np.float64), downsample)
+        low, high = float(np.min(scores)), float(np.max(scores))
+        span = high - low if high > low else 1e-6
+        covered = ~np.isnan(layer)
+        rgba = np.zeros((*shape, 4), dtype=np.uint8)
+        rgba[..., :3] = heatmap.colormap((np.nan_to_num(layer, nan=low) - low) / span)
+        rgba[..., 3] = np.where(covered, 255, 0).astype(np.uint8)
+        return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+    # -- deep zoom -----------------------------------------------------------------------
+
+    def _deepzoom(self, slide_id: str, fn: Callable[[Any], T]) -> T:
+        record = self.slide_record(slide_id)
+        path = str(record.get("path"))
+
+        def opener() -> Any:
+            import openslide
+            from openslide.deepzoom import DeepZoomGenerator
+
+            try:
+                slide = openslide.open_slide(path)
+            except (OSError, openslide.OpenSlideError) as exc:
+                raise not_found(f"the file of slide '{slide_id}' cannot be opened ({type(exc).__name__})",
+                                "the slide file must stay where it was ingested from; ingest it again from "
+                                "its new place", "slide_id") from None
+            return _Zoom(slide, DeepZoomGenerator(slide, tile_size=254, overlap=1, limit_bounds=False))
+
+        return self.deepzoom.use(path, opener, fn)
+
+    def dzi(self, slide_id: str) -> str:
+        return self._deepzoom(slide_id, lambda z: z.generator.get_dzi("jpeg"))
+
+    def deepzoom_tile(self, slide_id: str, level: int, col: int, row: int) -> bytes:
+        def read(zoom: _Zoom) -> bytes:
+            try:
+                tile = zoom.generator.get_tile(level, (col, row))
+            except ValueError:
+                raise not_found(f"no deep-zoom tile {level}/{col}_{row} in slide '{slide_id}'",
+                                "request the tiles that the slide's .dzi describes", "level") from None
+            return encode(tile, "JPEG")
+
+        return self.pictures.get_or_make(("dz", slide_id, level, col, row), lambda: self._deepzoom(slide_id, read))
+
+
+@dataclass
+class _Zoom:
+    slide: Any
+    generator: Any
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+HIDDEN_RECORD_FIELDS = ("path", "identity")
+"""Record fields that say where files are on the server: no client needs them, since files
+are only ever served by id."""
+
+
+def public_record(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in HIDDEN_RECORD_FIELDS}
+
+
+def hit_urls(hit: SearchHit) -> dict[str, str]:
+    """The URLs of a hit's tile image and of the viewer on its slide (relative to the server)."""
+    slide = quote(str(hit.slide_id), safe="")
+    return {"tile_url": f"/v1/tiles/{hit.id}.jpg", "viewer_url": f"/?slide={slide}&point={hit.id}"}
+
+
+def hit_dict(hit: SearchHit) -> dict[str, Any]:
+    out = {**hit.to_dict(), **hit_urls(hit)}
+    if hit.tiles is not None:
+        out["tiles"] = [hit_dict(t) for t in hit.tiles]
+    return out
+

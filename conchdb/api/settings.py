@@ -1,0 +1,52 @@
+"""What a server is allowed to do: its key, its limits, and which origins may call it.
+
+A plain dataclass built once by `conchdb serve` (or by a test) and handed to `create_app`;
+routes read their bounds from it, never from the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from conchdb.search.searcher import MAX_DEPTH, MAX_TOP_K
+
+DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
+DEFAULT_MAX_PIXELS = 50_000_000
+"""An upload with more pixels is refused before it is decoded: a small compressed file can
+expand to gigabytes (a decompression bomb); 50 MP is a large ROI already (CONCH sees 448 px)."""
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Security and limits of one server.
+
+    `api_key`: when set, every endpoint but `/v1/health` (and the page's static files)
+    needs it, as `Authorization: Bearer KEY` or `X-API-Key: KEY`. `cors_origins`: browser
+    origins allowed to call the API from other pages (none: CORS off).
+    """
+
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_top_k: int = MAX_TOP_K
+    max_depth: int = MAX_DEPTH
+    max_query_chars: int = 1000
+    max_filters: int = 32
+    max_labels: int = 64
+    max_prompts: int = 1024
+    tile_cache: int = 2048
+    text_cache: int = 4096
+    text_batch: int = 64
+    open_slides: int = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,302 @@
+"""`conchdb ingest --broker`: the same run as in-process, with the slides embedded by workers.
+
+The ingesting process keeps every decision of the in-process run: discovery, manifest,
+collections, which slides are done (`Ingest.pending`), the summary and its exit codes.
+It sends one task per slide still to do and reads the run's events list. Two ways to write:
+
+- with a Qdrant server, the workers write tiles and slide records themselves
+  (`ingest_one_slide`); the events carry only progress and outcomes;
+- with the embedded store, which one process owns, the workers send vectors and payloads
+  back in batches and this process names and writes them, applying the pipeline's record
+  rules (`SlideWriter`: in progress, stale-tile cleanup, done) as the events arrive.
+
+The model fingerprint and dimensions recorded in the collection are those of the workers
+online (they must agree), so the ingesting machine needs neither weights nor a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kombu.exceptions
+import numpy as np
+import redis
+
+from conchdb.catalog import SlideStatus
+from conchdb.ingest.cohort import Cohort
+from conchdb.ingest.manifest import Manifest
+from conchdb.ingest.pipeline import (
+    Ingest,
+    IngestOptions,
+    IngestSummary,
+    Progress,
+    SlideJob,
+    SlideOutcome,
+    Writer,
+)
+from conchdb.store import Store
+from conchdb.workers import broker
+from conchdb.workers.app import TASK_NAME, make_app
+from conchdb.workers.messages import Event, batch_tiles, job_to_dict, unpack_vectors
+from conchdb.workers.status import online_workers, queued, unacknowledged
+
+
+@dataclass
+class BrokerOptions:
+    """Where the workers are and how long to wait for them and for the broker."""
+
+    broker_url: str
+    queue: str = "conchdb"
+    visibility_timeout: int = 21600
+    max_deliveries: int = 3
+    qdrant_url: str | None = None  # set: workers write into this server; None: this process writes
+    worker_wait_s: float = 30.0  # for a first worker to come online
+    reconnect_s: float = 60.0  # a broker restart waited out before giving up
+    stall_s: float = 30.0  # silence after which the broker is checked for lost tasks
+
+
+@dataclass
+class RemoteModel:
+    """The model the workers hold, as their heartbeats describe it; stands in for an `Encoder`
+    where the run only records what built the vectors."""
+
+    description: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.description["embed_dim"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.description["model_fingerprint"])
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
+
+
+def workers_model(client: redis.Redis, queue: str, wait_s: float, url: str) -> RemoteModel:
+    """The one model every worker on `queue` holds; waits up to `wait_s` for a first worker."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        workers = online_workers(client, queue)
+        if workers:
+            break
+        if time.monotonic() > deadline:
+            raise broker.BrokerError(
+                f"no worker is online on queue {queue!r} at {broker.redact(url)} (waited {wait_s:g} s)",
+                fix="start at least one worker (the `conchdb worker` command) on the same broker and queue",
+            )
+        time.sleep(0.5)
+    models = {w["model"]["model_fingerprint"]: w["model"] for w in workers}
+    if len(models) > 1:
+        names = ", ".join(f"{w['node']}: {w['model']['model_fingerprint']}" for w in workers)
+        raise broker.BrokerError(
+            f"the workers on queue {queue!r} hold different models ({names})",
+            fix="give every worker the same CONCH weights, or put them on different queues",
+        )
+    return RemoteModel(next(iter(models.values())))
+
+
+@dataclass
+class _Task:
+    """One slide sent to the workers and what has come back for it."""
+
+    job: SlideJob
+    previous: str | None
+    task_id: str
+    started: bool = False
+    since: float = field(default_factory=time.perf_counter)
+    sends: int = 1
+    # Where this process writes: the slide's batches go here, named by the run's `SlideWriter`.
+    sink: Callable[[list[dict[str, Any]], np.ndarray], None] | None = None
+
+
+class BrokerIngest:
+    """One ingest run whose slides are embedded by Celery workers."""
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        manifest: Manifest,
+        store: Store,
+        collection: str,
+        options: IngestOptions,
+        broker_options: BrokerOptions,
+        progress: Progress | None = None,
+    ):
+        self.opts = broker_options
+        self.client = broker.connect(broker_options.broker_url)  # unreachable: fails now, naming the URL
+        model = workers_model(self.client, broker_options.queue, broker_options.worker_wait_s,
+                              broker_options.broker_url)
+        self.ingest = Ingest(cohort, manifest, model, store, collection, options, progress)  # type: ignore[arg-type]
+        self.progress = self.ingest.progress
+        self.app = make_app(broker_options.broker_url, broker_options.queue, broker_options.visibility_timeout)
+        self.events = broker.events_key(self.ingest.run_id)
+        self.alive = broker.alive_key(self.ingest.run_id)
+        self._alive_at = 0.0
+
+    # -- broker plumbing -----------------------------------------------------------------
+
+    def _redis(self, call: Any) -> Any:
+        try:
+            return broker.with_reconnect(lambda: call(self.client), self.opts.reconnect_s)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise broker.BrokerError(
+                f"lost the broker at {broker.redact(self.opts.broker_url)} for {self.opts.reconnect_s:g} s: {exc}",
+                fix="start it again and run the same ingest again: slides already done are skipped, "
+                     "the others are done again",
+            ) from None
+
+    def _keep_alive(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._alive_at > 1.0:
+            self._redis(lambda r: r.set(self.alive, "1", ex=broker.ALIVE_TTL_S))
+            self._alive_at = time.monotonic()
+
+    def _send(self, task: _Task) -> None:
+        kwargs = {
+            "job": job_to_dict(task.job),
+            "collection": self.ingest.collection,
+            "previous": task.previous,
+            "fingerprint": self.ingest.encoder.fingerprint,
+            "qdrant_url": self.opts.qdrant_url,
+        }
+        try:
+            self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=task.task_id, queue=self.opts.queue)
+        except kombu.exceptions.OperationalError as exc:
+            raise broker.BrokerError(
+                f"cannot send slides to the broker at {broker.redact(self.opts.broker_url)}: {exc}",
+                fix="check that Redis is running, then run the same ingest again",
+            ) from None
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> IngestSummary:
+        ingest = self.ingest
+        summary = ingest.new_summary()
+        start = time.perf_counter()
+        ingest.prepare()
+        if self.progress.on_start:
+            self.progress.on_start(len(ingest.cohort.slides))
+        writer = Writer(ingest.store, ingest.collection, ingest.timings) if self.opts.qdrant_url is None else None
+        tasks: dict[str, _Task] = {}
+        try:
+            self._keep_alive(force=True)
+            for slide, record in ingest.pending(summary):
+                task = _Task(ingest.job(slide), record.get("status") if record else None, uuid.uuid4().hex)
+                tasks[task.task_id] = task
+                self._send(task)
+                self._keep_alive()
+            self._collect(tasks, summary, writer)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            self._cancel(tasks)
+            raise
+        except BaseException:
+            self._cancel(tasks)
+            raise
+        finally:
+            if writer is not None:
+                try:
+                    writer.flush()
+                finally:
+                    writer.close()
+            summary.seconds = time.perf_counter() - start
+        self._redis(lambda r: r.delete(self.alive, self.events))
+        self.app.close()
+        return ingest.finish(summary, start)
+
+    def _cancel(self, tasks: dict[str, _Task]) -> None:
+        """Stop: workers drop this run's tasks not started yet, and stop sending batches nobody reads."""
+        try:
+            self.client.delete(self.alive)
+        except (redis.RedisError, OSError):
+            self.app.close()  # the broker is gone too: the alive mark lapses by itself within a minute
+            return
+        with contextlib.suppress(kombu.exceptions.OperationalError, OSError):
+            self.app.control.revoke(list(tasks))  # workers online discard these on sight
+        self.app.close()
+
+    def _collect(self, tasks: dict[str, _Task], summary: IngestSummary, writer: Writer | None) -> None:
+        waiting = dict(tasks)
+        quiet_since = time.monotonic()
+        while waiting:
+            self._keep_alive()
+            popped = self._redis(lambda r: r.blpop([self.events], timeout=1))
+            if popped is None:
+                if time.monotonic() - quiet_since > self.opts.stall_s:
+                    self._resend_lost(waiting, summary)
+                    quiet_since = time.monotonic()
+                continue
+            quiet_since = time.monotonic()
+            event = Event.decode(popped[1])
+            task = waiting.get(event.task)
+            if task is None:  # a task resent since, or an event from before a redelivery finished it
+                continue
+            outcome = self._handle(task, event, writer)
+            if outcome is not None:
+                outcome.seconds = time.perf_counter() - task.since
+                del waiting[event.task]
+                self.ingest.emit(summary, outcome)
+
+    def _handle(self, task: _Task, event: Event, writer: Writer | None) -> SlideOutcome | None:
+        """Apply one event; returns the slide's outcome when the event is its last."""
+        job, data, sw = task.job, event.data, self.ingest.slide_writer
+        slide, tiling = job.slide, job.tiling
+        flush = writer.flush if writer is not None else None
+        if event.kind == "start":
+            if not task.started:  # a redelivered slide starts again; its tiles are counted once
+                task.started = True
+                task.since = time.perf_counter()
+                if self.progress.on_slide:
+                    self.progress.on_slide(slide.id, int(data["tiles"]))
+            if writer is not None:
+                sw.begin(slide, tiling, int(data["tiles"]), **data["info"])
+                task.sink = sw.sink(slide, tiling, int(data["size"]), data["info"], writer)
+            return None
+        if event.kind == "batch":
+            # Workers send `start` before any batch, and batches only when this process writes.
+            assert task.sink is not None, "a batch came before its slide's start, or to a run whose workers write"
+            tiles, vectors = batch_tiles(event)
+            task.sink(tiles, vectors)
+            if self.progress.on_batch and task.started:
+                self.progress.on_batch(len(tiles))
+            return None
+        if event.kind == "progress":
+            if self.progress.on_batch:
+                self.progress.on_batch(int(data["n"]))
+            return None
+        if data.get("recorded"):
+            return SlideOutcome(slide.id, str(slide.path), SlideStatus(event.kind), int(data.get("tiles") or 0),
+                                data.get("error"))
+        if event.kind == SlideStatus.DONE:
+            mean = unpack_vectors(data["mean"], self.ingest.encoder.dim)[0]
+            return sw.finish(slide, tiling, int(data["tiles"]), np.asarray(mean), flush, **data["info"])
+        if event.kind == SlideStatus.NO_TISSUE:
+            outcome = sw.begin(slide, tiling, 0, **data["info"])
+            assert outcome is not None
+            return outcome
+        return sw.fail(slide, tiling, str(data.get("error")), task.previous, flush, **(data.get("info") or {}))
+
+    def _resend_lost(self, waiting: dict[str, _Task], summary: IngestSummary) -> None:
+        """After a silence: tasks neither queued, nor delivered, nor running were lost by the
+        broker (restarted without its data); send them again, at most `max_deliveries` times."""
+        queue = self.opts.queue
+        busy = self._redis(lambda r: queued(r, queue) + unacknowledged(r))
+        running = self._redis(lambda r: [t for w in online_workers(r, queue) for t in w["running"]])
+        if busy or any(t["run"] == self.ingest.run_id for t in running):
+            return
+        for task_id, task in list(waiting.items()):
+            del waiting[task_id]
+            if task.sends >= self.opts.max_deliveries:
+                error = f"{task.job.slide.path}: the broker lost this slide's task {task.sends} times"
+                failed = self.ingest.slide_writer.fail(task.job.slide, task.job.tiling, error, task.previous)
+                self.ingest.emit(summary, failed)
+                continue
+            task.task_id, task.sends, task.started = uuid.uuid4().hex, task.sends + 1, False
+            waiting[task.task_id] = task
+            self._send(task)

@@ -1,0 +1,70 @@
+"""How errors become responses: statuses by type, the field from the parameter, fixes in JSON words;
+and what a server that lacks its model or its collection answers."""
+
+from __future__ import annotations
+
+from qdrant_client import QdrantClient
+
+from conchdb.api.errors import ApiError, error_field, error_status
+from conchdb.errors import (
+    CheckpointError,
+    ConchdbError,
+    ImageInputError,
+    QueryError,
+    SlideError,
+    StoreError,
+    TokenizerError,
+)
+from conchdb.search import Searcher
+from conchdb.store.server import ServerStore
+from tests.api.conftest import make_client
+
+
+def test_each_error_type_has_its_status():
+    cases = {CheckpointError: 503, TokenizerError: 503, ImageInputError: 415, SlideError: 404, StoreError: 409,
+             QueryError: 422, ConchdbError: 400}
+    for kind, status in cases.items():
+        assert error_status(kind("problem")) == status, kind
+    assert error_status(ApiError(413, "too big")) == 413
+
+
+def test_the_field_comes_from_the_api_or_the_librarys_parameter():
+    assert error_field(ApiError(422, "bad", field="filters.grade")) == "filters.grade"
+    assert error_field(QueryError("top-k 0 is outside 1..1000", parameter="top_k")) == "top_k"
+    assert error_field(QueryError("bad filter", parameter="where")) == "filters"
+    assert error_field(QueryError("no such point", parameter="point")) == "point_id"
+    assert error_field(QueryError("no parameter")) is None
+
+
+def test_a_library_error_reaches_the_client_with_its_json_field(client, store):
+    point = next(iter(store.scroll("conch_tiles"))).id
+    twice = client.post("/v1/classify", json={"point_id": point, "labels": ["tumor", "tumor"]})  # prompts.py refuses
+    assert twice.status_code == 422
+    assert twice.json() == {"error": "the same label is given twice", "field": "labels", "fix": "give each class once"}
+
+
+def test_a_server_without_the_model_still_serves_points_and_tiles(store, searcher):
+    bare = Searcher(None, store, "conch_tiles")
+    with make_client(bare) as client:
+        health = client.get("/v1/health").json()
+        assert health["status"] == "unavailable" and health["store"] and not health["model"]
+        refused = client.post("/v1/search/text", json={"query": "tumor"})
+        assert refused.status_code == 503 and "model" in refused.json()["error"]
+        point = next(iter(store.scroll("conch_tiles"))).id
+        hits = client.post("/v1/search/image", json={"point_id": point, "top_k": 2}).json()["hits"]
+        assert hits[0]["id"] == point
+        assert client.get(f"/v1/tiles/{point}.jpg").status_code == 200
+
+
+def test_a_store_without_the_collection_is_503_with_the_fix(encoder):
+    empty = ServerStore(client=QdrantClient(":memory:"))
+    with make_client(Searcher(encoder, empty, "conch_tiles")) as client:
+        assert client.get("/v1/health").json() == {
+            "status": "unavailable", "store": False, "model": True, "collection": "conch_tiles", "points": None,
+            "model_fingerprint": encoder.fingerprint,
+        }
+        refused = client.post("/v1/search/text", json={"query": "tumor"})
+        assert refused.status_code == 503 and "ingest" in refused.json()["fix"]
+        assert client.get("/v1/slides").json()["total"] == 0
+        assert client.get("/v1/slides/a.svs").status_code == 404
+    empty.close()

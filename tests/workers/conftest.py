@@ -1,0 +1,171 @@
+"""Workers fixtures: a real redis-server on a free loopback port, worker processes, a small cohort.
+
+Redis runs with its append-only file synced on every write, as the compose file runs it
+(there every second), so a stop and start in the middle of an ingest loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from conchdb.model.checkpoint import save_checkpoint
+from tests.model.conftest import make_tiny_model
+
+REDIS_SERVER = shutil.which("redis-server")
+# Short enough that a killed worker's slide comes back within seconds, long enough that the
+# small test slides are never handed out twice by the timeout alone.
+VISIBILITY_TIMEOUT_S = 10
+BATCH = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1, stoppable and restartable on the same port and data."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.process: subprocess.Popen | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # redis flushes its append-only file and exits
+            self.process.wait(timeout=20)
+        self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_connect_timeout=1)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.bin"
+    save_checkpoint(make_tiny_model(0), path)
+    return path
+
+
+def worker_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.getcwd(), "CONCHDB_HOME": str(home),
+            "CONCHDB_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S)}
+
+
+class Workers:
+    """`conchdb worker` processes on one broker; each logs to its own file."""
+
+    def __init__(self, server: RedisServer, ckpt: Path, folder: Path):
+        self.server, self.ckpt, self.folder = server, ckpt, folder
+        self.processes: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, n: int = 1) -> None:
+        started = []
+        for _ in range(n):
+            log = self.folder / f"worker-{len(self.processes)}.log"
+            args = [sys.executable, "-m", "conchdb.cli", "worker", "--broker", self.server.url,
+                    "--checkpoint", str(self.ckpt), "--device", "cpu", "--batch-size", str(BATCH)]
+            with log.open("w") as out:
+                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=worker_env(self.folder))
+            self.processes.append((proc, log))
+            started.append(proc)
+        deadline = time.monotonic() + 120
+        while not all(p.pid in self.online_pids() for p in started):
+            for p in started:
+                assert p.poll() is None, self.logs()
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.2)
+
+    def online_pids(self) -> set[int]:
+        client = self.server.client()
+        pids = set()
+        for key in client.scan_iter(match="conchdb:worker:*"):
+            raw = client.get(key)
+            if raw:
+                pids.add(json.loads(raw)["pid"])
+        return pids
+
+    def alive(self) -> list[subprocess.Popen]:
+        return [p for p, _ in self.processes if p.poll() is None]
+
+    def ensure(self, n: int) -> None:
+        missing = n - len(self.alive())
+        if missing > 0:
+            self.start(missing)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()}" for _, log in self.processes)
+
+    def stop(self) -> None:
+        for proc in self.alive():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def workers(redis_server, tiny_ckpt, tmp_path_factory) -> Iterator[Workers]:
+    pool = Workers(redis_server, tiny_ckpt, tmp_path_factory.mktemp("workers"))
+    yield pool
+    pool.stop()
+
+
+MANIFEST = """\
+    slide,patient_id,grade
+    cmu_small_region.svs,P001,2
+    boxes.png,P002,1
+    """
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, slides_dir) -> Path:
+    """Two good slides (a real Aperio region of 12 tiles, a PNG of one tile) and a damaged one."""
+    root = tmp_path_factory.mktemp("cohorts") / "cohortW"
+    root.mkdir()
+    for name in ("cmu_small_region.svs", "boxes.png", "unreadable.svs"):
+        shutil.copy(slides_dir / name, root / name)
+    (root / "manifest.csv").write_text(textwrap.dedent(MANIFEST))
+    return root
