@@ -23,8 +23,21 @@ def ingest(
     manifest: Annotated[
         Path | None, typer.Option("--manifest", help="CSV with a 'slide' column (default: PATH/manifest.csv).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Tiles per model batch.")] = 32,
-    readers: Annotated[int, typer.Option("--readers", help="Tile reader processes.")] = 2,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Tiles per model batch (default: 32 on the CPU, more on a GPU).")
+    ] = None,
+    readers: Annotated[
+        int | None, typer.Option("--readers", help="Tile reader processes per slide (default: all cores but one).")
+    ] = None,
+    slides_in_flight: Annotated[
+        int, typer.Option("--slides-in-flight", help="Slides read at once (the current one and those after it).")
+    ] = 1,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the vision tower (pays a warm-up; for long runs on a GPU).")
+    ] = False,
+    gpu_jpeg: Annotated[
+        bool, typer.Option("--gpu-jpeg", help="Decode tiled-JPEG slides on the model's device (others: OpenSlide).")
+    ] = False,
     target_mpp: TargetMppOpt = 0.5,
     tile_px: TilePxOpt = 512,
     stride_px: StridePxOpt = None,
@@ -50,11 +63,15 @@ def ingest(
     from conchdb.ingest.manifest import read_manifest
     from conchdb.ingest.pipeline import Ingest, IngestOptions
     from conchdb.slides.grid import TilingParams
+    from conchdb.slides.reader import default_readers
 
-    if batch_size < 1 or readers < 0:
-        raise ConchdbError("--batch-size must be ≥ 1 and --readers ≥ 0", "e.g. --batch-size 32 --readers 2")
+    readers = default_readers() if readers is None else readers
+    if (batch_size is not None and batch_size < 1) or readers < 0 or slides_in_flight < 1:
+        raise ConchdbError("--batch-size and --slides-in-flight must be ≥ 1 and --readers ≥ 0",
+                           "e.g. --batch-size 32 --readers 2 --slides-in-flight 1")
     params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
-    settings = IngestOptions(params, batch_size, readers, force, cohort, slide_mpp)
+    settings = IngestOptions(params, batch_size or 32, readers, force, cohort, slide_mpp, slides_in_flight,
+                             compile_model, gpu_jpeg)
     if broker or options.settings.broker_url:
         from conchdb.cli.workers import ingest_through_broker
 
@@ -63,7 +80,11 @@ def ingest(
     found = discover(path)
     table = read_manifest(manifest, found)  # every input is checked before the model loads
     # Tiles need only the vision tower; the fingerprint recorded is still the whole checkpoint's.
-    encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size)
+    encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size or 32)
+    if batch_size is None:
+        from conchdb.model.feed import device_batch_size
+
+        settings.batch_size = encoder.batch_size = device_batch_size(encoder.device, fallback=32)
     opened = options.open_store()
     try:
         with _ingest_progress(enabled=not as_json) as progress:

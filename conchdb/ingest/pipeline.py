@@ -23,12 +23,12 @@ payloads, records, cleanup, the done rule) wherever the writing happens. Feature
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,14 @@ from conchdb.catalog import (
 )
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.cohort import Cohort, CohortSlide, discover
+from conchdb.ingest.gpu_jpeg import JpegTileSource, open_jpeg_source
+from conchdb.ingest.inflight import slides_in_flight
 from conchdb.ingest.manifest import Manifest, ManifestRow, read_manifest
 from conchdb.ingest.mosaic import remark
 from conchdb.model.encoder import Encoder
+from conchdb.model.feed import DeviceFeed, embed_batches, pinned
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles
-from conchdb.slides.reader import TileReader
+from conchdb.slides.reader import READ_BATCH, TileReader
 from conchdb.slides.slide import Slide, open_slide
 from conchdb.store import CollectionSpec, Condition, Filter, Point, Store, stable_id, tile_point_id
 
@@ -67,6 +70,10 @@ class IngestOptions:
     force: bool = False
     cohort_name: str | None = None
     slide_mpp: float | None = None
+    slides_in_flight: int = 1  # slides whose tiles are read at once (the current one and those after it)
+    compile: bool = False  # torch.compile the vision tower
+    gpu_jpeg: bool = False  # decode tiled-JPEG levels on the model's device (CPU reader otherwise)
+    read_batch: int = READ_BATCH  # tiles per reader task; model batches (batch_size) are joined on the device
 
 
 @dataclass
@@ -214,6 +221,8 @@ class SlideJob:
     override_source: str = "--slide-mpp"
     batch_size: int = 32
     readers: int = 2
+    read_batch: int = READ_BATCH
+    gpu_jpeg: bool = False
 
     @property
     def tiling(self) -> Tiling:
@@ -472,6 +481,22 @@ TileSink = Callable[[list[dict[str, Any]], np.ndarray], None]
 """Takes one embedded batch: the tiles' own payloads (level-0 `x`, `y`, `tissue`) and their vectors."""
 
 
+def open_tile_source(job: SlideJob, grid: TileGrid, encoder: Encoder) -> TileReader | JpegTileSource | None:
+    """The slide's tile source, not yet started: the device JPEG decoder when asked for and
+    it applies, else the reader processes handing out views of their shared slots; None
+    when the grid is empty."""
+    if len(grid) == 0:
+        return None
+    if job.gpu_jpeg:
+        source = open_jpeg_source(job.slide.path, grid, job.batch_size, encoder.device, job.mpp_override)
+        if source is not None:
+            return source
+    return TileReader(
+        job.slide.path, grid, batch_size=min(job.read_batch, job.batch_size), workers=job.readers,
+        mpp_override=job.mpp_override, copy=False,
+    )
+
+
 def embed_slide(
     job: SlideJob,
     grid: TileGrid,
@@ -479,29 +504,29 @@ def embed_slide(
     sink: TileSink,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    *,
+    feed: DeviceFeed | None = None,
+    reader: TileReader | JpegTileSource | None = None,
 ) -> np.ndarray:
     """Stream and embed every tile of the slide, handing each batch to `sink`; returns the
     normalized mean vector. Naming and writing the points is the sink's (a `SlideWriter`'s)
-    job, so a worker can embed here and leave the writing to the ingesting process."""
+    job, so a worker can embed here and leave the writing to the ingesting process.
+
+    `feed` (one per run, so a compiled model compiles once) and `reader` (already reading,
+    from `slides_in_flight`) are made here when not given; the reader is closed here."""
     progress = progress or Progress()
     timings = timings if timings is not None else {}
     if progress.on_slide:
         progress.on_slide(job.slide.id, len(grid))
     total = np.zeros(encoder.dim, dtype=np.float64)
-    reader = TileReader(
-        job.slide.path, grid, batch_size=job.batch_size, workers=job.readers, mpp_override=job.mpp_override,
-    )
-    with reader:
-        batches = iter(reader)
-        while True:
-            t = time.perf_counter()
-            batch = next(batches, None)
-            timings["read_wait_s"] = timings.get("read_wait_s", 0.0) + time.perf_counter() - t
-            if batch is None:
-                break
-            vectors = encoder.encode_tiles(batch.tiles, timings=timings)
+    feed = feed or DeviceFeed(encoder, timings=timings, batch_size=job.batch_size)
+    reader = reader or open_tile_source(job, grid, encoder)
+    assert reader is not None  # a slide without tiles is finished before its embedding
+    # --- the device feed (conchdb.model.feed): reader batches in, (start, vectors) out ---
+    with reader, pinned(reader.slots):
+        for first, vectors in embed_batches(reader, feed, timings):
             total += vectors.sum(axis=0)
-            tiles = grid.tiles[batch.start : batch.start + len(batch)]
+            tiles = grid.tiles[first : first + len(vectors)]
             sink([{"x": t.x, "y": t.y, "tissue": t.tissue} for t in tiles], vectors)
             if progress.on_batch:
                 progress.on_batch(len(tiles))
@@ -518,26 +543,32 @@ def ingest_one_slide(
     previous: str | None,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    *,
+    feed: DeviceFeed | None = None,
+    reader: TileReader | JpegTileSource | None = None,
 ) -> SlideOutcome:
     """One slide's whole work where the embedding process also writes: records, tiles, done rule.
 
     The in-process run calls it per slide; a worker writing into a Qdrant server calls it
     per task. `previous` is the slide record's status before this run (None: no record).
+    `feed` and `reader` go to `embed_slide`; a given reader is closed here in every case.
     """
     start = time.perf_counter()
     slide, tiling = job.slide, job.tiling
     outcome: SlideOutcome | None = None
     error = plan.error
-    if error is None and plan.grid is not None:
-        grid = plan.grid
-        outcome = slide_writer.begin(slide, tiling, len(grid), **plan.info)
-        if outcome is None:
-            try:
-                sink = slide_writer.sink(slide, tiling, grid.tile_size_level0, plan.info, writer)
-                mean = embed_slide(job, grid, encoder, sink, progress, timings)
-                outcome = slide_writer.finish(slide, tiling, len(grid), mean, writer.flush, **plan.info)
-            except SlideError as exc:
-                error = str(exc)
+    # A given reader is closed whatever happens (unused without tissue; closing is idempotent).
+    with reader if reader is not None else contextlib.nullcontext():
+        if error is None and plan.grid is not None:
+            grid = plan.grid
+            outcome = slide_writer.begin(slide, tiling, len(grid), **plan.info)
+            if outcome is None:
+                try:
+                    sink = slide_writer.sink(slide, tiling, grid.tile_size_level0, plan.info, writer)
+                    mean = embed_slide(job, grid, encoder, sink, progress, timings, feed=feed, reader=reader)
+                    outcome = slide_writer.finish(slide, tiling, len(grid), mean, writer.flush, **plan.info)
+                except SlideError as exc:
+                    error = str(exc)
     if error is not None:
         outcome = slide_writer.fail(slide, tiling, error, previous, writer.flush, **plan.info)
     assert outcome is not None
@@ -572,6 +603,7 @@ class Ingest:
         self.tiling = Tiling.of(self.options.params)
         self.run_id = self.slide_writer.run_id
         self.timings: dict[str, float] = {}
+        self.feed = DeviceFeed(encoder, self.options.compile, self.timings, self.options.batch_size)
 
     def prepare(self) -> None:
         """Create or check both collections; refuses another model's collection before any work."""
@@ -582,7 +614,8 @@ class Ingest:
         mpp, source = self._override(slide)
         return SlideJob(
             slide, self.cohort_name, self.run_id, self.options.params, self.manifest.payload_for(slide.id),
-            mpp, source, self.options.batch_size, self.options.readers,
+            mpp, source, self.options.batch_size, self.options.readers, self.options.read_batch,
+            self.options.gpu_jpeg,
         )
 
     def record(self, slide: CohortSlide) -> dict[str, Any] | None:
@@ -640,33 +673,40 @@ class Ingest:
         if self.progress.on_start:
             self.progress.on_start(len(self.cohort.slides))
         writer = Writer(self.store, self.collection, self.timings)
-        planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conchdb-planner")
         try:
             pending = self.pending(summary)
-            jobs = [self.job(slide) for slide, _ in pending]
-            futures: list[Future[_Plan]] = []
-            for i, (job, (_, record)) in enumerate(zip(jobs, pending, strict=True)):
-                if i == 0:
-                    futures.append(planner.submit(plan_slide, job))
-                if i + 1 < len(jobs):  # plan the next slide while this one is embedded
-                    futures.append(planner.submit(plan_slide, jobs[i + 1]))
-                previous = record.get("status") if record else None
-                outcome = ingest_one_slide(
-                    job, futures[i].result(), self.encoder, self.slide_writer, writer, previous, self.progress,
-                    self.timings,
-                )
-                self.emit(summary, outcome)
+            work = [(self.job(slide), record) for slide, record in pending]
+            # --- slides in flight (conchdb.ingest.inflight): plans and readers run ahead ---
+            flight = slides_in_flight(
+                work,
+                lambda item: plan_slide(item[0]),
+                lambda item, plan: self._open_source(item[0], plan),
+                self.options.slides_in_flight,
+            )
+            with contextlib.closing(flight):
+                for (job, record), plan, reader in flight:
+                    previous = record.get("status") if record else None
+                    outcome = ingest_one_slide(
+                        job, plan, self.encoder, self.slide_writer, writer, previous, self.progress, self.timings,
+                        feed=self.feed, reader=reader,
+                    )
+                    self.emit(summary, outcome)
         except KeyboardInterrupt:
             summary.interrupted = True
             raise
         finally:
-            planner.shutdown(wait=True, cancel_futures=True)
             try:
                 writer.flush()
             finally:
                 writer.close()
                 summary.seconds = time.perf_counter() - start
         return self.finish(summary, start)
+
+    def _open_source(self, job: SlideJob, plan: _Plan) -> TileReader | JpegTileSource | None:
+        """The slide's tile source, or None when there is nothing to read (a failed open, no tissue)."""
+        if plan.error is not None or plan.grid is None:
+            return None
+        return open_tile_source(job, plan.grid, self.encoder)
 
     def emit(self, summary: IngestSummary, outcome: SlideOutcome) -> None:
         summary.outcomes.append(outcome)

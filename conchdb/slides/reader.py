@@ -9,7 +9,13 @@ out of order; the reader yields them in grid order.
 
 A region that cannot be decoded ends the slide with a `SlideError` naming the file and
 the region; the reader then stops its workers, frees the shared memory and re-raises,
-so the caller can go on with the next slide. Ctrl-C is handled by the parent alone
+so the caller can go on with the next slide. A worker that dies outright (killed, out of
+memory) is noticed within `POLL_S` and ends the slide the same way.
+
+For a GPU feeder the reader can skip its last copy (`copy=False`: each batch is a view
+into the shared slots, valid until the next batch is asked for), expose the slots so they
+can be page-locked (`slots`), and `start()` reading before the first batch is asked for, so
+the next slide's tiles are decoded while the current one is embedded. Ctrl-C is handled by the parent alone
 (workers ignore SIGINT) and leads to the same orderly shutdown.
 """
 
@@ -39,6 +45,11 @@ from conchdb.slides.slide import DAMAGED_HINT, Slide, open_slide
 
 if TYPE_CHECKING:  # workers import this module: keep the tissue code (scikit-image) out of them
     from conchdb.slides.grid import TileGrid
+
+READ_BATCH = 32
+"""Tiles a worker reads per task when feeding a GPU: the model's larger batches are joined on
+the device, so shared memory (workers × prefetch × READ_BATCH tiles) and the wait for a
+worker's first batch stay small whatever the model batch."""
 
 POLL_S = 0.5
 """How often the parent checks that its workers are alive while waiting for a batch."""
@@ -179,6 +190,12 @@ def _worker(
         shm.close()
 
 
+def default_readers() -> int:
+    """All cores but one: the remaining core runs the process that feeds the model and
+    writes to the store."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _default_start_method() -> str:
     """forkserver where available: forking a parent that holds CUDA or threads is unsafe,
     and spawn starts a fresh interpreter and imports numpy, Pillow and OpenSlide per worker."""
@@ -192,6 +209,10 @@ class TileReader:
     `workers × prefetch` batches are in flight, each in its own shared-memory slot, so
     memory is bounded by `batch_size × tile_px² × 3 × workers × prefetch` bytes plus
     each worker's OpenSlide cache. Use as a context manager, or exhaust or `close()` it.
+
+    With `copy=False` a batch's `tiles` is a view into shared memory that is reused once
+    the next batch is asked for (no copy on the hot path); `start()` begins reading ahead
+    of iteration; `slots` is the shared array once started (to page-lock it).
 
     Workers are separate processes: a script that uses the reader must guard its entry
     point with `if __name__ == "__main__":`, as multiprocessing requires. If the reading
@@ -207,6 +228,7 @@ class TileReader:
         mpp_override: float | None = None,
         prefetch: int = 2,
         start_method: str | None = None,
+        copy: bool = True,
     ):
         if batch_size < 1 or workers < 0 or prefetch < 1:
             raise ValueError("batch_size and prefetch must be ≥ 1 and workers ≥ 0")
@@ -217,11 +239,39 @@ class TileReader:
         self.mpp_override = mpp_override
         self.prefetch = prefetch
         self.start_method = start_method or _default_start_method()
+        self.copy = copy
         self._coords = grid.coords()
         self._procs: list[Any] = []
         self._shm: SharedMemory | None = None
         self._queues: list[Any] = []
         self._active: Iterator[TileBatch] | None = None
+        self._slots: np.ndarray | None = None
+        self._free: list[int] = []
+        self._submitted = 0
+
+    @property
+    def slots(self) -> np.ndarray | None:
+        """The shared-memory slots (n_slots, batch, side, side, 3) while workers run, else None."""
+        return self._slots
+
+    def start(self) -> None:
+        """Start the workers and hand out the first batches now, before iteration asks for
+        them; a no-op when reading in-process, when already started or with nothing to read."""
+        if self.workers == 0 or self.batch_count == 0 or self._slots is not None:
+            return
+        self._slots = self._start()
+        self._free = list(range(len(self._slots)))
+        self._submitted = 0
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give every free slot the next batch: the batch waited for is then always among
+        those handed out, so waiting can never deadlock."""
+        tasks = self._queues[0]
+        while self._free and self._submitted < self.batch_count:
+            start, stop = self._batch_bounds(self._submitted)
+            tasks.put((self._submitted, self._free.pop(), self._coords[start:stop]))
+            self._submitted += 1
 
     @property
     def batch_count(self) -> int:
@@ -300,30 +350,27 @@ class TileReader:
             return message
 
     def _iter_workers(self) -> Iterator[TileBatch]:
-        slots = None
         try:
-            slots = self._start()
-            tasks = self._queues[0]
-            free = list(range(len(slots)))
+            self.start()
+            assert self._slots is not None
             ready: dict[int, int] = {}
-            submitted = 0
             for index in range(self.batch_count):
-                # Hand out batches in order while slots are free: the batch we wait for is
-                # always among those handed out, so waiting can never deadlock.
-                while free and submitted < self.batch_count:
-                    start, stop = self._batch_bounds(submitted)
-                    tasks.put((submitted, free.pop(), self._coords[start:stop]))
-                    submitted += 1
+                self._hand_out()
                 while index not in ready:
                     _, done, slot = self._receive()
                     ready[done] = slot
                 slot = ready.pop(index)
                 start, stop = self._batch_bounds(index)
-                tiles = slots[slot, : stop - start].copy()
-                free.append(slot)
+                tiles = self._slots[slot, : stop - start]
+                if self.copy:
+                    tiles = tiles.copy()
+                    self._free.append(slot)
                 yield TileBatch(tiles, self._coords[start:stop].copy(), start)
+                if not self.copy:  # the consumer is done with the view once it asks again
+                    self._free.append(slot)
+                del tiles
         finally:
-            slots = None  # release the view before the shared memory is closed
+            self._slots = None  # release the view before the shared memory is closed
             self._shutdown()
 
     def close(self) -> None:
@@ -334,6 +381,7 @@ class TileReader:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._slots = None  # a view into the shared memory would keep it from closing
         procs, self._procs = self._procs, []
         if procs:
             tasks = self._queues[0]

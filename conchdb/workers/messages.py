@@ -29,6 +29,7 @@ from conchdb.catalog import SlideStatus
 from conchdb.ingest.cohort import CohortSlide
 from conchdb.ingest.pipeline import SlideJob
 from conchdb.slides.grid import TilingParams
+from conchdb.slides.reader import READ_BATCH
 from conchdb.slides.tissue import TissueParams
 
 FINAL = frozenset(s.value for s in (SlideStatus.DONE, SlideStatus.NO_TISSUE, SlideStatus.FAILED))
@@ -47,6 +48,8 @@ def job_to_dict(job: SlideJob) -> dict[str, Any]:
         "override_source": job.override_source,
         "batch_size": job.batch_size,
         "readers": job.readers,
+        "read_batch": job.read_batch,
+        "gpu_jpeg": job.gpu_jpeg,
     }
 
 
@@ -58,6 +61,7 @@ def job_from_dict(doc: dict[str, Any]) -> SlideJob:
     return SlideJob(
         slide, doc["cohort"], doc["run_id"], TilingParams(**params), dict(doc["metadata"]),
         doc["mpp_override"], doc["override_source"], int(doc["batch_size"]), int(doc["readers"]),
+        int(doc.get("read_batch", READ_BATCH)), bool(doc.get("gpu_jpeg", False)),
     )
 
 

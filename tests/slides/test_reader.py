@@ -200,3 +200,27 @@ def test_memory_is_bounded_on_a_large_slide(tmp_path: Path):
     assert growth_mb < 400, f"reader used {growth_mb:.0f} MB for a 3.2 GB slide"
     half = len(samples) // 2
     assert max(samples[half:]) < max(samples[:half]) + 32 * 2**20, "memory grew while reading"
+
+
+def test_views_and_reading_ahead_give_the_same_tiles(cmu: Path, small_tiles: TileGrid, in_process: np.ndarray, slots):
+    """`copy=False` hands out views into the shared slots (copied here before the next is asked
+    for), `start()` reads before iteration; the tiles are the same, and closing frees the slots."""
+    reader = TileReader(cmu, small_tiles, batch_size=7, workers=2, copy=False)
+    reader.start()
+    assert reader.slots is not None and reader._procs
+    time.sleep(0.5)  # the workers fill their slots before anyone asks
+    with reader:
+        got = []
+        for batch in reader:
+            assert np.shares_memory(batch.tiles, reader.slots)
+            got.append(batch.tiles.copy())
+    np.testing.assert_array_equal(np.concatenate(got), in_process)
+    assert reader.slots is None and not _alive(slots)
+
+
+def test_started_but_never_read_is_closed_cleanly(cmu: Path, small_tiles: TileGrid, slots):
+    reader = TileReader(cmu, small_tiles, batch_size=7, workers=2, copy=False)
+    reader.start()
+    procs = list(reader._procs)
+    reader.close()
+    assert not any(p.is_alive() for p in procs) and not _alive(slots)
