@@ -603,7 +603,15 @@ class Ingest:
         self.tiling = Tiling.of(self.options.params)
         self.run_id = self.slide_writer.run_id
         self.timings: dict[str, float] = {}
-        self.feed = DeviceFeed(encoder, self.options.compile, self.timings, self.options.batch_size)
+        self._feed: DeviceFeed | None = None
+
+    @property
+    def feed(self) -> DeviceFeed:
+        """The device feed of this run, made when a slide is first embedded here: an ingest
+        through workers (whose `encoder` describes the workers' model) never makes one."""
+        if self._feed is None:
+            self._feed = DeviceFeed(self.encoder, self.options.compile, self.timings, self.options.batch_size)
+        return self._feed
 
     def prepare(self) -> None:
         """Create or check both collections; refuses another model's collection before any work."""
