@@ -97,6 +97,10 @@ where it came from, the tiling it was cut at, its tissue share, and the run that
 on the few tiles of the slide's mosaic only, `mosaic: true` (conchdb/search/mosaic.py)."""
 MOSAIC_FIELD = "mosaic"
 """The field that marks a slide's mosaic tiles (absent on its other tiles)."""
+TILE_ONLY_FIELDS = ("x", "y", "size", "tissue", MOSAIC_FIELD)
+"""The tile fields that describe the tile itself; a slide record carries every other field
+its tiles do (slide, path, cohort, tiling, pixel size, run, manifest columns), with the
+same values, so a filter on those can be asked of the records instead of the tiles."""
 TILE_INDEXED = ("slide_id", "cohort", MOSAIC_FIELD)
 """The tile fields that get a payload index: the slide and the cohort (selective filters; a
 slide's tiles are found by slide_id when a rerun cleans them up). Each index costs time on

@@ -27,7 +27,7 @@ import numpy as np
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.errors import QueryError
 from conchdb.search import metrics
-from conchdb.search.slide_search import DEPTH, QueryTile, SlideQuery, rank_slides_from
+from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
 from conchdb.search.zeroshot import topk_mean
 from conchdb.store import Condition, Filter, Hit, Store
 
@@ -193,14 +193,11 @@ def evaluate_retrieval(
         )
     candidates = Filter((*(flt.must if flt else ()), Condition("slide_id", "in", sorted(labelled.labels))))
     truth, ranked, queries = [], [], []
-    depth = DEPTH
     for slide, true_label in labelled.labels.items():
         tiles = sorted(by_slide[slide], key=lambda t: t.id)
         query = SlideQuery([QueryTile(t.vector, t.payload.get("x"), t.payload.get("y"), id=t.id) for t in tiles],
                            slide, slide, dict(tiles[0].payload))
-        found, depth = rank_slides_from(
-            store, collection, query, k=k, flt=candidates, exclude_same=(group,) if group else (), depth=depth
-        )
+        found = rank_slides(store, collection, query, k=k, flt=candidates, exclude_same=(group,) if group else ())
         result = [labelled.labels[m.slide_id] for m in found]
         queries.append({"slide_id": slide, "label": true_label, "results": [m.slide_id for m in found],
                         "result_labels": result})

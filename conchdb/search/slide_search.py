@@ -7,50 +7,47 @@ tissue kinds to rank high, and one lucky tile cannot carry it.
 
 The store is asked in batches, never once per stored slide:
 
-1. one batch of searches, one per mosaic tile, each looking at its `depth` nearest tiles
-   and keeping the best of each slide (slide id and position only). The slides in these
-   lists are the candidates. A slide's hit in a tile's list is its best tile for the query
-   tile: an exact pair. A candidate absent from a list has its best cosine below the list's last
-   score, which bounds the pair from above.
-2. Candidates are ranked on these values; the pairs still bounded among the best ranked
-   are asked exactly in one more batch (each search limited to that slide, one hit), and
-   the ranking is redone until the top `k` hold only exact pairs. Since a bound is never
-   below the exact value, no candidate ranked lower can overtake them.
+1. Candidates: one search of the slide records (each holds its slide's mean tile vector)
+   with the mean of the query's mosaic, under the filter's slide-level conditions, gives
+   the `candidates` slides most like the query as a whole, best first.
+2. Pairs: a query tile's best tile in one slide is one search limited to that slide, with
+   one hit. The first k + REFINE_EXTRA candidates get all their pairs in one batch, and the
+   k-th best of their medians is the bar to beat. Every further candidate first gets the
+   pairs of just over half the query tiles: when all of those fall below the bar, its
+   median does too, and it is dropped; otherwise it gets the rest, and the bar may rise.
+   So the order within the candidates is the exhaustive one, with about half the searches.
 
-A slide none of whose tiles is among any mosaic tile's `depth` nearest is no candidate: it
-resembles none of the query's tissue kinds closely enough to rank high. The lists are made
-deeper when they name fewer than k slides, or when the best-ranked candidates lack many of
-their pairs (an archive of many alike slides), where one deeper batch costs less than
-asking for the pairs one by one. Within the
-candidates the ranking is the exhaustive computation's, to the recall of the ANN engine.
+A slide outside the candidates is not scored: its tissue as a whole is further from the
+query's than theirs. Why a mean vector, and not each query tile's nearest tiles? Those
+lists are filled by the few slides that share one kind of tissue with the query, while the
+median is decided by the tissue most of the query is made of (benchmarks/slide_search.py
+measured lists of 300 tiles a query tile still missing many of the best slides). A store
+without slide records (one written by hand) has every slide with matching tiles as a
+candidate, in id order: exact, and slower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from conchdb.catalog import MOSAIC_FIELD
+from conchdb.catalog import MOSAIC_FIELD, TILE_ONLY_FIELDS, TILE_SCOPE_FIELDS, SlideStatus, slides_collection
 from conchdb.errors import QueryError
-from conchdb.store import Condition, Filter, Hit, Store
+from conchdb.store import Condition, Filter, Store
 
-DEPTH = 300
-"""Nearest tiles fetched per mosaic tile in the first batch. The engine's work is set by
-its search beam (192 by default) more than by this; deeper lists mostly cost converting
-hits into Python objects."""
-MAX_DEPTH = 10_000
-"""Deepest first batch (see DEEPEN_AT)."""
-DEEPEN_AT = 0.25
-"""The first batch is redone twice as deep while the best-ranked candidates lack more than
-this share of their pairs."""
+CANDIDATES = 48
+"""Slides scored exactly per query (at least k + REFINE_EXTRA): the cost of a query is
+about half their number times the query's mosaic tiles in one-hit searches."""
 REFINE_EXTRA = 5
-"""The first refinement round completes the pairs of the k + this many best-ranked
-candidates that still hold bounds; each further round twice as many."""
-PAIR_FIELDS = ("slide_id", "x", "y")
-"""The payload the first batch brings back: enough to group hits and show the pairs."""
+"""Candidates beyond k that get all their pairs at once, to set the bar the others must beat."""
+CHUNK = 16
+"""Further candidates are scored this many at a time, so the bar rises between chunks."""
+STAGES = (0, 2, 4, 7, 11)
+"""A further candidate's pairs are asked in stages: the first just over half the query
+tiles, then this many more; it is dropped as soon as over half of its pairs are below the bar."""
 TILE_OWN_FIELDS = ("x", "y", "tissue", MOSAIC_FIELD)
 """A tile's own payload fields; the rest of its payload describes its slide."""
 
@@ -156,35 +153,6 @@ def candidate_filter(query: SlideQuery, flt: Filter | None, exclude_same: Sequen
     return Filter(tuple(must))
 
 
-@dataclass
-class _Table:
-    """Per slide, the exact best pair found so far for each query tile index."""
-
-    pairs: dict[str, dict[int, Hit]] = field(default_factory=dict)
-    floors: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-    def add(self, tile: int, hits: Sequence[Hit]) -> None:
-        for hit in hits:
-            slide = hit.payload.get("slide_id")
-            if slide is None:
-                continue
-            best = self.pairs.setdefault(str(slide), {})
-            if tile not in best or hit.score > best[tile].score:
-                best[tile] = hit
-
-    def ranking(self) -> list[tuple[str, float]]:
-        """Slides by the median over query tiles of their exact pairs or, where a pair is
-        missing, its upper bound; best first, ties by slide id."""
-        slides = sorted(self.pairs)
-        values = np.tile(self.floors, (len(slides), 1))
-        for row, slide in enumerate(slides):
-            for i, hit in self.pairs[slide].items():
-                values[row, i] = hit.score
-        medians = np.median(values, axis=1) if slides else np.zeros(0)
-        order = sorted(range(len(slides)), key=lambda r: (-medians[r], slides[r]))
-        return [(slides[r], float(medians[r])) for r in order]
-
-
 def rank_slides(
     store: Store,
     collection: str,
@@ -193,25 +161,9 @@ def rank_slides(
     k: int = 10,
     flt: Filter | None = None,
     exclude_same: Sequence[str] = (),
-    depth: int = DEPTH,
+    candidates: int = CANDIDATES,
 ) -> list[SlideMatch]:
     """The `k` stored slides that best match the query's mosaic, best first (see the module docstring)."""
-    return rank_slides_from(store, collection, query, k=k, flt=flt, exclude_same=exclude_same, depth=depth)[0]
-
-
-def rank_slides_from(
-    store: Store,
-    collection: str,
-    query: SlideQuery,
-    *,
-    k: int = 10,
-    flt: Filter | None = None,
-    exclude_same: Sequence[str] = (),
-    depth: int = DEPTH,
-) -> tuple[list[SlideMatch], int]:
-    """`rank_slides`, starting from `depth`, and the depth the first batch ended at: many
-    queries over one archive (an evaluation) start where the last one ended, instead of
-    each learning again that the archive needs deeper lists."""
     if not query.tiles:
         raise QueryError(
             f"the query slide {query.source} has no mosaic tiles", fix="ingest the slide again", parameter="slide_id"
@@ -220,81 +172,99 @@ def rank_slides_from(
         raise QueryError(f"top-k {k} must be at least 1", fix="ask for 1 or more slides", parameter="k")
     base = candidate_filter(query, flt, exclude_same)
     vectors = query.vectors
+    pool, checked = candidate_slides(store, collection, vectors, base, max(candidates, k + REFINE_EXTRA))
+    # Conditions the candidates' records already met need no checking on every tile again:
+    # each one the engine checks per tile makes a one-hit search several times dearer.
+    keep = [c for c in base.must if not checked or c.field in TILE_ONLY_FIELDS or c.field in TILE_SCOPE_FIELDS]
+    pairs = _Pairs(store, collection, vectors, Filter(tuple(keep)))
+    first = pool[: k + REFINE_EXTRA]
+    pairs.fill(first, range(len(vectors)))
+    medians = {slide: pairs.median(slide) for slide in first}
     m = len(vectors)
-    total = store.count(collection, base)
-    if total == 0:
-        return [], depth
-    depth = max(1, min(depth, total))
-    while True:
-        table = _Table(floors=np.full(m, -np.inf))
-        lists = store.query_batch(
-            collection, vectors, k=depth, flts=base, payload_fields=PAIR_FIELDS, group_by="slide_id"
+    half = m // 2 + 1  # this many pairs below the bar put the median below it
+    stages = sorted({min(half + extra, m) for extra in STAGES} | {m})
+    for start in range(len(first), len(pool), CHUNK):
+        bar = sorted(medians.values(), reverse=True)[k - 1] if len(medians) >= k else -np.inf
+        alive, asked = pool[start : start + CHUNK], 0
+        for upto in stages:
+            pairs.fill(alive, range(asked, upto))
+            asked = upto
+            if upto < m:
+                alive = [slide for slide in alive if (pairs.scores[slide][:upto] < bar).sum() < half]
+        medians.update((slide, pairs.median(slide)) for slide in alive)
+    top = sorted(medians.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return _matches(store, collection, query, pairs, top)
+
+
+def candidate_slides(
+    store: Store, collection: str, vectors: np.ndarray, base: Filter, n: int
+) -> tuple[list[str], bool]:
+    """The ids of the `n` slides whose records' mean tile vectors are nearest the mean of
+    `vectors`, best first, under the conditions of `base` that slide records can answer
+    (those on a tile's own fields are left to the pairs), and True; without slide records,
+    every slide with tiles matching `base`, in id order, and False (nothing was checked)."""
+    records = slides_collection(collection)
+    if records in store.collections():
+        centre = vectors.mean(axis=0)
+        centre = centre / (np.linalg.norm(centre) or 1.0)
+        done = Condition("status", "eq", SlideStatus.DONE.value)
+        scope = Filter((done, *(c for c in base.must if c.field not in TILE_ONLY_FIELDS)))
+        # A slide stored at two tilings has two records: ask for more, keep each slide once.
+        hits = store.query_batch(records, centre[None], k=2 * n, flts=scope, payload_fields=("slide_id",))[0]
+        found = list(dict.fromkeys(str(h.payload["slide_id"]) for h in hits if h.payload.get("slide_id") is not None))
+        if found:
+            return found[:n], True
+    slides = {str(h.payload["slide_id"]) for h in store.scroll(collection, base) if "slide_id" in h.payload}
+    return sorted(slides), False
+
+
+class _Pairs:
+    """Each candidate slide's best tile for each query tile, asked of the store in batches:
+    `scores[slide][i]` is the best cosine of query tile i in that slide (NaN until asked,
+    -1 where no tile of the slide passes the filter), `ids[slide][i]` that tile's id."""
+
+    def __init__(self, store: Store, collection: str, vectors: np.ndarray, base: Filter) -> None:
+        self.store, self.collection, self.vectors, self.base = store, collection, vectors, base
+        self.scores: dict[str, np.ndarray] = {}
+        self.ids: dict[str, list[str | None]] = {}
+
+    def fill(self, slides: Sequence[str], tiles: Iterable[int]) -> None:
+        """Ask the pairs of `slides` for the query tiles `tiles`, in one batch of one-hit searches."""
+        tiles = list(tiles)
+        wanted = [(slide, i) for slide in slides for i in tiles]
+        if not wanted:
+            return
+        within = {slide: Filter((Condition("slide_id", "eq", slide), *self.base.must)) for slide in slides}
+        found = self.store.query_batch(
+            self.collection, self.vectors, k=1, flts=[within[slide] for slide, _ in wanted],
+            payload_fields=(), rows=[i for _, i in wanted],
         )
-        for i, hits in enumerate(lists):
-            table.add(i, hits)
-            if hits and depth < total:  # else the list saw every candidate tile
-                # The last slide's best tile scores at least the depth-th nearest tile, above
-                # any slide missing from the list: a (slightly loose) bound for its pairs.
-                table.floors[i] = hits[-1].score
-        if depth >= min(total, MAX_DEPTH) or (len(table.pairs) >= k and not _too_shallow(table, k, m)):
-            break
-        depth = min(depth * 2, total, MAX_DEPTH)
-    ranked = _refine(store, collection, vectors, base, table, k)
-    return _matches(store, collection, query, table, ranked[:k]), depth
+        m = len(self.vectors)
+        for (slide, i), hits in zip(wanted, found, strict=True):
+            scores = self.scores.setdefault(slide, np.full(m, np.nan))
+            ids = self.ids.setdefault(slide, [None] * m)
+            scores[i], ids[i] = (hits[0].score, hits[0].id) if hits else (-1.0, None)
 
-
-def _too_shallow(table: _Table, k: int, m: int) -> bool:
-    """Whether the best-ranked candidates lack so many pairs that a deeper first batch is
-    cheaper than asking for them one by one (an archive of many alike slides)."""
-    top = table.ranking()[: k + REFINE_EXTRA]
-    missing = sum(m - len(table.pairs[slide]) for slide, _ in top)
-    return missing > DEEPEN_AT * m * len(top)
-
-
-def _refine(
-    store: Store, collection: str, vectors: np.ndarray, base: Filter, table: _Table, k: int
-) -> list[tuple[str, float]]:
-    """Ask the bounded pairs of the best candidates exactly, a batch a round, until the top `k`
-    hold none."""
-    m = len(vectors)
-    batch = k + REFINE_EXTRA
-    while True:
-        ranked = table.ranking()
-        if all(len(table.pairs[slide]) == m for slide, _ in ranked[:k]):
-            return ranked
-        # The best-ranked slides that still hold bounds; twice as many each round, so that a
-        # query whose bounds are loose needs few rounds (each round makes them exact).
-        pending = [slide for slide, _ in ranked if len(table.pairs[slide]) < m][:batch]
-        missing = [(slide, i) for slide in pending for i in range(m) if i not in table.pairs[slide]]
-        batch *= 2
-        flts = [Filter((*base.must, Condition("slide_id", "eq", slide))) for slide, _ in missing]
-        rows = vectors[[i for _, i in missing]]
-        found = store.query_batch(collection, rows, k=1, flts=flts, payload_fields=PAIR_FIELDS)
-        for (slide, i), hits in zip(missing, found, strict=True):
-            if hits:
-                table.add(i, hits)
-            else:  # no tile of the slide passes the filter for this row: the slide cannot match it
-                table.pairs[slide][i] = Hit("", -1.0, {"slide_id": slide})
+    def median(self, slide: str) -> float:
+        return float(np.median(self.scores[slide]))
 
 
 def _matches(
-    store: Store, collection: str, query: SlideQuery, table: _Table, top: list[tuple[str, float]]
+    store: Store, collection: str, query: SlideQuery, pairs: _Pairs, top: list[tuple[str, float]]
 ) -> list[SlideMatch]:
-    """The result rows; each slide's payload is read from its best-matching tile."""
+    """The result rows, with each pair's position and each slide's payload (read from its
+    best-matching tile), fetched in one call for the top slides only."""
+    wanted = [tile_id for slide, _ in top for tile_id in pairs.ids[slide] if tile_id]
+    payloads = {h.id: h.payload for h in store.retrieve(collection, wanted)}
     out = []
-    best_ids = []
     for rank, (slide, score) in enumerate(top, start=1):
-        pairs = [
-            TilePair(query.tiles[i], hit.id, hit.score, hit.payload.get("x"), hit.payload.get("y"))
-            for i, hit in table.pairs[slide].items()
-            if hit.id
-        ]
-        pairs.sort(key=lambda p: (-p.score, p.id))
-        out.append(SlideMatch(rank, slide, score, pairs, {}))
-        if pairs:
-            best_ids.append(pairs[0].id)
-    payloads = {h.id: h.payload for h in store.retrieve(collection, best_ids)}
-    for match in out:
-        if match.matched_tiles:
-            match.payload = slide_payload(payloads.get(match.matched_tiles[0].id, {}))
+        matched = []
+        for i, tile_id in enumerate(pairs.ids[slide]):
+            if tile_id:
+                payload = payloads.get(tile_id, {})
+                matched.append(TilePair(query.tiles[i], tile_id, float(pairs.scores[slide][i]), payload.get("x"),
+                                        payload.get("y")))
+        matched.sort(key=lambda p: (-p.score, p.id))
+        payload = slide_payload(payloads.get(matched[0].id, {})) if matched else {}
+        out.append(SlideMatch(rank, slide, score, matched, payload))
     return out

@@ -23,7 +23,15 @@ import numpy as np
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store.filters import Dialect, translate
-from conchdb.store.record import CollectionRecord, check_compatible, graph_fields, no_collection, widen
+from conchdb.store.record import (
+    CollectionRecord,
+    batch_filters,
+    batch_vectors,
+    check_compatible,
+    graph_fields,
+    no_collection,
+    widen,
+)
 from conchdb.store.types import CollectionSpec, Filter, Group, Hit, Point
 
 # Index and search defaults of both backends, chosen with benchmarks/store.py on 200k
@@ -101,6 +109,16 @@ def best_per_group(points: Sequence[Any], group_by: str) -> list[Hit]:
     return out
 
 
+@dataclass
+class BatchPlan:
+    """A batch of searches ready for an engine: one query vector (as a list) and one
+    translated filter per search, and the payload keys to return (None: all)."""
+
+    vectors: list[list[float]]
+    filters: list[Any]
+    payload_fields: list[str] | None
+
+
 def sort_groups(groups: list[Group]) -> list[Group]:
     """Hits best first inside each group, groups by their best hit."""
     for g in groups:
@@ -169,11 +187,15 @@ class Store(ABC):
         flts: Sequence[Filter | None] | Filter | None = None,
         payload_fields: Sequence[str] | None = None,
         group_by: str | None = None,
+        rows: Sequence[int] | None = None,
     ) -> list[list[Hit]]:
         """The nearest `k` points to each row of `vectors`, best first, one list per row,
         planned and run as one batch (much cheaper than one `query` per row).
 
-        `flts` is one filter for every row, or one per row. `payload_fields` limits the
+        With `rows`, the batch has one search per entry, each with row `rows[j]` of
+        `vectors`: one vector asked under several filters is converted once.
+        `flts` is one filter for every search, or one per search (a filter object given
+        for several is translated once). `payload_fields` limits the
         payload returned to those keys (None: all of it): converting hits into Python
         objects is most of the cost of a deep query. With `group_by`, a row's list keeps
         only the best of its `k` nearest for each value of that field (one hit per slide),
@@ -263,6 +285,32 @@ class Store(ABC):
         ...
 
     # -- shared steps ----------------------------------------------------------------------
+
+    def _plan_batch(
+        self,
+        name: str,
+        vectors: np.ndarray,
+        flts: Sequence[Filter | None] | Filter | None,
+        payload_fields: Sequence[str] | None,
+        group_by: str | None,
+        rows: Sequence[int] | None,
+    ) -> BatchPlan:
+        """What both backends make of `query_batch`'s arguments before their engine call."""
+        record = self._record(name)
+        lists = batch_vectors(vectors, record, self.location)
+        if rows is not None:
+            if any(not 0 <= i < len(lists) for i in rows):
+                raise StoreError(f"a batch of {len(lists)} query vectors was asked for a row outside them")
+            lists = [lists[i] for i in rows]
+        native: dict[int, Any] = {}
+        filters = []
+        for flt in batch_filters(flts, len(lists)):
+            if id(flt) not in native:
+                native[id(flt)] = self._filter(record, flt)
+            filters.append(native[id(flt)])
+        if payload_fields is not None and group_by is not None and group_by not in payload_fields:
+            payload_fields = [*payload_fields, group_by]
+        return BatchPlan(lists, filters, None if payload_fields is None else list(payload_fields))
 
     def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
         return translate(flt, self.dialect, record.fields)

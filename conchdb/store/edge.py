@@ -34,8 +34,6 @@ from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
-    batch_filters,
-    batch_vectors,
     check_name,
     check_shared,
     check_spec,
@@ -388,26 +386,24 @@ class EdgeStore(Store):
         flts: Sequence[Filter | None] | Filter | None = None,
         payload_fields: Sequence[str] | None = None,
         group_by: str | None = None,
+        rows: Sequence[int] | None = None,
     ) -> list[list[Hit]]:
         """One planned batch of searches (see `Store.query_batch`)."""
-        record = self._record(name)
-        rows = batch_vectors(vectors, record, self.location)
-        if k <= 0 or not rows:
-            return [[] for _ in rows]
-        if payload_fields is not None and group_by is not None and group_by not in payload_fields:
-            payload_fields = [*payload_fields, group_by]
-        selector = True if payload_fields is None else qe.PayloadSelector.Include(list(payload_fields))
+        plan = self._plan_batch(name, vectors, flts, payload_fields, group_by, rows)
+        if k <= 0 or not plan.vectors:
+            return [[] for _ in plan.vectors]
+        selector = True if plan.payload_fields is None else qe.PayloadSelector.Include(plan.payload_fields)
         params = qe.SearchParams(hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search)
         requests = [
             qe.QueryRequest(
                 limit=int(k),
                 query=qe.Query.Nearest(row),
-                filter=self._filter(record, flt),
+                filter=native,
                 with_payload=selector,
                 with_vector=False,
                 params=params,
             )
-            for row, flt in zip(rows, batch_filters(flts, len(rows)), strict=True)
+            for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
         results = self._shard(name).query_batch(qe.QueryBatchRequest(requests))
         if group_by is None:

@@ -24,8 +24,6 @@ from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
-    batch_filters,
-    batch_vectors,
     check_name,
     check_shared,
     check_spec,
@@ -290,25 +288,23 @@ class ServerStore(Store):
         flts: Sequence[Filter | None] | Filter | None = None,
         payload_fields: Sequence[str] | None = None,
         group_by: str | None = None,
+        rows: Sequence[int] | None = None,
     ) -> list[list[Hit]]:
         """One `query_batch_points` request (see `Store.query_batch`)."""
-        record = self._record(name)
-        rows = batch_vectors(vectors, record, self.location)
-        if k <= 0 or not rows:
-            return [[] for _ in rows]
-        if payload_fields is not None and group_by is not None and group_by not in payload_fields:
-            payload_fields = [*payload_fields, group_by]
-        selector: bool | list[str] = True if payload_fields is None else list(payload_fields)
+        plan = self._plan_batch(name, vectors, flts, payload_fields, group_by, rows)
+        if k <= 0 or not plan.vectors:
+            return [[] for _ in plan.vectors]
+        selector: bool | list[str] = True if plan.payload_fields is None else plan.payload_fields
         requests = [
             models.QueryRequest(
                 query=row,
-                filter=self._filter(record, flt),
+                filter=native,
                 limit=int(k),
                 with_payload=selector,
                 with_vector=False,
                 params=self._params,
             )
-            for row, flt in zip(rows, batch_filters(flts, len(rows)), strict=True)
+            for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
         results = self._call(name, self.client.query_batch_points, name, requests=requests)
         if group_by is None:

@@ -8,11 +8,11 @@ and a slide search must find them first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from conchdb.catalog import TILE_FIELDS
+from conchdb.catalog import TILE_FIELDS, SlideStatus, slides_collection, slides_layout
 from conchdb.store import CollectionSpec, Point, Store, stable_id
 
 DIM = 512
@@ -62,11 +62,17 @@ def make_archive(per_class: int = 4, tiles: int = 30, seed: int = 0) -> Archive:
 
 
 def write_archive(store: Store, name: str, archive: Archive, labels: dict[str, str | None] | None = None,
-                  cohort: str = "archive") -> None:
+                  cohort: str = "archive", records: bool = True) -> None:
     """The archive's tiles in `name`, with the payload ingest writes and a manifest's
-    `diagnosis` and `patient_id` (`labels` overrides a slide's diagnosis; None leaves it out)."""
+    `diagnosis` and `patient_id` (`labels` overrides a slide's diagnosis; None leaves it out),
+    and, with `records`, each slide's done record holding its mean tile vector, as ingest
+    writes it in `slides_collection(name)`."""
     fields = {**TILE_FIELDS, "diagnosis": "keyword", "patient_id": "keyword"}
     store.ensure_collection(CollectionSpec(name, DIM, {"model_fingerprint": "archive"}, fields))  # type: ignore[arg-type]
+    if records:
+        layout = slides_layout({"diagnosis": "string", "patient_id": "string"})
+        store.ensure_collection(CollectionSpec(slides_collection(name), DIM, {"model_fingerprint": "archive"},
+                                               **asdict(layout)))
     for slide in archive.slides:
         label = (labels or {}).get(slide, archive.labels[slide])
         shared = {"slide_id": slide, "path": f"/nowhere/{slide}", "cohort": cohort, "size": 512, "mpp": 0.5,
@@ -79,3 +85,8 @@ def write_archive(store: Store, name: str, archive: Archive, labels: dict[str, s
             for t, vector in enumerate(archive.vectors[slide])
         ]
         store.upsert(name, points, shared)
+        if records:
+            mean = archive.vectors[slide].mean(axis=0)
+            record = {**shared, "status": SlideStatus.DONE.value, "identity": slide, "tiles": len(points)}
+            store.upsert(slides_collection(name), [Point(stable_id("slide", cohort, slide, shared["tiling"]),
+                                                         unit(mean), record)])

@@ -193,7 +193,7 @@ def test_slide_records_without_tiles_are_listed_and_a_named_one_is_an_error(tmp_
     from conchdb.store import CollectionSpec, Point
 
     store = EdgeStore(tmp_path / "store")
-    write_archive(store, "tiles", archive)
+    write_archive(store, "tiles", archive, records=False)
     store.ensure_collection(CollectionSpec("tiles_slides", 512, {}, {"slide_id": "keyword"}))
     records = [*archive.slides, "failed.svs"]
     axis = np.eye(512, dtype=np.float32)[0]
@@ -203,3 +203,40 @@ def test_slide_records_without_tiles_are_listed_and_a_named_one_is_an_error(tmp_
     with pytest.raises(StoreError, match="no tiles of slide 'failed.svs'"):
         build_mosaics(store, "tiles", slide_ids=["failed.svs"])
     store.close()
+
+
+def test_candidates_from_slide_records_rank_as_the_exhaustive_search(tmp_path, archive):
+    """Records narrow the slides scored to those whose mean tile vector is nearest; with as
+    many candidates as slides, the ranking (pruning included) is the exhaustive one."""
+    with EdgeStore(tmp_path / "with") as recorded, EdgeStore(tmp_path / "without") as bare:
+        write_archive(recorded, "tiles", archive)
+        write_archive(bare, "tiles", archive, records=False)
+        for slide in archive.slides[::3]:
+            query = Searcher(None, bare, "tiles").slide_query(slide)
+            exact = rank_slides(bare, "tiles", query, k=4)
+            assert [(m.slide_id, round(m.score, 5)) for m in rank_slides(recorded, "tiles", query, k=4)] == [
+                (m.slide_id, round(m.score, 5)) for m in exact]
+            truth = archive.exact_scores(query.vectors, slide)
+            assert [m.slide_id for m in exact] == sorted(truth, key=lambda s: (-truth[s], s))[:4]
+            few = rank_slides(recorded, "tiles", query, k=1, candidates=1)  # k + REFINE_EXTRA are scored
+            means = {s: float(v.mean(axis=0) @ query.vectors.mean(axis=0) / np.linalg.norm(v.mean(axis=0)))
+                     for s, v in archive.vectors.items() if s != slide}
+            nearest = sorted(means, key=lambda s: -means[s])[:6]
+            assert few[0].slide_id == max(nearest, key=lambda s: (truth[s], s))
+
+
+def test_a_filter_on_the_cohort_keeps_the_pairs_within_that_copy_of_a_slide(tmp_path, archive):
+    """Pairs skip the conditions the candidates' records met, except those telling apart
+    two copies of one slide id (cohort, tiling)."""
+    other = make_archive(seed=7)
+    with EdgeStore(tmp_path / "store") as store:
+        write_archive(store, "tiles", archive)
+        write_archive(store, "tiles", other, cohort="second")
+        query = SlideQuery([QueryTile(v) for v in archive.vectors[archive.slides[0]][:8]], "eight tiles")
+        only = Filter((Condition("cohort", "eq", "second"),))
+        matches = rank_slides(store, "tiles", query, k=3, flt=only)
+        truth = other.exact_scores(query.vectors, "")
+        assert [m.slide_id for m in matches] == sorted(truth, key=lambda s: (-truth[s], s))[:3]
+        for m in matches:
+            assert m.score == pytest.approx(truth[m.slide_id], abs=1e-4)
+            assert m.payload["cohort"] == "second"

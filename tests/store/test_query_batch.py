@@ -44,6 +44,21 @@ def test_a_shared_filter_applies_to_every_row(filled, data):
         assert all(data.payloads[data.ids.index(h.id)]["flag"] is True for h in hits)
 
 
+def test_rows_ask_one_vector_under_several_filters(filled, data):
+    store, name = filled
+    vectors = data.vectors[[4, 9]]
+    slides = [Filter((Condition("slide_id", "eq", f"slide-{n}"),)) for n in range(3)]
+    flts = [slides[0], slides[1], slides[2], slides[0]]
+    got = store.query_batch(name, vectors, k=2, flts=flts, rows=[0, 0, 1, 1], payload_fields=())
+    for (row, flt), hits in zip([(0, slides[0]), (0, slides[1]), (1, slides[2]), (1, slides[0])], got, strict=True):
+        assert [h.id for h in hits] == [h.id for h in store.query(name, vectors[row], k=2, flt=flt)]
+        assert all(h.payload == {} for h in hits)
+    with pytest.raises(StoreError, match="a row outside them"):
+        store.query_batch(name, vectors, k=2, rows=[0, 2])
+    with pytest.raises(StoreError, match="3 query vectors got 2 filters"):
+        store.query_batch(name, vectors, k=2, rows=[0, 1, 1], flts=flts[:2])
+
+
 def test_bad_batches_are_store_errors(filled, data):
     store, name = filled
     with pytest.raises(StoreError, match="2 filters"):
