@@ -27,7 +27,7 @@ import numpy as np
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.errors import QueryError
 from conchdb.search import metrics
-from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
+from conchdb.search.slide_search import CANDIDATES, QueryTile, SlideQuery, rank_slides
 from conchdb.search.zeroshot import topk_mean
 from conchdb.store import Condition, Filter, Hit, Store
 
@@ -177,12 +177,14 @@ def evaluate_retrieval(
     flt: Filter | None = None,
     k: int = RETRIEVAL_K,
     on_slide: Callable[[str], None] | None = None,
+    candidates: int = CANDIDATES,
 ) -> RetrievalReport:
     """Leave-one-group-out retrieval over the stored slides labelled by `label` (see the module docstring).
 
     Each counted slide is a query (its stored mosaic) over the other counted slides
     (matching `flt`), without the slides of its `group` value; a query left with no
-    candidate is reported in `queries` without results and not counted.
+    candidate is reported in `queries` without results and not counted. `candidates` is
+    `rank_slides`'s: how many slides each query scores exactly.
     """
     labelled, by_slide = sort_slides(mosaic_tiles(store, collection, flt), label, group)
     if not labelled.labels:
@@ -191,13 +193,14 @@ def evaluate_retrieval(
             fix=f"check the field name ('{label}' must be a manifest column) and the filter",
             parameter="label",
         )
-    candidates = Filter((*(flt.must if flt else ()), Condition("slide_id", "in", sorted(labelled.labels))))
+    scope = Filter((*(flt.must if flt else ()), Condition("slide_id", "in", sorted(labelled.labels))))
     truth, ranked, queries = [], [], []
     for slide, true_label in labelled.labels.items():
         tiles = sorted(by_slide[slide], key=lambda t: t.id)
         query = SlideQuery([QueryTile(t.vector, t.payload.get("x"), t.payload.get("y"), id=t.id) for t in tiles],
                            slide, slide, dict(tiles[0].payload))
-        found = rank_slides(store, collection, query, k=k, flt=candidates, exclude_same=(group,) if group else ())
+        found = rank_slides(store, collection, query, k=k, flt=scope, exclude_same=(group,) if group else (),
+                            candidates=candidates)
         result = [labelled.labels[m.slide_id] for m in found]
         queries.append({"slide_id": slide, "label": true_label, "results": [m.slide_id for m in found],
                         "result_labels": result})

@@ -548,12 +548,15 @@ class Searcher:
         k: int = 10,
         flt: Filter | None = None,
         exclude_same: Sequence[str] = (),
+        candidates: int = slide_search.CANDIDATES,
     ) -> list[slide_search.SlideMatch]:
         """Stored slides ranked by how well they match the query slide's mosaic (see
-        `conchdb.search.slide_search`); the query slide itself is never among them."""
+        `conchdb.search.slide_search`; `candidates` trades speed for recall); the query
+        slide itself is never among them."""
         check_limits(k, 0, None)
         self.metadata()
-        return slide_search.rank_slides(self._store(), self.collection, query, k=k, flt=flt, exclude_same=exclude_same)
+        return slide_search.rank_slides(self._store(), self.collection, query, k=k, flt=flt,
+                                        exclude_same=exclude_same, candidates=candidates)
 
     def slide_similarity(
         self, slide_id: str, vector: np.ndarray, flt: Filter | None = None

@@ -394,10 +394,11 @@ class EdgeStore(Store):
             return [[] for _ in plan.vectors]
         selector = True if plan.payload_fields is None else qe.PayloadSelector.Include(plan.payload_fields)
         params = qe.SearchParams(hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search)
+        nearest: dict[int, Any] = {}  # a vector asked several times (`rows`) is converted once
         requests = [
             qe.QueryRequest(
                 limit=int(k),
-                query=qe.Query.Nearest(row),
+                query=nearest[id(row)] if id(row) in nearest else nearest.setdefault(id(row), qe.Query.Nearest(row)),
                 filter=native,
                 with_payload=selector,
                 with_vector=False,
