@@ -57,6 +57,9 @@ class SlideSearch(Strict):
         default_factory=list, max_length=8,
         description="Fields whose query value leaves slides out (e.g. patient_id); the query slide always is.",
     )
+    candidates: int | None = Field(
+        None, ge=1, le=1000, description="Slides scored exactly (default 40): more is slower and surer."
+    )
 
 
 class SlideSearchResponse(BaseModel):

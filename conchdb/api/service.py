@@ -234,13 +234,15 @@ class Service:
                                     opts.group_size)
 
     def search_slides(self, slide_id: str, k: int, filters: dict[str, Any] | None,
-                      exclude_same: Sequence[str]) -> tuple[int, list[Any]]:
-        """Stored slides like a stored one: the query's mosaic size and the ranked slides."""
+                      exclude_same: Sequence[str], candidates: int | None = None) -> tuple[int, list[Any]]:
+        """Stored slides like a stored one: the query's mosaic size and the ranked slides
+        (`candidates`: how many are scored exactly; None for the default)."""
         self.require_collection()
         self.slide_record(slide_id)
         flt = parse_filters(filters, self.searcher.field_types(), self.settings.max_filters)
         query = self.searcher.slide_query(slide_id)
-        return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same)
+        more = {} if candidates is None else {"candidates": candidates}
+        return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same, **more)
 
     def describe(self, vector: np.ndarray, k: int) -> list[Any]:
         self.require_model()

@@ -25,6 +25,10 @@ EnsembleOpt = Annotated[
     bool, typer.Option("--ensemble", help="Average the text over CONCH-style prompt templates.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+CandidatesOpt = Annotated[
+    int | None,
+    typer.Option("--candidates", help="Slide search: slides scored exactly per query (more is slower and surer)."),
+]
 
 
 @app.command()
@@ -42,6 +46,7 @@ def search(
     exclude_same: Annotated[
         list[str], typer.Option("--exclude-same", help="Slide search: leave out slides sharing the query's value.")
     ] = [],  # noqa: B006
+    candidates: CandidatesOpt = None,
     where: WhereOpt = [],  # noqa: B006
     top_k: Annotated[int, typer.Option("--top-k", help="Results per page, 1 to 1000.")] = 10,
     page: Annotated[int, typer.Option("--page", help="Page of results; 2 is results top-k+1 to 2×top-k.")] = 1,
@@ -69,11 +74,11 @@ def search(
         return search_slides_command(
             options, slide=slide, slide_file=slide_file, slide_mpp=slide_mpp,
             other_queries=sum(q is not None for q in (query, image, point)), where=where, top_k=top_k,
-            exclude_same=exclude_same, as_json=as_json, export=export,
+            exclude_same=exclude_same, candidates=candidates, as_json=as_json, export=export,
         )
-    if exclude_same:
-        raise QueryError("leaving out slides applies to slide searches", fix="give --slide or --slide-file",
-                         parameter="exclude_same")
+    if exclude_same or candidates is not None:
+        raise QueryError("leaving out slides and scoring candidates apply to slide searches",
+                         fix="give --slide or --slide-file", parameter="exclude_same" if exclude_same else "candidates")
 
     if sum(q is not None for q in (query, image, point)) != 1:
         raise QueryError("give exactly one query", fix="QUERY text, --image PATH, or --point ID")

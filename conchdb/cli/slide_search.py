@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from conchdb.cli.app import Options, app, err_console, handles_errors, out_console, print_json, uses_options
-from conchdb.cli.search import JsonOpt, WhereOpt
+from conchdb.cli.search import CandidatesOpt, JsonOpt, WhereOpt
 from conchdb.errors import ConchdbError, QueryError
 
 evaluate_app = typer.Typer(help="How well CONCH works on a labelled cohort, from stored vectors.",
@@ -30,6 +30,7 @@ def search_slides_command(
     where: list[str],
     top_k: int,
     exclude_same: list[str],
+    candidates: int | None,
     as_json: bool,
     export: Path | None,
 ) -> None:
@@ -45,7 +46,8 @@ def search_slides_command(
         else:
             assert slide_file is not None
             query = searcher.slide_file_query(slide_file, slide_mpp=slide_mpp)
-        matches = searcher.search_slides(query, top_k, flt, exclude_same)
+        more = {} if candidates is None else {"candidates": candidates}
+        matches = searcher.search_slides(query, top_k, flt, exclude_same, **more)
         gallery = None
         if export is not None:
             from conchdb.search.slide_export import export_slide_matches
@@ -112,6 +114,7 @@ def evaluate_retrieval(
         str | None, typer.Option("--group", help="Leave out the query's group (e.g. patient_id) from its results.")
     ] = None,
     where: WhereOpt = [],  # noqa: B006
+    candidates: CandidatesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Leave-one-group-out slide retrieval: top-1, MV@5, mMV@5 and macro-F1 of MV@5, per class."""
@@ -124,8 +127,9 @@ def evaluate_retrieval(
         store = searcher.require_store()
         with Progress(console=err_console, transient=True, disable=as_json) as bar:
             task = bar.add_task("queries", total=None)
+            more = {} if candidates is None else {"candidates": candidates}
             report = run(store, searcher.collection, label=label, group=group, flt=flt or None,
-                         on_slide=lambda _: bar.advance(task))
+                         on_slide=lambda _: bar.advance(task), **more)
     doc = report.to_dict()
     if as_json:
         print_json(doc)

@@ -172,6 +172,9 @@ def rank_slides(
         )
     if k < 1:
         raise QueryError(f"top-k {k} must be at least 1", fix="ask for 1 or more slides", parameter="k")
+    if candidates < 1:
+        raise QueryError(f"{candidates} candidates cannot hold a result", fix="score 1 or more slides",
+                         parameter="candidates")
     base = candidate_filter(query, flt, exclude_same)
     vectors = query.vectors
     pool, checked = candidate_slides(store, collection, vectors, base, max(candidates, k + REFINE_EXTRA))

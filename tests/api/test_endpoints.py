@@ -256,3 +256,8 @@ def test_slide_search_ranks_the_other_stored_slides_as_the_searcher_does(client,
     assert client.post("/v1/search/slide", json={"slide_id": "nope.png"}).status_code == 404
     missing = client.post("/v1/search/slide", json={"slide_id": "case_a/s1.png", "exclude_same": ["nope"]})
     assert missing.status_code == 422 and "nope" in missing.text
+    one = client.post("/v1/search/slide", json={"slide_id": "case_a/s1.png", "top_k": 1, "candidates": 1})
+    assert one.status_code == 200 and len(one.json()["results"]) == 1
+    for bad in (0, 1001):
+        refused = client.post("/v1/search/slide", json={"slide_id": "case_a/s1.png", "candidates": bad})
+        assert refused.status_code == 422 and "candidates" in refused.text

@@ -240,3 +240,26 @@ def test_a_filter_on_the_cohort_keeps_the_pairs_within_that_copy_of_a_slide(tmp_
         for m in matches:
             assert m.score == pytest.approx(truth[m.slide_id], abs=1e-4)
             assert m.payload["cohort"] == "second"
+
+
+def test_the_cli_scores_as_many_candidates_as_asked(tmp_path, monkeypatch, archive):
+    monkeypatch.setenv("CONCHDB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONCHDB_QDRANT_URL", raising=False)
+    with EdgeStore(tmp_path / "store") as store:
+        write_archive(store, "conch_tiles", archive)
+        build_mosaics(store, "conch_tiles")
+    base = ["--store", str(tmp_path / "store")]
+    slide = archive.slides[0]
+    wide = runner.invoke(app, ["search", "--slide", slide, "--top-k", "3", "--candidates", "11", "--json", *base])
+    narrow = runner.invoke(app, ["search", "--slide", slide, "--top-k", "1", "--candidates", "1", "--json", *base])
+    assert wide.exit_code == 0 and narrow.exit_code == 0, wide.output + narrow.output
+    assert len(json.loads(wide.stdout)) == 3 and len(json.loads(narrow.stdout)) == 1
+    for args, words in (
+        (["search", "--slide", slide, "--candidates", "0"], "--candidates"),
+        (["search", "tumor", "--candidates", "5"], "--candidates"),
+        (["evaluate", "retrieval", "--label", "diagnosis", "--candidates", "0"], "--candidates"),
+    ):
+        bad = runner.invoke(app, [*args, *base])
+        assert bad.exit_code == 2 and words in bad.output and "Traceback" not in bad.output, bad.output
+    done = runner.invoke(app, ["evaluate", "retrieval", "--label", "diagnosis", "--candidates", "6", "--json", *base])
+    assert done.exit_code == 0 and json.loads(done.stdout)["slides"] == len(archive.slides), done.output

@@ -126,7 +126,8 @@ def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
 @router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)
 def search_slide(body: schemas.SlideSearch, request: Request) -> dict[str, Any]:
     """Stored slides like a stored slide: `{"slide_id": "case01.svs", "exclude_same": ["patient_id"]}`."""
-    size, matches = _service(request).search_slides(body.slide_id, body.top_k, body.filters, body.exclude_same)
+    service = _service(request)
+    size, matches = service.search_slides(body.slide_id, body.top_k, body.filters, body.exclude_same, body.candidates)
     return {"slide_id": body.slide_id, "mosaic_tiles": size, "results": [m.to_dict() for m in matches]}
 
 
