@@ -245,10 +245,11 @@ class _Pairs:
             payload_fields=(), rows=[i for _, i in wanted],
         )
         m = len(self.vectors)
+        for slide in slides:
+            if slide not in self.scores:
+                self.scores[slide], self.ids[slide] = np.full(m, np.nan), [None] * m
         for (slide, i), hits in zip(wanted, found, strict=True):
-            scores = self.scores.setdefault(slide, np.full(m, np.nan))
-            ids = self.ids.setdefault(slide, [None] * m)
-            scores[i], ids[i] = (hits[0].score, hits[0].id) if hits else (-1.0, None)
+            self.scores[slide][i], self.ids[slide][i] = (hits[0].score, hits[0].id) if hits else (-1.0, None)
 
     def median(self, slide: str) -> float:
         return float(np.median(self.scores[slide]))

@@ -297,11 +297,15 @@ class Store(ABC):
     ) -> BatchPlan:
         """What both backends make of `query_batch`'s arguments before their engine call."""
         record = self._record(name)
-        lists = batch_vectors(vectors, record, self.location)
-        if rows is not None:
-            if any(not 0 <= i < len(lists) for i in rows):
-                raise StoreError(f"a batch of {len(lists)} query vectors was asked for a row outside them")
-            lists = [lists[i] for i in rows]
+        if rows is None:
+            lists = batch_vectors(vectors, record, self.location)
+        else:
+            array = np.asarray(vectors, dtype=np.float32).reshape(-1, np.shape(vectors)[-1])
+            if any(not 0 <= i < len(array) for i in rows):
+                raise StoreError(f"a batch of {len(array)} query vectors was asked for a row outside them")
+            used = sorted(set(rows))  # each vector asked is converted once, the others not at all
+            converted = dict(zip(used, batch_vectors(array[used], record, self.location), strict=True))
+            lists = [converted[i] for i in rows]
         native: dict[int, Any] = {}
         filters = []
         for flt in batch_filters(flts, len(lists)):

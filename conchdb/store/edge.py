@@ -407,6 +407,8 @@ class EdgeStore(Store):
             for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
         results = self._shard(name).query_batch(qe.QueryBatchRequest(requests))
+        if plan.payload_fields == []:  # ids and scores only (many one-hit searches): the short way
+            return [[Hit(str(p.id), float(p.score), {}) for p in points] for points in results]
         if group_by is None:
             return [[to_hit(p, False) for p in points] for points in results]
         return [best_per_group(points, group_by) for points in results]
