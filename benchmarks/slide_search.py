@@ -175,7 +175,8 @@ def main() -> None:
             f"{doc['exact_p99_ms']} ms, top-5 overlap {doc['top5_overlap']}; evaluating retrieval over "
             f"{args.slides} slides")
         t = time.perf_counter()
-        report = evaluate_retrieval(store, COLLECTION, label="diagnosis", group="patient_id")
+        report = evaluate_retrieval(store, COLLECTION, label="diagnosis", group="patient_id",
+                                    candidates=args.candidates)
         doc["evaluate_s"] = round(time.perf_counter() - t, 2)
         doc["evaluate_top1"] = round(report.top1, 4)
         doc["evaluate_mmv5"] = round(report.mmv5, 4)
