@@ -100,6 +100,10 @@ def main() -> None:
         options = IngestOptions(batch_size=encoder.batch_size, readers=args.readers)
         store = EdgeStore(root / "store")
         summary = ingest(cohort, encoder, store, "tiles", options=options)
+        if summary.tiles_written == 0:
+            store.close()
+            parser.error(f"a slide of --size {args.size} px gave no tissue tile to embed; give a larger --size "
+                         f"(the default is {parser.get_default('size')})")
         tiles = [(h.payload["x"], h.payload["y"]) for h in store.scroll("tiles")]
         size0 = next(iter(store.scroll("tiles"))).payload["size"]
         store.close()
