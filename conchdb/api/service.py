@@ -241,8 +241,7 @@ class Service:
         self.slide_record(slide_id)
         flt = parse_filters(filters, self.searcher.field_types(), self.settings.max_filters)
         query = self.searcher.slide_query(slide_id)
-        more = {} if candidates is None else {"candidates": candidates}
-        return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same, **more)
+        return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same, candidates)
 
     def describe(self, vector: np.ndarray, k: int) -> list[Any]:
         self.require_model()

@@ -46,8 +46,7 @@ def search_slides_command(
         else:
             assert slide_file is not None
             query = searcher.slide_file_query(slide_file, slide_mpp=slide_mpp)
-        more = {} if candidates is None else {"candidates": candidates}
-        matches = searcher.search_slides(query, top_k, flt, exclude_same, **more)
+        matches = searcher.search_slides(query, top_k, flt, exclude_same, candidates)
         gallery = None
         if export is not None:
             from conchdb.search.slide_export import export_slide_matches
@@ -127,9 +126,8 @@ def evaluate_retrieval(
         store = searcher.require_store()
         with Progress(console=err_console, transient=True, disable=as_json) as bar:
             task = bar.add_task("queries", total=None)
-            more = {} if candidates is None else {"candidates": candidates}
             report = run(store, searcher.collection, label=label, group=group, flt=flt or None,
-                         on_slide=lambda _: bar.advance(task), **more)
+                         on_slide=lambda _: bar.advance(task), candidates=candidates)
     doc = report.to_dict()
     if as_json:
         print_json(doc)

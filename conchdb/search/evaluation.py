@@ -27,7 +27,7 @@ import numpy as np
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.errors import QueryError
 from conchdb.search import metrics
-from conchdb.search.slide_search import CANDIDATES, QueryTile, SlideQuery, rank_slides
+from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
 from conchdb.search.zeroshot import topk_mean
 from conchdb.store import Condition, Filter, Hit, Store
 
@@ -177,14 +177,14 @@ def evaluate_retrieval(
     flt: Filter | None = None,
     k: int = RETRIEVAL_K,
     on_slide: Callable[[str], None] | None = None,
-    candidates: int = CANDIDATES,
+    candidates: int | None = None,
 ) -> RetrievalReport:
     """Leave-one-group-out retrieval over the stored slides labelled by `label` (see the module docstring).
 
     Each counted slide is a query (its stored mosaic) over the other counted slides
     (matching `flt`), without the slides of its `group` value; a query left with no
     candidate is reported in `queries` without results and not counted. `candidates` is
-    `rank_slides`'s: how many slides each query scores exactly.
+    `rank_slides`'s: how many slides each query scores exactly (None: the default).
     """
     labelled, by_slide = sort_slides(mosaic_tiles(store, collection, flt), label, group)
     if not labelled.labels:

@@ -548,10 +548,11 @@ class Searcher:
         k: int = 10,
         flt: Filter | None = None,
         exclude_same: Sequence[str] = (),
-        candidates: int = slide_search.CANDIDATES,
+        candidates: int | None = None,
     ) -> list[slide_search.SlideMatch]:
         """Stored slides ranked by how well they match the query slide's mosaic (see
-        `conchdb.search.slide_search`; `candidates` trades speed for recall); the query
+        `conchdb.search.slide_search`; `candidates`, None for the default, trades speed for
+        recall); the query
         slide itself is never among them."""
         check_limits(k, 0, None)
         self.metadata()

@@ -163,15 +163,17 @@ def rank_slides(
     k: int = 10,
     flt: Filter | None = None,
     exclude_same: Sequence[str] = (),
-    candidates: int = CANDIDATES,
+    candidates: int | None = None,
 ) -> list[SlideMatch]:
-    """The `k` stored slides that best match the query's mosaic, best first (see the module docstring)."""
+    """The `k` stored slides that best match the query's mosaic, best first (see the module
+    docstring), scoring `candidates` slides (None: CANDIDATES)."""
     if not query.tiles:
         raise QueryError(
             f"the query slide {query.source} has no mosaic tiles", fix="ingest the slide again", parameter="slide_id"
         )
     if k < 1:
         raise QueryError(f"top-k {k} must be at least 1", fix="ask for 1 or more slides", parameter="k")
+    candidates = CANDIDATES if candidates is None else candidates
     if candidates < 1:
         raise QueryError(f"{candidates} candidates cannot hold a result", fix="score 1 or more slides",
                          parameter="candidates")
@@ -206,8 +208,9 @@ def candidate_slides(
 ) -> tuple[list[str], bool]:
     """The ids of the `n` slides whose records' mean tile vectors are nearest the mean of
     `vectors`, best first, under the conditions of `base` that slide records can answer
-    (those on a tile's own fields are left to the pairs), and True; without slide records,
-    every slide with tiles matching `base`, in id order, and False (nothing was checked)."""
+    (those on a tile's own fields are left to the pairs), and True: where records exist, a
+    slide without a done one is not searched. Without a slides collection, every slide with
+    tiles matching `base`, in id order, and False (nothing was checked)."""
     records = slides_collection(collection)
     if records in store.collections():
         centre = vectors.mean(axis=0)
@@ -217,8 +220,7 @@ def candidate_slides(
         # A slide stored at two tilings has two records: ask for more, keep each slide once.
         hits = store.query_batch(records, centre[None], k=2 * n, flts=scope, payload_fields=("slide_id",))[0]
         found = list(dict.fromkeys(str(h.payload["slide_id"]) for h in hits if h.payload.get("slide_id") is not None))
-        if found:
-            return found[:n], True
+        return found[:n], True
     slides = {str(h.payload["slide_id"]) for h in store.scroll(collection, base) if "slide_id" in h.payload}
     return sorted(slides), False
 

@@ -112,11 +112,22 @@ def best_per_group(points: Sequence[Any], group_by: str) -> list[Hit]:
 @dataclass
 class BatchPlan:
     """A batch of searches ready for an engine: one query vector (as a list) and one
-    translated filter per search, and the payload keys to return (None: all)."""
+    translated filter per search, the payload keys to return (None: all), and the field
+    to keep one hit per value of."""
 
     vectors: list[list[float]]
     filters: list[Any]
     payload_fields: list[str] | None
+    group_by: str | None
+
+    def hits(self, results: Sequence[Sequence[Any]]) -> list[list[Hit]]:
+        """Each search's scored points as hits; with no payload asked for (many one-hit
+        searches), ids and scores only, without the general conversion."""
+        if self.payload_fields == []:
+            return [[Hit(str(p.id), float(p.score), {}) for p in points] for points in results]
+        if self.group_by is None:
+            return [[to_hit(p, False) for p in points] for points in results]
+        return [best_per_group(points, self.group_by) for points in results]
 
 
 def sort_groups(groups: list[Group]) -> list[Group]:
@@ -314,7 +325,7 @@ class Store(ABC):
             filters.append(native[id(flt)])
         if payload_fields is not None and group_by is not None and group_by not in payload_fields:
             payload_fields = [*payload_fields, group_by]
-        return BatchPlan(lists, filters, None if payload_fields is None else list(payload_fields))
+        return BatchPlan(lists, filters, None if payload_fields is None else list(payload_fields), group_by)
 
     def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
         return translate(flt, self.dialect, record.fields)

@@ -30,7 +30,7 @@ import qdrant_edge as qe
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store import lock
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_per_group, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -406,12 +406,7 @@ class EdgeStore(Store):
             )
             for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
-        results = self._shard(name).query_batch(qe.QueryBatchRequest(requests))
-        if plan.payload_fields == []:  # ids and scores only (many one-hit searches): the short way
-            return [[Hit(str(p.id), float(p.score), {}) for p in points] for points in results]
-        if group_by is None:
-            return [[to_hit(p, False) for p in points] for points in results]
-        return [best_per_group(points, group_by) for points in results]
+        return plan.hits(self._shard(name).query_batch(qe.QueryBatchRequest(requests)))
 
     def query_groups(
         self,

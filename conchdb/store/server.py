@@ -20,7 +20,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, best_per_group, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -307,9 +307,7 @@ class ServerStore(Store):
             for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
         results = self._call(name, self.client.query_batch_points, name, requests=requests)
-        if group_by is None:
-            return [[to_hit(p, False) for p in result.points] for result in results]
-        return [best_per_group(result.points, group_by) for result in results]
+        return plan.hits([result.points for result in results])
 
     def query_groups(
         self,

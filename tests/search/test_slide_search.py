@@ -16,8 +16,8 @@ from conchdb.errors import QueryError
 from conchdb.ingest.mosaic import build_mosaics, mark_slide
 from conchdb.search import Searcher
 from conchdb.search.mosaic import choose_mosaic
-from conchdb.search.slide_search import QueryTile, SlideQuery, rank_slides
-from conchdb.store import Condition, Filter, Store, stable_id
+from conchdb.search.slide_search import QueryTile, SlideQuery, candidate_filter, candidate_slides, rank_slides
+from conchdb.store import Condition, Filter, Point, Store, stable_id
 from conchdb.store.edge import EdgeStore
 from tests.search.archive import Archive, make_archive, write_archive
 from tests.search.conftest import BACKENDS, QUIET_LOCAL_MODE, open_backend
@@ -222,7 +222,23 @@ def test_candidates_from_slide_records_rank_as_the_exhaustive_search(tmp_path, a
             means = {s: float(v.mean(axis=0) @ query.vectors.mean(axis=0) / np.linalg.norm(v.mean(axis=0)))
                      for s, v in archive.vectors.items() if s != slide}
             nearest = sorted(means, key=lambda s: -means[s])[:6]
+            pool, checked = candidate_slides(recorded, "tiles", query.vectors, candidate_filter(query, None, ()), 6)
+            assert checked and pool == nearest
             assert few[0].slide_id == max(nearest, key=lambda s: (truth[s], s))
+
+
+def test_where_slide_records_exist_a_slide_without_a_done_record_is_not_searched(tmp_path, archive):
+    with EdgeStore(tmp_path / "store") as store:
+        write_archive(store, "tiles", archive)
+        query = Searcher(None, store, "tiles").slide_query(archive.slides[0])
+        first = rank_slides(store, "tiles", query, k=3)[0].slide_id
+        (record,) = store.scroll("tiles_slides", Filter((Condition("slide_id", "eq", first),)), with_vectors=True)
+        store.upsert("tiles_slides", [Point(record.id, record.vector, {**record.payload, "status": "in_progress"})])
+        again = rank_slides(store, "tiles", query, k=len(archive.slides))
+        assert again and first not in {m.slide_id for m in again}
+        records = list(store.scroll("tiles_slides", with_vectors=True))
+        store.upsert("tiles_slides", [Point(r.id, r.vector, {**r.payload, "status": "in_progress"}) for r in records])
+        assert rank_slides(store, "tiles", query, k=3) == []  # records say no slide is done: none is searched
 
 
 def test_a_filter_on_the_cohort_keeps_the_pairs_within_that_copy_of_a_slide(tmp_path, archive):
