@@ -40,7 +40,7 @@ from conchdb.catalog import MOSAIC_FIELD, TILE_ONLY_FIELDS, TILE_SCOPE_FIELDS, S
 from conchdb.errors import QueryError
 from conchdb.store import Condition, Filter, Store
 
-CANDIDATES = 40
+CANDIDATES = 32
 """Slides scored exactly per query (at least k + REFINE_EXTRA): the cost of a query is
 about half their number times the query's mosaic tiles in one-hit searches."""
 REFINE_EXTRA = 5
