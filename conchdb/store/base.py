@@ -174,6 +174,19 @@ class Store(ABC):
         """Remove every point matching the filter (an empty filter is refused)."""
 
     @abstractmethod
+    def set_payload(
+        self, name: str, payload: dict[str, Any], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        """Set `payload`'s fields on the points matching `flt` (or with the given `ids`),
+        keeping their other fields and their vectors: how labels change without re-embedding."""
+
+    @abstractmethod
+    def delete_payload(
+        self, name: str, keys: Sequence[str], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        """Remove the payload fields `keys` from the points matching `flt` (or with the given `ids`)."""
+
+    @abstractmethod
     def query(
         self,
         name: str,
@@ -326,6 +339,17 @@ class Store(ABC):
         if payload_fields is not None and group_by is not None and group_by not in payload_fields:
             payload_fields = [*payload_fields, group_by]
         return BatchPlan(lists, filters, None if payload_fields is None else list(payload_fields), group_by)
+
+    def _selection(self, name: str, flt: Filter | None, ids: Sequence[str] | None) -> tuple[Any, list[str] | None]:
+        """A payload update's points: the native filter, or the ids (exactly one of them);
+        an empty filter would touch every point, so it is refused as `delete` refuses it."""
+        if (flt is None) == (ids is None):
+            raise StoreError("a payload update names its points by a filter or by ids, not both or neither")
+        if ids is not None:
+            self._record(name)
+            return None, point_ids(ids)
+        assert flt is not None
+        return self._filter(self._delete_filter(name, flt), flt), None
 
     def _filter(self, record: CollectionRecord, flt: Filter | None) -> Any:
         return translate(flt, self.dialect, record.fields)

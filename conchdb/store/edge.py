@@ -318,6 +318,30 @@ class EdgeStore(Store):
         record = self._delete_filter(name, flt)
         self._shard(name).update(qe.UpdateOperation.delete_points_by_filter(self._filter(record, flt)))
 
+    def set_payload(
+        self, name: str, payload: dict[str, Any], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        native, wanted = self._selection(name, flt, ids)
+        if not payload or wanted == []:
+            return
+        if wanted is not None:
+            operation = qe.UpdateOperation.set_payload(wanted, payload)
+        else:
+            operation = qe.UpdateOperation.set_payload_by_filter(native, payload)
+        self._shard(name).update(operation)
+
+    def delete_payload(
+        self, name: str, keys: Sequence[str], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        native, wanted = self._selection(name, flt, ids)
+        if not keys or wanted == []:
+            return
+        if wanted is not None:
+            operation = qe.UpdateOperation.delete_payload(wanted, list(keys))
+        else:
+            operation = qe.UpdateOperation.delete_payload_by_filter(native, list(keys))
+        self._shard(name).update(operation)
+
     def finish_bulk_load(self, name: str) -> None:
         """Create the payload indexes a bulk load went without, build HNSW for what was
         written and merge small segments.

@@ -238,6 +238,24 @@ class ServerStore(Store):
         selector = models.FilterSelector(filter=self._filter(record, flt))
         self._call(name, self.client.delete, name, points_selector=selector, wait=True)
 
+    def set_payload(
+        self, name: str, payload: dict[str, Any], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        native, wanted = self._selection(name, flt, ids)
+        if not payload or wanted == []:
+            return
+        points = wanted if wanted is not None else models.FilterSelector(filter=native)
+        self._call(name, self.client.set_payload, name, payload=payload, points=points, wait=True)
+
+    def delete_payload(
+        self, name: str, keys: Sequence[str], *, flt: Filter | None = None, ids: Sequence[str] | None = None
+    ) -> None:
+        native, wanted = self._selection(name, flt, ids)
+        if not keys or wanted == []:
+            return
+        points = wanted if wanted is not None else models.FilterSelector(filter=native)
+        self._call(name, self.client.delete_payload, name, keys=list(keys), points=points, wait=True)
+
     def finish_bulk_load(self, name: str) -> None:
         """Switch HNSW on (`m` > 0); the server builds the index in the background."""
         self._record(name)

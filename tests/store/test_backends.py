@@ -284,3 +284,38 @@ def test_malformed_filters_are_query_errors(filled, cond, words):
     with pytest.raises(QueryError, match=words) as err:
         store.count(name, Filter((cond,)))
     assert cond.field in str(err.value)
+
+
+def test_payload_updates_by_filter_and_by_id_keep_vectors_and_other_fields(store, name):
+    data = make_data(40)
+    store.ensure_collection(spec(name))
+    store.upsert(name, data.points())
+    before = {h.id: h.vector for h in store.scroll(name, with_vectors=True)}
+    on_slide = Filter((Condition("slide_id", "eq", "slide-1"),))
+    store.set_payload(name, {"site": "kidney", "stage": 3}, flt=on_slide)
+    store.delete_payload(name, ["note"], flt=on_slide)
+    store.set_payload(name, {"flag": False}, ids=[data.ids[0]])
+    store.delete_payload(name, ["tissue"], ids=[data.ids[0], "not-a-uuid"])
+    for hit in store.scroll(name, with_vectors=True):
+        i = data.ids.index(hit.id)
+        want = dict(data.payloads[i])
+        if want["slide_id"] == "slide-1":
+            want.update(site="kidney", stage=3)
+            del want["note"]
+        if i == 0:
+            want["flag"] = False
+            del want["tissue"]
+        assert hit.payload == want
+        assert np.array_equal(hit.vector, before[hit.id])  # the vector is not rewritten, not even re-normalized
+    assert store.count(name, Filter((Condition("site", "eq", "kidney"),))) == 5
+
+
+def test_payload_updates_name_their_points_once_and_never_all(store, name):
+    store.ensure_collection(spec(name))
+    store.upsert(name, make_data(8).points())
+    with pytest.raises(StoreError, match="filter or by ids"):
+        store.set_payload(name, {"site": "x"})
+    with pytest.raises(StoreError, match="filter or by ids"):
+        store.delete_payload(name, ["site"], flt=Filter((Condition("x", "gt", 0),)), ids=[])
+    with pytest.raises(StoreError, match="filter is empty"):
+        store.set_payload(name, {"site": "x"}, flt=Filter(()))
