@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, TILE_LOAD_INDEXED, slides_collection, slides_layout
-from conchdb.ingest.mosaic import mark_slide
+from conchdb.archive.marks import mark_slide
 from conchdb.search.evaluation import evaluate_retrieval
-from conchdb.search.mosaic import kmeans
+from conchdb.archive.mosaic import kmeans
 from conchdb.search.slide_search import CANDIDATES, QueryTile, SlideQuery, rank_slides
 from conchdb.store import CollectionSpec, Point, stable_id
 from conchdb.store.edge import EdgeStore
@@ -99,7 +99,7 @@ def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list
             points = [Point(i, v, p) for i, v, p in zip(ids[start:start + 64], vectors[s, start:start + 64],
                                                          own[start:start + 64], strict=True)]
             store.upsert(COLLECTION, points, shared)
-        mark_slide(store, COLLECTION, ids, vectors[s], own, shared)
+        mark_slide(store, COLLECTION, ids, vectors[s])
         mean = vectors[s].mean(axis=0)
         record = {**shared, "status": "done", "tiles": vectors.shape[1], "identity": slide_id}
         store.upsert(records, [Point(stable_id("slide", "bench", slide_id, shared["tiling"]), unit(mean), record)])

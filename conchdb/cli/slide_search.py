@@ -1,7 +1,7 @@
 """`conchdb mosaic`, `conchdb evaluate retrieval|zeroshot`, and the body of
 `conchdb search --slide / --slide-file` (which `search.py` hands over to).
 
-Thin like the other commands: parse, call `conchdb.search` / `conchdb.ingest.mosaic`, render.
+Thin like the other commands: parse, call `conchdb.search` / `conchdb.archive.marks`, render.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def mosaic(
     ingested before, and rerunning it changes nothing.
     """
     from conchdb.catalog import slides_collection
-    from conchdb.ingest.mosaic import build_mosaics
+    from conchdb.archive.marks import build_mosaics
 
     with options.searcher() as searcher:
         flt = searcher.parse_where(where)

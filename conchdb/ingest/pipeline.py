@@ -51,7 +51,7 @@ from conchdb.ingest.cohort import Cohort, CohortSlide, discover
 from conchdb.ingest.gpu_jpeg import JpegTileSource, open_jpeg_source
 from conchdb.ingest.inflight import slides_in_flight
 from conchdb.ingest.manifest import Manifest, ManifestRow, read_manifest
-from conchdb.ingest.mosaic import remark
+from conchdb.archive.marks import remark
 from conchdb.model.encoder import Encoder
 from conchdb.model.feed import DeviceFeed, embed_batches, pinned
 from conchdb.slides.grid import TileGrid, TilingParams, plan_tiles

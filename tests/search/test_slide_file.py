@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.cli import app
-from conchdb.search.mosaic import mosaic_size
+from conchdb.archive.mosaic import mosaic_size
 from conchdb.slides.slide import open_slide
 from conchdb.store.edge import EdgeStore
 

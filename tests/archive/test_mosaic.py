@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conchdb.search.mosaic import MOSAIC_MAX, MOSAIC_MIN, choose_mosaic, kmeans, mosaic_size
+from conchdb.archive.mosaic import MOSAIC_MAX, MOSAIC_MIN, choose_mosaic, kmeans, mosaic_size
 
 
 def unit(rows: np.ndarray) -> np.ndarray:

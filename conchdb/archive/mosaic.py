@@ -9,9 +9,13 @@ however much of each there is.
 The choice depends only on the vectors and their point ids: tiles are put in id order and
 k-means starts from a fixed seed, so a slide gets the same mosaic on every run, whichever
 store it was read back from, and whether it was chosen when the ingest completed or later
-by `conchdb mosaic`. This module is pure numpy (no store, no model): ingest marks the
-mosaics it chooses (conchdb/ingest/mosaic.py), and search chooses one for a slide file
-that is not stored.
+by `conchdb mosaic`. Two stores (or one store read twice after a rewrite) may hand back a
+vector a last bit apart; the choices that such noise could flip are near-ties, so every
+nearest-of choice here takes the first (in id order) of those within `TIE` of the nearest,
+not the bitwise nearest. Rounding the vectors instead would not help: it only moves the
+coin flip to the rounding boundaries. This module is pure numpy (no store, no model), below
+both ingest and search: the archive marks the mosaics it chooses (conchdb/archive/marks.py),
+and search chooses one for a slide file that is not stored.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ MOSAIC_MIN = 8
 MOSAIC_MAX = 64
 MOSAIC_SEED = 0
 KMEANS_ITERATIONS = 30
+TIE = 1e-6
+"""Squared distances (between unit vectors: 0 to 4) closer than this count as equal: far above
+the 1e-7 a float32 vector's last bits move them, far below what tells tissue apart."""
+
+
+def first_nearest(distances: np.ndarray, axis: int) -> np.ndarray:
+    """Along `axis`, the first index whose distance is within `TIE` of the smallest: `argmin`
+    with near-ties broken by position (id order, or centre order), not by float noise."""
+    smallest = distances.min(axis=axis, keepdims=True)
+    return np.argmax(distances <= smallest + TIE, axis=axis)
 
 
 def mosaic_size(tiles: int) -> int:
@@ -77,7 +91,7 @@ def kmeans(
     centres = data[chosen].copy()
     labels = np.full(n, -1)
     for _ in range(iterations):
-        new = np.argmin(_squared_distances(data, centres, norms), axis=1)
+        new = first_nearest(_squared_distances(data, centres, norms), axis=1)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -92,7 +106,8 @@ def kmeans(
 def choose_mosaic(ids: Sequence[str], vectors: np.ndarray) -> list[str]:
     """The ids of a slide's k mosaic tiles, in id order: for each k-means centre in turn, the
     tile nearest to it that no earlier centre took (two centres of one large cluster can
-    share their nearest tile); every tile when the slide has no more than k."""
+    share their nearest tile; near-ties go to the first in id order); every tile when the slide
+    has no more than k."""
     if len(ids) != len(vectors):
         raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
     order = sorted(range(len(ids)), key=lambda i: str(ids[i]))
@@ -109,5 +124,5 @@ def choose_mosaic(ids: Sequence[str], vectors: np.ndarray) -> list[str]:
     for j in range(k):
         column = distances[:, j].copy()
         column[taken] = np.inf
-        taken.append(int(np.argmin(column)))
+        taken.append(int(first_nearest(column, axis=0)))
     return [sorted_ids[i] for i in sorted(taken)]

@@ -3,14 +3,13 @@
 A mosaic tile carries `mosaic: true` in its payload; the other tiles lack the field.
 Marking only the few mosaic tiles keeps ingest's writes as they were (the field costs
 nothing on the other 95 %), and the bool index on the field holds just them, so
-`mosaic=true` is a cheap filter. The mark is written by upserting the chosen tiles again
-with the field added (the store API has no partial payload update, and a tile's full
-payload is at hand in both places that mark), so a slide's tiles are never read back
-from the slide file.
+`mosaic=true` is a cheap filter. Marks are payload updates by id: a tile's vector is never
+written again, so choosing from the stored vectors a second time reads the very same bits
+and chooses the same tiles (an upsert would let the engine normalize the vector again).
 
-`mark_slide` is the pipeline's hook, given the vectors it has just embedded; `build_mosaics`
-(`conchdb mosaic`) gives collections ingested before mosaics existed theirs from the
-stored vectors. Both choose with `conchdb.search.mosaic.choose_mosaic`, so they agree.
+`mark_slide` marks the tiles a writer has just chosen; `build_mosaics` (`conchdb mosaic`)
+gives collections ingested before mosaics existed theirs from the stored vectors. Both
+choose with `conchdb.archive.mosaic.choose_mosaic`, so they agree.
 """
 
 from __future__ import annotations
@@ -21,61 +20,38 @@ from typing import Any
 
 import numpy as np
 
-from conchdb.catalog import MOSAIC_FIELD
+from conchdb.archive.mosaic import choose_mosaic
+from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS
 from conchdb.errors import StoreError
-from conchdb.search.mosaic import choose_mosaic
-from conchdb.store import CollectionSpec, Condition, Filter, Hit, Point, Store
+from conchdb.store import CollectionSpec, Condition, Filter, Hit, Store
 
-SLIDE_SCOPE = ("cohort", "tiling")
+SLIDE_SCOPE = TILE_SCOPE_FIELDS
 """Fields that tell apart stored copies of one slide id; each copy gets its own mosaic."""
 MOSAIC_SPEC_FIELDS = {MOSAIC_FIELD: "bool"}
 
 
-def mark_slide(
-    store: Store,
-    collection: str,
-    ids: Sequence[str],
-    vectors: np.ndarray,
-    payloads: Sequence[dict[str, Any]],
-    shared: dict[str, Any] | None = None,
-) -> list[str]:
-    """Choose the mosaic of a slide whose tiles were just written, and mark it; returns its ids.
-
-    `payloads` are the tiles' own payload fields and `shared` those of the whole slide,
-    exactly as they were upserted, so the marked tiles keep every field they had.
-    """
-    chosen = set(choose_mosaic(ids, vectors))
-    points = [
-        Point(point_id, vectors[i], {**payloads[i], MOSAIC_FIELD: True})
-        for i, point_id in enumerate(ids)
-        if point_id in chosen
-    ]
-    store.upsert(collection, points, shared or None)
+def mark_slide(store: Store, collection: str, ids: Sequence[str], vectors: np.ndarray) -> list[str]:
+    """Choose the mosaic of a slide whose tiles (`ids`, `vectors`) are stored, and mark it;
+    returns the chosen ids."""
+    chosen = choose_mosaic(ids, vectors)
+    store.set_payload(collection, {MOSAIC_FIELD: True}, ids=chosen)
     return sorted(chosen)
 
 
 def remark(store: Store, collection: str, tiles: Sequence[Hit]) -> tuple[int, int, int]:
     """Give one stored copy of a slide (its tiles, with vectors and payloads) the mosaic its
-    vectors choose; returns (mosaic size, tiles newly marked, tiles unmarked). A mosaic
-    already in place is not written again."""
+    vectors choose; returns (mosaic size, tiles newly marked, tiles unmarked). Tiles already
+    marked right are not written."""
     ids = [t.id for t in tiles]
     vectors = np.stack([np.asarray(t.vector, dtype=np.float32) for t in tiles])
     chosen = set(choose_mosaic(ids, vectors))
-    changed = []
-    marked = unmarked = 0
-    for tile, vector in zip(tiles, vectors, strict=True):
-        has = tile.payload.get(MOSAIC_FIELD) is True
-        if (tile.id in chosen) == has:
-            continue
-        payload = {k: v for k, v in tile.payload.items() if k != MOSAIC_FIELD}
-        if tile.id in chosen:
-            payload[MOSAIC_FIELD] = True
-            marked += 1
-        else:
-            unmarked += 1
-        changed.append(Point(tile.id, vector, payload))
-    store.upsert(collection, changed)
-    return len(chosen), marked, unmarked
+    marked = [t.id for t in tiles if t.id in chosen and t.payload.get(MOSAIC_FIELD) is not True]
+    unmarked = [t.id for t in tiles if t.id not in chosen and MOSAIC_FIELD in t.payload]
+    if marked:
+        store.set_payload(collection, {MOSAIC_FIELD: True}, ids=marked)
+    if unmarked:
+        store.delete_payload(collection, [MOSAIC_FIELD], ids=unmarked)
+    return len(chosen), len(marked), len(unmarked)
 
 
 @dataclass
