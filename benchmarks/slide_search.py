@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, TILE_LOAD_INDEXED, slides_collection, slides_layout
 from conchdb.archive.marks import mark_slide
-from conchdb.search.evaluation import evaluate_retrieval
 from conchdb.archive.mosaic import kmeans
+from conchdb.catalog import TILE_FIELDS, TILE_INDEXED, TILE_LOAD_INDEXED, slides_collection, slides_layout
+from conchdb.search.evaluation import evaluate_retrieval
 from conchdb.search.slide_search import CANDIDATES, QueryTile, SlideQuery, rank_slides
 from conchdb.store import CollectionSpec, Point, stable_id
 from conchdb.store.edge import EdgeStore

@@ -94,7 +94,7 @@ TILE_FIELDS: dict[str, FieldType] = {
 }
 """Payload fields of a tile: its slide, level-0 square (x, y, size), the slide's pixel size and
 where it came from, the tiling it was cut at, its tissue share, and the run that wrote it; and,
-on the few tiles of the slide's mosaic only, `mosaic: true` (conchdb/search/mosaic.py)."""
+on the few tiles of the slide's mosaic only, `mosaic: true` (conchdb/archive/mosaic.py)."""
 MOSAIC_FIELD = "mosaic"
 """The field that marks a slide's mosaic tiles (absent on its other tiles)."""
 TILE_ONLY_FIELDS = ("x", "y", "size", "tissue", MOSAIC_FIELD)
@@ -137,13 +137,18 @@ SLIDE_FIELDS: dict[str, FieldType] = {
     "mpp_source": "keyword",
     "width": "integer",
     "height": "integer",
+    "manifest_columns": "keyword",
 }
 """The fields of a slide record (with the manifest's columns): the slide and its file's
 `identity` (a changed file is ingested again), its `status`, the tiling, how many tiles,
-the error that stopped it, its pixel size and level-0 size, and when and by which run."""
+the error that stopped it, its pixel size and level-0 size, when and by which run, and the
+names of the manifest columns it holds."""
+MANIFEST_COLUMNS_FIELD = "manifest_columns"
+"""A record's list of the manifest columns it holds, so a column dropped from a later
+manifest is dropped from the slide (conchdb/archive/records.py)."""
 SLIDE_INDEXED = ("slide_id", "cohort", "status", "tiling", "tiles")
 """The slide-record fields a slides collection declares and indexes (besides manifest columns)."""
-RESERVED_FIELDS = frozenset({*TILE_FIELDS, "status", "tiles", "error", "identity"})
+RESERVED_FIELDS = frozenset({*TILE_FIELDS, "status", "tiles", "error", "identity", MANIFEST_COLUMNS_FIELD})
 """Names a manifest column may not take: conchdb's own fields, which it would overwrite."""
 
 # -- imported features ----------------------------------------------------------------------

@@ -84,8 +84,8 @@ def mosaic(
     Ingest marks a slide's mosaic when the slide completes; this is for collections
     ingested before, and rerunning it changes nothing.
     """
-    from conchdb.catalog import slides_collection
     from conchdb.archive.marks import build_mosaics
+    from conchdb.catalog import slides_collection
 
     with options.searcher() as searcher:
         flt = searcher.parse_where(where)

@@ -4,7 +4,7 @@ The files hold CONCH's pre-projection image features; multiplied by the checkpoi
 `proj_contrast` and L2-normalized they are exactly the vectors `conchdb ingest` stores
 (`Encoder.project`), so a cohort extracted on a GPU becomes searchable by text on a CPU.
 
-Everything is written through the ingest pipeline's `SlideWriter`: the same point ids,
+Everything is written through the archive's `SlideWriter`: the same point ids,
 tile payload (plus `source` and `magnification`), slide records, statuses, rerun skips
 and stale-tile cleanup as ingest. What differs is where a tile's geometry comes from:
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from conchdb.archive import IngestSummary, Progress, RunFrame, SlideCatalog, SlideOutcome, SlideWriter, Tiling
 from conchdb.catalog import IMPORT_RESERVED, SlideStatus, imported_tiles_layout, tiling_key
 from conchdb.errors import SlideError
 from conchdb.features.files import (
@@ -44,7 +45,6 @@ from conchdb.features.files import (
 )
 from conchdb.ingest.cohort import Cohort, CohortSlide, content_identity, discover
 from conchdb.ingest.manifest import Manifest, read_manifest
-from conchdb.ingest.pipeline import IngestSummary, Progress, SlideOutcome, SlideWriter, Tiling
 from conchdb.model.encoder import Encoder
 from conchdb.slides.slide import open_slide
 from conchdb.store import Condition, Filter, Point, Store
@@ -169,6 +169,7 @@ class FeatureImport:
         self.cohort_name = plan.cohort_name
         self.writer = SlideWriter(store, collection, encoder, self.manifest, self.cohort_name)
         self._prepared = False
+        self.relabelled: list[str] = []  # done slides whose manifest values changed, updated in place
 
     # -- per slide -----------------------------------------------------------------------
 
@@ -265,7 +266,10 @@ class FeatureImport:
         slide = job.slide
         record = self.writer.record(slide, tiling)
         if not self.options.force and self.writer.is_done(slide, record, source_identity=job.file_identity):
-            outcome.status, outcome.tiles = SlideStatus.SKIPPED, int(record.get("tiles", 0)) if record else 0
+            assert record is not None
+            outcome.status, outcome.tiles = SlideStatus.SKIPPED, int(record.get("tiles", 0))
+            if self.writer.relabel(slide, record):
+                self.relabelled.append(slide.id)
             return outcome
         if job.joined:
             self._drop_unjoined(job)
@@ -316,53 +320,30 @@ class FeatureImport:
     def _drop_unjoined(self, job: _Job) -> None:
         """A slide imported before from this file without its slide file (under the file's
         name, in whatever cohort) is replaced by the joined import: its tiles and record go."""
-        records = self.writer.slides
         flt = Filter((
             Condition("slide_id", "eq", job.name),
             Condition("source", "eq", self.options.fmt),
             Condition("source_file", "eq", str(job.file)),
         ))
-        for record in list(self.store.scroll(records, flt)):
-            scope = Filter((
-                Condition("slide_id", "eq", job.name),
-                Condition("cohort", "eq", record.payload.get("cohort")),
-                Condition("tiling", "eq", record.payload.get("tiling")),
-            ))
-            self.store.delete(self.collection, scope)
-            self.store.delete(records, Filter((*flt.must, *scope.must)))
-            kept = record.payload.get("raw_features")
-            if kept:
-                Path(kept).unlink(missing_ok=True)
+        catalog = SlideCatalog(self.store, self.collection)
+        for record in catalog.records(flt):
+            catalog.remove(record)
 
     # -- the run -------------------------------------------------------------------------
 
     def run(self) -> ImportSummary:
         summary = ImportSummary(self.store.location, self.collection, source=self.options.fmt)
         summary.not_slides = len(self.plan.skipped)
-        if self.manifest.path is not None:
-            summary.manifest = str(self.manifest.path)
-            summary.manifest_unmatched = [f"line {line}: {value}" for line, value in self.manifest.unmatched]
-            summary.manifest_missing = list(self.manifest.missing)
-        start = time.perf_counter()
-        if self.progress.on_start:
-            self.progress.on_start(len(self.jobs))
-        try:
+        summary.note_manifest(self.manifest)
+        summary.relabelled = self.relabelled
+        frame = RunFrame(self.store, self.collection, summary, self.progress)
+        with frame.running(len(self.jobs), writer=False):  # tiles are upserted as they are projected
             for job in self.jobs:
                 outcome = self._import(job)
-                summary.outcomes.append(outcome)
                 if outcome.status != SlideStatus.FAILED and not job.joined:
                     summary.without_slide.append(job.slide.id)
-                if self.progress.on_outcome:
-                    self.progress.on_outcome(outcome)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            raise
-        finally:
-            summary.seconds = time.perf_counter() - start
-        if self._prepared:
-            self.store.finish_bulk_load(self.collection)
-        summary.seconds = time.perf_counter() - start
-        return summary
+                frame.emit(outcome)
+        return frame.finish(index=self._prepared)
 
 
 def import_features(

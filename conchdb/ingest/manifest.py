@@ -57,6 +57,12 @@ class Manifest:
         row = self.rows.get(slide_id)
         return dict(row.payload) if row else {}
 
+    def labels_for(self, slide_id: str) -> dict[str, Any] | None:
+        """The slide's values in this manifest, to bring a stored slide up to date with; None
+        when there is no manifest or no row for it (its stored values are then kept)."""
+        row = self.rows.get(slide_id) if self.path is not None else None
+        return None if row is None else dict(row.payload)
+
 
 def _normalise(value: str) -> str:
     return PurePosixPath(value.replace("\\", "/")).as_posix().removeprefix("./")

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from conchdb.archive.mosaic import choose_mosaic
 from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, slides_collection, texts_collection
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.search import filters, prompts, regions, slide_search, vocabulary, zeroshot
-from conchdb.archive.mosaic import choose_mosaic
 from conchdb.store import Condition, Filter, Hit, Store
 
 if TYPE_CHECKING:

@@ -178,37 +178,25 @@ class BrokerIngest:
     def run(self) -> IngestSummary:
         ingest = self.ingest
         summary = ingest.new_summary()
-        start = time.perf_counter()
+        frame = ingest.frame(summary)
         ingest.prepare()
-        if self.progress.on_start:
-            self.progress.on_start(len(ingest.cohort.slides))
-        writer = Writer(ingest.store, ingest.collection, ingest.timings) if self.opts.qdrant_url is None else None
         tasks: dict[str, _Task] = {}
-        try:
-            self._keep_alive(force=True)
-            for slide, record in ingest.pending(summary):
-                task = _Task(ingest.job(slide), record.get("status") if record else None, uuid.uuid4().hex)
-                tasks[task.task_id] = task
-                self._send(task)
-                self._keep_alive()
-            self._collect(tasks, summary, writer)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            self._cancel(tasks)
-            raise
-        except BaseException:
-            self._cancel(tasks)
-            raise
-        finally:
-            if writer is not None:
-                try:
-                    writer.flush()
-                finally:
-                    writer.close()
-            summary.seconds = time.perf_counter() - start
+        # Workers write into a Qdrant server themselves; else this process names and writes their vectors.
+        with frame.running(len(ingest.cohort.slides), writer=self.opts.qdrant_url is None) as writer:
+            try:
+                self._keep_alive(force=True)
+                for slide, record in ingest.pending(summary):
+                    task = _Task(ingest.job(slide), record.get("status") if record else None, uuid.uuid4().hex)
+                    tasks[task.task_id] = task
+                    self._send(task)
+                    self._keep_alive()
+                self._collect(tasks, summary, writer)
+            except BaseException:
+                self._cancel(tasks)
+                raise
         self._redis(lambda r: r.delete(self.alive, self.events))
         self.app.close()
-        return ingest.finish(summary, start)
+        return frame.finish()
 
     def _cancel(self, tasks: dict[str, _Task]) -> None:
         """Stop: workers drop this run's tasks not started yet, and stop sending batches nobody reads."""

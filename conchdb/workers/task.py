@@ -33,11 +33,11 @@ from conchdb.errors import ConchdbError, SlideError
 from conchdb.ingest.pipeline import (
     Progress,
     SlideJob,
-    SlideWriter,
     Writer,
     embed_slide,
     ingest_one_slide,
     plan_slide,
+    writer_for_job,
 )
 from conchdb.model.encoder import Encoder
 from conchdb.store import Store, open_store
@@ -239,7 +239,7 @@ def _run_direct(ctx: WorkerContext, job: SlideJob, kwargs: dict[str, Any], repor
     """The worker writes tiles and records into the Qdrant server itself."""
     store = ctx.store(kwargs["qdrant_url"])
     collection = kwargs["collection"]
-    slide_writer = SlideWriter.for_job(store, collection, ctx.encoder, job)
+    slide_writer = writer_for_job(store, collection, ctx.encoder, job)
     events = Progress(on_slide=lambda _, n: report.send("start", tiles=n),
                       on_batch=lambda n: report.send("progress", n=n))
     writer = Writer(store, collection, {})

@@ -271,9 +271,9 @@ def test_import_into_a_server_store_projects_with_the_encoder(tmp_path, encoder)
 
 
 def test_an_imported_slide_gets_its_mosaic_as_an_ingested_one_does(tmp_path, env):
-    from conchdb.catalog import MOSAIC_FIELD
     from conchdb.archive.marks import build_mosaics
     from conchdb.archive.mosaic import mosaic_size
+    from conchdb.catalog import MOSAIC_FIELD
 
     root = tmp_path / "job"
     write_trident_file(root, "big", raw(200), grid_coords(200))

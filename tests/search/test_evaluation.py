@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conchdb.archive.marks import build_mosaics
 from conchdb.cli import app
 from conchdb.errors import QueryError
-from conchdb.archive.marks import build_mosaics
 from conchdb.search import metrics
 from conchdb.search.evaluation import evaluate_retrieval, evaluate_zeroshot, retrieval_scores
 from conchdb.store.edge import EdgeStore

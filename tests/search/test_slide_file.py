@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conchdb.archive.mosaic import mosaic_size
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.cli import app
-from conchdb.archive.mosaic import mosaic_size
 from conchdb.slides.slide import open_slide
 from conchdb.store.edge import EdgeStore
 

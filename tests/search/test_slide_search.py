@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conchdb.archive.marks import build_mosaics, mark_slide
+from conchdb.archive.mosaic import choose_mosaic
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.cli import app
 from conchdb.errors import QueryError
-from conchdb.archive.marks import build_mosaics, mark_slide
 from conchdb.search import Searcher
-from conchdb.archive.mosaic import choose_mosaic
 from conchdb.search.slide_search import QueryTile, SlideQuery, candidate_filter, candidate_slides, rank_slides
 from conchdb.store import Condition, Filter, Point, Store, stable_id
 from conchdb.store.edge import EdgeStore
