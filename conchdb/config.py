@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
     collection: str = Field(TILES_COLLECTION, description="tiles collection name")
     api_key: str | None = Field(None, description="API key that `conchdb serve` requires of every request")
+    admin_key: str | None = Field(
+        None, description="Key that `conchdb serve` requires to delete slides over HTTP (none: no deletes)"
+    )
     qdrant_shards: int | None = Field(None, description="shards of a collection created on a Qdrant cluster")
     qdrant_replicas: int | None = Field(None, description="copies of each shard on a Qdrant cluster")
     broker_url: str | None = Field(

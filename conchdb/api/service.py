@@ -24,12 +24,12 @@ from conchdb.api.errors import ApiError
 from conchdb.api.filters import parse_filters
 from conchdb.api.settings import ApiSettings
 from conchdb.api.shared import BytesCache, SerialStore, SlideCache
-from conchdb.catalog import SlideStatus, slides_collection
+from conchdb.archive import Removal, SlideCatalog, file_state
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.search import heatmap, prompts, regions
 from conchdb.search.searcher import Searcher, SearchHit
 from conchdb.slides import output_size, read_region
-from conchdb.store import Condition, Filter, Store
+from conchdb.store import Filter, Store
 
 T = TypeVar("T")
 JPEG_QUALITY = 90
@@ -262,38 +262,48 @@ class Service:
 
     # -- slides --------------------------------------------------------------------------
 
+    @property
+    def catalog(self) -> SlideCatalog:
+        return SlideCatalog(self.store, self.collection)
+
     def slide_records(self, slide_id: str) -> list[dict[str, Any]]:
-        """Every record of one slide id (one per cohort and tiling); 404 when there is none."""
-        name = slides_collection(self.collection)
-        records: list[dict[str, Any]] = []
-        if self.store.collection_metadata(name) is not None:
-            flt = Filter((Condition("slide_id", "eq", slide_id),))
-            records = [h.payload for h in self.store.scroll(name, flt)]
+        """Every record of one slide id (one per cohort and tiling), done first; 404 when there is none."""
+        records = self.catalog.records_of(slide_id)
         if not records:
             raise not_found(f"no slide '{slide_id}' in collection '{self.collection}'",
                             "slide ids are the `slide_id` of search hits, or of GET /v1/slides", "slide_id")
-        done = SlideStatus.DONE.value
-        return sorted(records, key=lambda r: (r.get("status") != done, str(r.get("cohort")), str(r.get("tiling"))))
+        return records
 
     def slide_record(self, slide_id: str) -> dict[str, Any]:
         return self.slide_records(slide_id)[0]
 
+    def delete_slide(self, slide_id: str) -> list[Removal]:
+        """Remove every stored copy of a slide; the caches forget its pictures."""
+        removed = [self.catalog.remove(record) for record in self.slide_records(slide_id)]
+        self.tiles.clear()
+        self.pictures.clear()
+        return removed
+
     def list_slides(self, page: int, page_size: int, filters: dict[str, Any] | None) -> tuple[list[dict], int]:
         from conchdb.search.filters import FieldTypes
 
-        name = slides_collection(self.collection)
-        meta = self.store.collection_metadata(name)
+        meta = self.store.collection_metadata(self.catalog.records_collection)
         if meta is None:
             return [], 0
         schema = meta.get("payload_schema") or {}
         flt = parse_filters(filters, FieldTypes(dict(schema), declared=bool(schema)), self.settings.max_filters)
-        records = sorted((h.payload for h in self.store.scroll(name, flt)),
-                         key=lambda r: (str(r.get("slide_id")), str(r.get("cohort")), str(r.get("tiling"))))
+        records = self.catalog.records(flt)
         start = (page - 1) * page_size
         return [public_record(r) for r in records[start : start + page_size]], len(records)
 
     def _with_slide(self, record: dict[str, Any], fn: Callable[[Any], T]) -> T:
-        """`fn(slide)` on the record's source slide, opened with its stored pixel size."""
+        """`fn(slide)` on the record's source slide, opened with its stored pixel size; a file
+        that is gone is a 404 that says where it was last seen."""
+        if file_state(record) == "missing":
+            raise not_found(f"the slide file of '{record.get('slide_id')}' is missing: last seen at "
+                            f"{record.get('path')}",
+                            "put the file back, or ingest the folder it is in now (a moved slide keeps its "
+                            "tiles); `conchdb remove --missing` removes slides whose files are gone", "slide_id")
         key = (str(record.get("path")), record.get("mpp"))
         try:
             return self.slides.use(key, lambda: regions.open_source(record), fn)

@@ -22,11 +22,14 @@ class ApiSettings:
     """Security and limits of one server.
 
     `api_key`: when set, every endpoint but `/v1/health` (and the page's static files)
-    needs it, as `Authorization: Bearer KEY` or `X-API-Key: KEY`. `cors_origins`: browser
-    origins allowed to call the API from other pages (none: CORS off).
+    needs it, as `Authorization: Bearer KEY` or `X-API-Key: KEY`. `admin_key`: the other key,
+    the only one that may change the store (`DELETE /v1/slides/...`); with none, nothing can
+    be deleted over HTTP. `cors_origins`: browser origins allowed to call the API from other
+    pages (none: CORS off).
     """
 
     api_key: str | None = None
+    admin_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS

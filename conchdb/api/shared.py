@@ -98,3 +98,8 @@ class BytesCache:
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return data
+
+    def clear(self) -> None:
+        """Forget every image (after slides were removed from the store)."""
+        with self._lock:
+            self._items.clear()

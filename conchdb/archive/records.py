@@ -18,7 +18,7 @@ out as the fields conchdb does not own.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,29 @@ def file_state(record: Mapping[str, Any]) -> str:
     if not path:
         return "none"
     return "present" if Path(str(path)).exists() else "missing"
+
+
+def recorded_mpp(path: str | Path, payloads: Iterable[Mapping[str, Any]]) -> float | None:
+    """The pixel size that records or tile payloads (`path` and `mpp` fields) give the slide
+    file at `path`; None when none of them is that file or none gives a size.
+
+    Paths are compared resolved, relative to the working folder, as slides are opened.
+    Payloads of one file that disagree (ingested twice with different sizes) are an error,
+    since a region could then be cut at either."""
+    target = Path(path).resolve()
+    found: set[float] = set()
+    for payload in payloads:
+        stored, mpp = payload.get("path"), payload.get("mpp")
+        if stored and isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and Path(stored).resolve() == target:
+            found.add(float(mpp))
+    if len(found) > 1:
+        sizes = ", ".join(f"{m:g}" for m in sorted(found))
+        raise QueryError(
+            f"{path} is stored with several pixel sizes ({sizes} µm/px)",
+            fix="give the slide's pixel size for the query explicitly",
+            parameter="slide_mpp",
+        )
+    return found.pop() if found else None
 
 
 @dataclass
@@ -144,32 +167,15 @@ class SlideCatalog:
         return sorted({str(r.get("slide_id")) for r in self.records()})
 
     def recorded_mpp(self, path: str | Path) -> float | None:
-        """The pixel size stored for the slide file at `path`: from its records, else from one
-        of its tiles (a store filled without records); None when the store does not hold it.
-
-        Paths are compared resolved, relative to the working folder. Records of one file
-        that disagree (ingested twice with different sizes) are an error, since a region
-        could then be cut at either."""
-        target = Path(path).resolve()
+        """The pixel size stored for the slide file at `path` (see `recorded_mpp`): from its
+        records, else from one of its tiles (a store filled without records)."""
         candidates: list[Mapping[str, Any]] = self.records()
         if not candidates:
+            target = Path(path).resolve()
             spellings = sorted({str(path), str(Path(path)), str(target)})
             tiles = self.store.scroll(self.collection, Filter((Condition("path", "in", spellings),)))
             candidates = [next((h.payload for h in tiles), {})]
-        found: set[float] = set()
-        for payload in candidates:
-            stored, mpp = payload.get("path"), payload.get("mpp")
-            if stored and isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and \
-                    Path(stored).resolve() == target:
-                found.add(float(mpp))
-        if len(found) > 1:
-            sizes = ", ".join(f"{m:g}" for m in sorted(found))
-            raise QueryError(
-                f"{path} is stored with several pixel sizes ({sizes} µm/px)",
-                fix="give the slide's pixel size for the query explicitly",
-                parameter="slide_mpp",
-            )
-        return found.pop() if found else None
+        return recorded_mpp(path, candidates)
 
     def nearest_done(self, vector: np.ndarray, n: int, flt: Filter | None = None) -> list[str]:
         """The ids of the `n` done slides whose mean tile vectors are nearest `vector`, best
@@ -244,3 +250,53 @@ class SlideCatalog:
         for file in side:
             Path(file).unlink(missing_ok=True)
         return Removal(str(record["slide_id"]), str(record["cohort"]), str(record["tiling"]), tiles, side)
+
+
+STATUS_CHOICES = ("done", "failed", "in_progress", "no_tissue", "missing")
+"""What `conchdb slides --status` takes: a stored status, or `missing` (the file is gone)."""
+
+
+def listing(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One stored slide as `conchdb slides` shows it: status, tiles, where its file is and
+    whether it is still there, its pixel size and where that came from, and its labels."""
+    return {
+        "slide_id": record.get("slide_id"),
+        "cohort": record.get("cohort"),
+        "tiling": record.get("tiling"),
+        "status": record.get("status"),
+        "tiles": record.get("tiles"),
+        "path": record.get("path"),
+        "file": file_state(record),
+        "mpp": record.get("mpp"),
+        "mpp_source": record.get("mpp_source"),
+        "labels": labels_of(record),
+        "updated_at": record.get("updated_at"),
+    }
+
+
+def select(catalog: SlideCatalog, *, flt: Filter | None = None, status: str | None = None,
+           slide_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The records named by slide ids, a filter over record fields and a status (`missing`:
+    the file is gone), all of which must hold; an unknown slide id is an error."""
+    if status is not None and status not in STATUS_CHOICES:
+        raise QueryError(f"unknown status '{status}'", fix=f"one of {', '.join(STATUS_CHOICES)}", parameter="status")
+    records = catalog.records(flt)
+    if slide_ids:
+        known = {str(r.get("slide_id")) for r in catalog.records()}
+        unknown = [s for s in slide_ids if s not in known]
+        if unknown:
+            import difflib
+
+            close = sorted({m for s in unknown for m in difflib.get_close_matches(s, sorted(known), n=2)})
+            raise QueryError(
+                f"no stored slide {', '.join(repr(s) for s in unknown)} in collection '{catalog.collection}'",
+                fix=f"did you mean {', '.join(close)}?" if close else "see the stored slides with `conchdb slides`",
+                parameter="slide_ids",
+            )
+        wanted = set(slide_ids)
+        records = [r for r in records if r.get("slide_id") in wanted]
+    if status == "missing":
+        return [r for r in records if file_state(r) == "missing"]
+    if status is not None:
+        return [r for r in records if r.get("status") == status]
+    return records

@@ -163,11 +163,11 @@ def stats(
     """Collections, point counts, slides by status, model fingerprint, tiling, location and size."""
     import json
 
-    from conchdb.store.stats import store_stats
+    from conchdb.archive.stats import archive_stats
 
     opened = options.open_store()
     try:
-        doc = store_stats(opened)
+        doc = archive_stats(opened)
     finally:
         opened.close()
     if as_json:

@@ -19,6 +19,7 @@ def print_ingest_summary(doc: dict[str, Any]) -> None:
     if doc["manifest"]:
         lines.append(("manifest", f"{doc['manifest']}: {len(doc['manifest_rows_unmatched'])} row(s) naming no "
                                   f"slide, {len(doc['slides_without_manifest_row'])} slide(s) without a row"))
+    lines += archive_lines(doc)
     for name, value in lines:
         out_console.print(f"{name:<11} {value}", highlight=False, soft_wrap=True)
     for row in doc["manifest_rows_unmatched"]:
@@ -26,6 +27,22 @@ def print_ingest_summary(doc: dict[str, Any]) -> None:
     for failure in doc["failed"]:
         out_console.print(f"[red]failed[/] {failure['error']}", highlight=False, soft_wrap=True)
 
+
+
+def archive_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a rerun changed in place: relabelled and moved slides, and stored slides whose file is gone."""
+    lines = []
+    if doc.get("relabelled"):
+        lines.append(("relabelled", f"{len(doc['relabelled'])} slide(s) got their manifest's new values "
+                                    "(no tile embedded again): " + ", ".join(doc["relabelled"])))
+    if doc.get("moved"):
+        moves = ", ".join(m["to"] if m["from"] == m["to"] else f"{m['from']} -> {m['to']}" for m in doc["moved"])
+        lines.append(("moved", f"{len(doc['moved'])} slide(s) found at a new path (not embedded again): {moves}"))
+    if doc.get("missing"):
+        lines.append(("missing", f"{len(doc['missing'])} stored slide(s) whose file is gone, kept in the store "
+                                 "(`conchdb remove --missing` removes them): "
+                                 + ", ".join(f"{m['slide_id']} (last at {m['path']})" for m in doc["missing"])))
+    return lines
 
 
 def print_tiling(
@@ -69,6 +86,9 @@ def print_stats(doc: dict[str, Any]) -> None:
         if col.get("slides_by_status"):
             counts = ", ".join(f"{n} {status}" for status, n in sorted(col["slides_by_status"].items()))
             out_console.print(f"  slides     {counts}", highlight=False)
+        if col.get("slides_missing"):
+            out_console.print(f"  [red]missing[/]    {col['slides_missing']} slide(s) whose file is gone "
+                              "(`conchdb slides --status missing` lists them)", highlight=False)
 
 
 
@@ -90,6 +110,7 @@ def print_import_summary(doc: dict[str, Any]) -> None:
         lines.append(("no slide", f"{len(missing)} slide(s) without their slide file: stored with the level-0 "
                                   "patch size and magnification of the file, pixel size unknown, no tile images "
                                   "or heatmaps (import again with --slides): " + ", ".join(missing)))
+    lines += archive_lines(doc)
     for name, value in lines:
         out_console.print(f"{name:<9} {value}", highlight=False, soft_wrap=True)
     for failure in doc["failed"]:

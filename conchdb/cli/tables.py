@@ -110,3 +110,20 @@ def mi_zero_table(results: Sequence[PooledScores], title: str | None = None) -> 
         table.add_row(label, *(f"{r.scores.probabilities[i]:.4f}" for r in results))
     table.add_row("[bold]prediction[/]", *(f"[bold]{r.scores.prediction}[/]" for r in results))
     return table
+
+
+def print_slides(rows: Sequence[dict[str, Any]]) -> None:
+    """`conchdb slides`: one row per stored slide copy, a missing file in red."""
+    from conchdb.cli.app import out_console
+
+    if not rows:
+        out_console.print("no stored slides match")
+        return
+    labels = list(dict.fromkeys(k for r in rows for k in r["labels"]))[:MAX_EXTRA_COLUMNS]
+    table = Table("slide", "status", "tiles", "file", "µm/px", *labels, "path")
+    for r in rows:
+        file = {"present": "there", "missing": "[red]missing[/]", "none": "none"}[r["file"]]
+        mpp = "" if r["mpp"] is None else f"{_fmt(r['mpp'])} ({r['mpp_source']})"
+        table.add_row(str(r["slide_id"]), str(r["status"]), _fmt(r["tiles"]), file, mpp,
+                      *(_fmt(r["labels"].get(k)) for k in labels), _fmt(r["path"]))
+    out_console.print(table)

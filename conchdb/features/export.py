@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from conchdb.catalog import SlideStatus, slides_collection
+from conchdb.archive import SlideCatalog, scope
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.features.files import FeatureFileError, read_feature_file, write_trident
-from conchdb.store import Condition, Filter, Hit, Store
+from conchdb.store import Filter, Hit, Store
 
 EXPORT_FORMATS = ("trident",)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -74,17 +74,16 @@ def slide_name(slide_id: str) -> str:
 
 def _records(store: Store, collection: str, slide_ids: Sequence[str] | None) -> list[dict[str, Any]]:
     """The finished slide records to export: those of the given ids, or all of them."""
-    records_collection = slides_collection(collection)
-    if store.collection_metadata(records_collection) is None:
+    catalog = SlideCatalog(store, collection)
+    if not catalog.has_records():
         raise ConchdbError(
             f"collection '{collection}' in {store.location} has no slide records",
             fix="ingest or import slides into it first, or name the collection that holds them",
             parameter="collection",
         )
-    flt = Filter((Condition("status", "eq", SlideStatus.DONE.value),))
-    records = [h.payload for h in store.scroll(records_collection, flt)]
+    records = catalog.done()
     if slide_ids is None:
-        return sorted(records, key=lambda r: (str(r.get("slide_id")), str(r.get("tiling"))))
+        return records
     known = {str(r.get("slide_id")) for r in records}
     unknown = [s for s in slide_ids if s not in known]
     if unknown:
@@ -97,8 +96,7 @@ def _records(store: Store, collection: str, slide_ids: Sequence[str] | None) -> 
             parameter="slide_ids",
         )
     wanted = set(slide_ids)
-    return sorted((r for r in records if r.get("slide_id") in wanted),
-                  key=lambda r: (str(r.get("slide_id")), str(r.get("tiling"))))
+    return [r for r in records if r.get("slide_id") in wanted]
 
 
 def _coords_attrs(record: dict[str, Any], tile: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:
@@ -158,13 +156,7 @@ def _in_scope(record: dict[str, Any], where: Filter | None) -> bool:
 
 
 def _tiles(store: Store, collection: str, record: dict[str, Any], where: Filter | None) -> list[Hit]:
-    scope = Filter((
-        Condition("slide_id", "eq", record["slide_id"]),
-        Condition("cohort", "eq", record["cohort"]),
-        Condition("tiling", "eq", record["tiling"]),
-        *(where.must if where else ()),
-    ))
-    tiles = list(store.scroll(collection, scope, with_vectors=True))
+    tiles = list(store.scroll(collection, scope(record, *(where.must if where else ())), with_vectors=True))
     return sorted(tiles, key=lambda h: (int(h.payload["y"]), int(h.payload["x"])))
 
 

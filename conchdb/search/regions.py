@@ -14,7 +14,7 @@ micrometres at query time as at ingest.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,29 +71,6 @@ def open_source(payload: Mapping[str, Any]) -> Slide:
             fix="the slide must still be at the path it was ingested from (run from the same folder, "
             "or ingest with an absolute path)",
         ) from None
-
-
-def recorded_mpp(path: str | Path, records: Iterable[Mapping[str, Any]]) -> float | None:
-    """The pixel size stored for the slide file at `path`, from slide records or tile payloads
-    (`path` and `mpp` fields); None when none of them is that file or none gives a size.
-
-    Paths are compared resolved, as `open_source` opens them: relative to the working
-    folder. Records of one file that disagree (ingested twice with different sizes) are an
-    error, since a region could then be cut at either."""
-    target = Path(path).resolve()
-    found: set[float] = set()
-    for payload in records:
-        stored, mpp = payload.get("path"), payload.get("mpp")
-        if stored and isinstance(mpp, (int, float)) and not isinstance(mpp, bool) and Path(stored).resolve() == target:
-            found.add(float(mpp))
-    if len(found) > 1:
-        sizes = ", ".join(f"{m:g}" for m in sorted(found))
-        raise QueryError(
-            f"{path} is stored with several pixel sizes ({sizes} µm/px)",
-            fix="give the slide's pixel size for the query explicitly",
-            parameter="slide_mpp",
-        )
-    return found.pop() if found else None
 
 
 def read_query_region(

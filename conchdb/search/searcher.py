@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from conchdb.archive import SlideCatalog
 from conchdb.archive.mosaic import choose_mosaic
-from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, slides_collection, texts_collection
+from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, texts_collection
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.search import filters, prompts, regions, slide_search, vocabulary, zeroshot
 from conchdb.store import Condition, Filter, Hit, Store
@@ -287,18 +287,7 @@ class Searcher:
         else its tiles), or None when the store does not hold it."""
         if not self._has_store() or self._store().collection_metadata(self.collection) is None:
             return None
-        store = self._store()
-        slides = slides_collection(self.collection)
-        if store.collection_metadata(slides) is not None:
-            found = regions.recorded_mpp(path, (h.payload for h in store.scroll(slides)))
-            if found is not None:
-                return found
-        # No record (a store filled without ingest): one tile of the file tells, found by its
-        # path as given, absolute or relative to the working folder.
-        resolved = Path(path).resolve()
-        spellings = sorted({str(path), str(Path(path)), str(resolved), os.path.relpath(resolved)})
-        tiles = store.scroll(self.collection, Filter((Condition("path", "in", spellings),)))
-        return regions.recorded_mpp(path, (h.payload for h in itertools.islice(tiles, 1)))
+        return SlideCatalog(self._store(), self.collection).recorded_mpp(path)
 
     def image_vector(self, image: str | Path | Image.Image, *, slide_mpp: float | None = None) -> np.ndarray:
         """An image query's unit vector (the image is read and checked before the model loads)."""
@@ -465,10 +454,7 @@ class Searcher:
 
     def _unknown_slide(self, slide_id: str, filtered: bool) -> QueryError:
         store = self._store()
-        known: list[str] = []
-        slides = slides_collection(self.collection)
-        if store.collection_metadata(slides) is not None:
-            known = sorted({str(h.payload.get("slide_id")) for h in store.scroll(slides)})
+        known = SlideCatalog(store, self.collection).known_ids()
         close = difflib.get_close_matches(slide_id, known, n=3)
         where = " matching the filter" if filtered else ""
         fix = f"did you mean {', '.join(close)}?" if close else "slide ids are the \"slide_id\" of search results"

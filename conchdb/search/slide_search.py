@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from conchdb.catalog import MOSAIC_FIELD, TILE_ONLY_FIELDS, TILE_SCOPE_FIELDS, SlideStatus, slides_collection
+from conchdb.archive import SlideCatalog
+from conchdb.catalog import MOSAIC_FIELD, TILE_ONLY_FIELDS, TILE_SCOPE_FIELDS
 from conchdb.errors import QueryError
 from conchdb.store import Condition, Filter, Store
 
@@ -211,16 +212,10 @@ def candidate_slides(
     (those on a tile's own fields are left to the pairs), and True: where records exist, a
     slide without a done one is not searched. Without a slides collection, every slide with
     tiles matching `base`, in id order, and False (nothing was checked)."""
-    records = slides_collection(collection)
-    if records in store.collections():
+    catalog = SlideCatalog(store, collection)
+    if catalog.has_records():
         centre = vectors.mean(axis=0)
-        centre = centre / (np.linalg.norm(centre) or 1.0)
-        done = Condition("status", "eq", SlideStatus.DONE.value)
-        scope = Filter((done, *(c for c in base.must if c.field not in TILE_ONLY_FIELDS)))
-        # A slide stored at two tilings has two records: ask for more, keep each slide once.
-        hits = store.query_batch(records, centre[None], k=2 * n, flts=scope, payload_fields=("slide_id",))[0]
-        found = list(dict.fromkeys(str(h.payload["slide_id"]) for h in hits if h.payload.get("slide_id") is not None))
-        return found[:n], True
+        return catalog.nearest_done(centre / (np.linalg.norm(centre) or 1.0), n, base), True
     slides = {str(h.payload["slide_id"]) for h in store.scroll(collection, base) if "slide_id" in h.payload}
     return sorted(slides), False
 

@@ -12,11 +12,12 @@ import json
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from conchdb.api import schemas
+from conchdb.api.auth import require_admin
 from conchdb.api.errors import ApiError
 from conchdb.api.routes.search import ERRORS
 from conchdb.api.service import Service, public_record
@@ -110,6 +111,16 @@ async def deepzoom_tile(slide_id: str, level: int, col: int, row: int, request: 
                        field="level")
     data = await run_in_threadpool(_service(request).deepzoom_tile, slide_id, level, col, row)
     return _image(data, "image/jpeg")
+
+
+@router.delete("/slides/{slide_id:path}", responses={**ERRORS, 403: {"model": schemas.ErrorBody,
+                                                                      "description": "not the admin key"}},
+               dependencies=[Depends(require_admin)])
+def delete_slide(slide_id: str, request: Request) -> dict[str, Any]:
+    """Remove a slide from the store: every stored copy's tiles, record, mosaic marks and
+    kept features. Needs the admin key; the slide file itself is left alone."""
+    removed = _service(request).delete_slide(slide_id)
+    return {"slide_id": slide_id, "removed": [r.to_dict() for r in removed]}
 
 
 @router.get("/slides/{slide_id:path}", response_model=schemas.SlideRecord, responses=ERRORS)

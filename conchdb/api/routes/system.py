@@ -28,9 +28,9 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get("/stats", responses=ERRORS)
 def stats(request: Request) -> dict[str, Any]:
     """Collections, point counts, slides by status, model fingerprint, tiling (as `conchdb stats --json`)."""
-    from conchdb.store.stats import store_stats
+    from conchdb.archive.stats import archive_stats
 
-    return store_stats(_service(request).store)
+    return archive_stats(_service(request).store)
 
 
 @router.get("/schema", response_model=schemas.Schema, responses=ERRORS)
