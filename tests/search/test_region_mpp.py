@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conchdb.archive.records import recorded_mpp
 from conchdb.cli import app
 from conchdb.errors import QueryError, SlideError
 from conchdb.model.checkpoint import save_checkpoint
 from conchdb.search import Searcher
-from conchdb.archive.records import recorded_mpp
 from conchdb.slides import TileReader, TilingParams, open_slide, plan_tiles, write_pyramid_tiff
 from conchdb.store.edge import EdgeStore
 from tests.model.conftest import make_tiny_model
