@@ -262,3 +262,19 @@ def test_the_command_names_a_bad_target_and_the_fix(closed_source, tmp_path, tar
     assert "Traceback" not in result.output
     with EdgeStore(closed_source) as store:  # nothing already stored is lost
         assert store.count("points") == 120
+
+
+@pytest.mark.parametrize("kind", ["edge", "memory"])
+def test_collection_record_is_a_copy_and_none_for_a_missing_collection(tmp_path, kind):
+    store = open_backend(kind, tmp_path)
+    try:
+        store.ensure_collection(spec("points"))
+        record = store.collection_record("points")
+        assert record.metadata["model_fingerprint"] == spec("points").metadata["model_fingerprint"]
+        record.metadata["model_fingerprint"] = "changed"
+        record.fields.clear()
+        assert store.collection_record("points").fields == spec("points").fields
+        assert store.collection_metadata("points")["model_fingerprint"] != "changed"
+        assert store.collection_record("missing") is None
+    finally:
+        store.close()
