@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     store: Path | None = Field(None, description="embedded Qdrant store folder (default $CONCHDB_HOME/store)")
     qdrant_url: str | None = Field(None, description="Qdrant server URL; when set, the server backend is used")
     qdrant_api_key: str | None = Field(None, description="API key for the Qdrant server")
+    copy_qdrant_api_key: str | None = Field(
+        None, description="API key of the Qdrant server that `conchdb copy` writes to (default: qdrant_api_key)"
+    )
     collection: str = Field(TILES_COLLECTION, description="tiles collection name")
     api_key: str | None = Field(None, description="API key that `conchdb serve` requires of every request")
     admin_key: str | None = Field(

@@ -12,11 +12,15 @@ by name (`query(name, vector, k=10, flt=...)`).
 
 from __future__ import annotations
 
+import copy
+import os
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -80,6 +84,27 @@ def point_ids(ids: Sequence[str]) -> list[str]:
         except ValueError:
             continue
     return list(dict.fromkeys(out))
+
+
+def store_identity(*, path: str | os.PathLike[str] | None = None, url: str | None = None) -> str:
+    """The identity of the store at a folder or a server URL, known before opening it (a
+    second open of an embedded store fails on its lock, with a message about another process).
+
+    A server's URL is compared without case in the scheme and host and without a trailing
+    slash; two spellings of one host (a name and its address) are not recognised.
+    """
+    if url:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # not a port number: the server store's own open will say so
+            port = parts.netloc.rpartition(":")[2]
+        return f"qdrant {parts.scheme.lower()}://{host}{port}{parts.path.rstrip('/')}"
+    if path is None:
+        raise StoreError("no store given", fix="give the folder of an embedded store, or the URL of a Qdrant server",
+                         parameter="store")
+    return f"embedded {Path(path).expanduser().resolve()}"
 
 
 def to_hit(point: Any, with_vectors: bool) -> Hit:
@@ -266,6 +291,21 @@ class Store(ABC):
         if record is None:
             return None
         return {**record.metadata, "payload_schema": dict(record.fields)}
+
+    def collection_record(self, name: str) -> CollectionRecord | None:
+        """A copy of the collection's record (size, metadata, declared fields, payload
+        indexes and graph fields), or None if the collection does not exist.
+
+        `collection_metadata` is what readers need; a copy into another store needs the
+        whole record, so that the collection it creates there indexes the same fields."""
+        record = self._read_record(name)
+        return None if record is None else CollectionRecord.from_dict(copy.deepcopy(record.to_dict()))
+
+    @property
+    def identity(self) -> str:
+        """What tells this store apart from every other (see `store_identity`): two store
+        objects with the same identity read and write the same data."""
+        return self.location
 
     def retrieve(self, name: str, ids: Sequence[str], *, with_vectors: bool = False) -> list[Hit]:
         """Points by id, in the order asked, missing ones left out; score is 0."""

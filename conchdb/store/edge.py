@@ -30,7 +30,7 @@ import qdrant_edge as qe
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store import lock
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, store_identity, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -150,6 +150,10 @@ class EdgeStore(Store):
         self._records: dict[str, CollectionRecord] = {}
         self._shards: dict[str, qe.EdgeShard] = {}
         self._notes: dict[str, int] = {}  # open descriptors of pending.json, per collection
+
+    @property
+    def identity(self) -> str:
+        return store_identity(path=self.path)
 
     # -- collections -------------------------------------------------------------------
 

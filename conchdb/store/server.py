@@ -20,7 +20,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, to_hit
+from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, store_identity, to_hit
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -109,6 +109,11 @@ class ServerStore(Store):
         )
         self._records: dict[str, CollectionRecord] = {}
         self._call(None, self.client.get_collections)  # fail now, with the fix, if the server is unreachable
+
+    @property
+    def identity(self) -> str:
+        """The server's URL; a client given without one (tests) is a store of its own."""
+        return store_identity(url=self.url) if self.url else f"qdrant-client object {id(self.client)}"
 
     # -- plumbing ----------------------------------------------------------------------
 
