@@ -1,0 +1,74 @@
+"""A rerun through `ingest --broker` brings the store up to date like an in-process rerun: the
+dispatcher relabels, moves and reports missing slides itself, and no slide goes to a worker."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+
+import numpy as np
+
+from conchdb.ingest.cohort import discover
+from conchdb.ingest.manifest import read_manifest
+from conchdb.ingest.pipeline import IngestOptions
+from conchdb.store import Condition, Filter
+from conchdb.store.edge import EdgeStore
+from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
+from tests.workers.conftest import BATCH
+
+COLLECTION = "conch_tiles"
+OPTIONS = IngestOptions(batch_size=BATCH, readers=1)
+
+
+def _rerun(root, store_path, url) -> dict:
+    found = discover(root)
+    store = EdgeStore(store_path)
+    try:
+        run = BrokerIngest(found, read_manifest(None, found), store, COLLECTION, OPTIONS, BrokerOptions(url))
+        return run.run().to_dict()
+    finally:
+        store.close()
+
+
+def _points(store_path) -> dict:
+    store = EdgeStore(store_path)
+    try:
+        return {h.id: (h.payload, h.vector) for h in store.scroll(COLLECTION, with_vectors=True)}
+    finally:
+        store.close()
+
+
+def test_relabel_move_and_missing_through_the_broker(redis_server, workers, cohort, tmp_path):
+    workers.ensure(1)
+    root = tmp_path / "cohortW"
+    shutil.copytree(cohort, root)
+    (root / "unreadable.svs").unlink()
+    store = tmp_path / "store"
+    first = _rerun(root, store, redis_server.url)
+    assert first["ingested"] == 2
+    before = _points(store)
+    (root / "manifest.csv").write_text(textwrap.dedent("""\
+        slide,patient_id,grade,diagnosis
+        cmu_small_region.svs,P001,3,melanoma
+        boxes.png,P002,1,normal
+        """))
+    (root / "sub").mkdir()
+    (root / "cmu_small_region.svs").rename(root / "sub" / "cmu_small_region.svs")
+    (root / "boxes.png").unlink()
+    again = _rerun(root, store, redis_server.url)
+    assert again["tiles_written"] == 0 and again["ingested"] == 0
+    assert [(m["from"], m["to"]) for m in again["moved"]] == [("cmu_small_region.svs", "sub/cmu_small_region.svs")]
+    assert again["relabelled"] == ["sub/cmu_small_region.svs"]
+    assert [m["slide_id"] for m in again["missing"]] == ["boxes.png"]
+    after = _points(store)
+    assert after.keys() == before.keys()
+    for pid, (payload, vector) in after.items():
+        assert np.array_equal(vector, before[pid][1])
+        if before[pid][0]["slide_id"] == "cmu_small_region.svs":
+            assert (payload["slide_id"], payload["grade"], payload["diagnosis"]) == ("sub/cmu_small_region.svs", 3,
+                                                                                     "melanoma")
+    opened = EdgeStore(store)
+    try:
+        assert opened.count(COLLECTION, Filter((Condition("grade", "eq", 2),))) == 0
+    finally:
+        opened.close()
