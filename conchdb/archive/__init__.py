@@ -7,7 +7,7 @@ upkeep), the run skeleton every ingest and import shares (`RunFrame`), and mosai
 pure-numpy choice and the marks in the store).
 """
 
-from conchdb.archive.records import Removal, SlideCatalog, file_state, labels_of, record_id, scope
+from conchdb.archive.records import Removal, SlideCatalog, file_state, labels_of, of_slide, record_id, scope
 from conchdb.archive.run import IngestSummary, Progress, RunFrame, SlideOutcome, Writer
 from conchdb.archive.writer import Reconciled, SlideWriter, Tiling
 
@@ -24,6 +24,7 @@ __all__ = [
     "Writer",
     "file_state",
     "labels_of",
+    "of_slide",
     "record_id",
     "scope",
 ]

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from conchdb.archive.mosaic import choose_mosaic
+from conchdb.archive.records import SlideCatalog, of_slide
 from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS
 from conchdb.errors import StoreError
-from conchdb.store import CollectionSpec, Condition, Filter, Hit, Store
+from conchdb.store import CollectionSpec, Filter, Hit, Store
 
 SLIDE_SCOPE = TILE_SCOPE_FIELDS
 """Fields that tell apart stored copies of one slide id; each copy gets its own mosaic."""
@@ -88,16 +89,6 @@ def declare_field(store: Store, collection: str, dim: int) -> None:
     )
 
 
-def stored_slide_ids(store: Store, collection: str, slides_collection: str | None, flt: Filter | None) -> list[str]:
-    """The slide ids to visit: from the slide records when there are some and no filter
-    narrows the tiles (cheap: one record a slide), else from the tiles' payloads."""
-    if slides_collection and not flt and store.collection_metadata(slides_collection) is not None:
-        ids = {h.payload.get("slide_id") for h in store.scroll(slides_collection)}
-    else:
-        ids = {h.payload.get("slide_id") for h in store.scroll(collection, flt)}
-    return sorted(str(i) for i in ids if i is not None)
-
-
 def copies(tiles: Iterable[Hit]) -> dict[tuple[str, ...], list[Hit]]:
     """A slide id's tiles split by stored copy (cohort, tiling)."""
     out: dict[tuple[str, ...], list[Hit]] = {}
@@ -111,7 +102,6 @@ def build_mosaics(
     store: Store,
     collection: str,
     *,
-    slides_collection: str | None = None,
     slide_ids: Sequence[str] | None = None,
     flt: Filter | None = None,
     on_slide: Callable[[str, int], None] | None = None,
@@ -128,11 +118,10 @@ def build_mosaics(
             parameter="collection",
         )
     summary = MosaicSummary(collection)
-    wanted = list(slide_ids) if slide_ids else stored_slide_ids(store, collection, slides_collection, flt)
+    wanted = list(slide_ids) if slide_ids else SlideCatalog(store, collection).slide_ids(flt)
     declared = False
     for slide_id in wanted:
-        scope = Filter((Condition("slide_id", "eq", slide_id), *(flt.must if flt else ())))
-        tiles = list(store.scroll(collection, scope, with_vectors=True))
+        tiles = list(store.scroll(collection, of_slide(slide_id, *(flt.must if flt else ())), with_vectors=True))
         if not tiles and slide_ids:
             raise StoreError(
                 f"no tiles of slide '{slide_id}' in collection '{collection}'",

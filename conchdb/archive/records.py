@@ -60,6 +60,12 @@ def scope(record: Mapping[str, Any], *more: Condition) -> Filter:
     ))
 
 
+def of_slide(slide_id: str, *more: Condition) -> Filter:
+    """The filter that selects every stored copy of a slide id (all cohorts and tilings), with
+    more conditions; `scope` narrows to one copy."""
+    return Filter((Condition("slide_id", "eq", slide_id), *more))
+
+
 def labels_of(record: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest values a record holds (see the module docstring)."""
     columns = record.get(MANIFEST_COLUMNS_FIELD)

@@ -85,12 +85,11 @@ def mosaic(
     ingested before, and rerunning it changes nothing.
     """
     from conchdb.archive.marks import build_mosaics
-    from conchdb.catalog import slides_collection
 
     with options.searcher() as searcher:
         flt = searcher.parse_where(where)
         store, name = searcher.require_store(), searcher.collection
-        summary = build_mosaics(store, name, slides_collection=slides_collection(name), slide_ids=slide or None,
+        summary = build_mosaics(store, name, slide_ids=slide or None,
                                 flt=flt or None)
         store.finish_bulk_load(name)
     if as_json:

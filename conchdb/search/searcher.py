@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from conchdb.archive import SlideCatalog
+from conchdb.archive import SlideCatalog, of_slide
 from conchdb.archive.mosaic import choose_mosaic
 from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, texts_collection
 from conchdb.errors import ConchdbError, QueryError
@@ -438,8 +438,7 @@ class Searcher:
         suggests close ids; tiles of several cohorts or tilings must be narrowed by a filter."""
         store = self._store()
         self.metadata()
-        scope = Filter((Condition("slide_id", "eq", slide_id), *(flt.must if flt else ())))
-        tiles = list(store.scroll(self.collection, scope, with_vectors=True))
+        tiles = list(store.scroll(self.collection, of_slide(slide_id, *(flt.must if flt else ())), with_vectors=True))
         if not tiles:
             raise self._unknown_slide(slide_id, bool(flt))
         for name in TILE_SCOPE_FIELDS:
@@ -485,8 +484,8 @@ class Searcher:
         existed, one chosen now from its stored vectors (`mosaic_stored` is then False)."""
         store = self._store()
         self.metadata()
-        scope = Filter((Condition("slide_id", "eq", slide_id), Condition(MOSAIC_FIELD, "eq", True)))
-        tiles = list(store.scroll(self.collection, scope, with_vectors=True))
+        marked = of_slide(slide_id, Condition(MOSAIC_FIELD, "eq", True))
+        tiles = list(store.scroll(self.collection, marked, with_vectors=True))
         stored = bool(tiles)
         if not stored:
             every = self.slide_tiles(slide_id)  # unknown slide: an error with close ids

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from conchdb.archive import SlideCatalog
+from conchdb.archive import SlideCatalog, of_slide
 from conchdb.catalog import MOSAIC_FIELD, TILE_ONLY_FIELDS, TILE_SCOPE_FIELDS
 from conchdb.errors import QueryError
 from conchdb.store import Condition, Filter, Store
@@ -236,7 +236,7 @@ class _Pairs:
         wanted = [(slide, i) for slide in slides for i in tiles]
         if not wanted:
             return
-        within = {slide: Filter((Condition("slide_id", "eq", slide), *self.base.must)) for slide in slides}
+        within = {slide: of_slide(slide, *self.base.must) for slide in slides}
         found = self.store.query_batch(
             self.collection, self.vectors, k=1, flts=[within[slide] for slide, _ in wanted],
             payload_fields=(), rows=[i for _, i in wanted],

@@ -213,7 +213,7 @@ def test_slide_records_without_tiles_are_listed_and_a_named_one_is_an_error(tmp_
     records = [*archive.slides, "failed.svs"]
     axis = np.eye(512, dtype=np.float32)[0]
     store.upsert("tiles_slides", [Point(stable_id("record", s), axis, {"slide_id": s}) for s in records])
-    summary = build_mosaics(store, "tiles", slides_collection="tiles_slides")
+    summary = build_mosaics(store, "tiles")
     assert summary.without_tiles == ["failed.svs"] and summary.slides == len(archive.slides)
     with pytest.raises(StoreError, match="no tiles of slide 'failed.svs'"):
         build_mosaics(store, "tiles", slide_ids=["failed.svs"])
