@@ -282,27 +282,29 @@ def listing(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def select(catalog: SlideCatalog, *, flt: Filter | None = None, status: str | None = None,
            slide_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The records named by slide ids, a filter over record fields and a status (`missing`:
-    the file is gone), all of which must hold; an unknown slide id is an error."""
+    """The records that a filter over record fields, a status (`missing`: the file is gone)
+    and slide ids all allow; a slide id that none of the records so chosen has is an error
+    that suggests close ones."""
     if status is not None and status not in STATUS_CHOICES:
         raise QueryError(f"unknown status '{status}'", fix=f"one of {', '.join(STATUS_CHOICES)}", parameter="status")
     records = catalog.records(flt)
-    if slide_ids:
-        known = {str(r.get("slide_id")) for r in catalog.records()}
-        unknown = [s for s in slide_ids if s not in known]
-        if unknown:
-            import difflib
-
-            close = sorted({m for s in unknown for m in difflib.get_close_matches(s, sorted(known), n=2)})
-            raise QueryError(
-                f"no stored slide {', '.join(repr(s) for s in unknown)} in collection '{catalog.collection}'",
-                fix=f"did you mean {', '.join(close)}?" if close else "see the stored slides with `conchdb slides`",
-                parameter="slide_ids",
-            )
-        wanted = set(slide_ids)
-        records = [r for r in records if r.get("slide_id") in wanted]
     if status == "missing":
-        return [r for r in records if file_state(r) == "missing"]
-    if status is not None:
-        return [r for r in records if r.get("status") == status]
-    return records
+        records = [r for r in records if file_state(r) == "missing"]
+    elif status is not None:
+        records = [r for r in records if r.get("status") == status]
+    if not slide_ids:
+        return records
+    known = sorted({str(r.get("slide_id")) for r in records})
+    unknown = [s for s in slide_ids if s not in known]
+    if unknown:
+        import difflib
+
+        close = sorted({m for s in unknown for m in difflib.get_close_matches(s, known, n=2)})
+        which = f"{status} " if status else "stored "
+        raise QueryError(
+            f"no {which}slide {', '.join(repr(s) for s in unknown)} in collection '{catalog.collection}'",
+            fix=f"did you mean {', '.join(close)}?" if close else "see the stored slides with `conchdb slides`",
+            parameter="slide_ids",
+        )
+    wanted = set(slide_ids)
+    return [r for r in records if r.get("slide_id") in wanted]

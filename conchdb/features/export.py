@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from conchdb.archive import SlideCatalog, scope
+from conchdb.archive.records import select
+from conchdb.catalog import SlideStatus
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.features.files import FeatureFileError, read_feature_file, write_trident
 from conchdb.store import Filter, Hit, Store
@@ -81,22 +83,7 @@ def _records(store: Store, collection: str, slide_ids: Sequence[str] | None) -> 
             fix="ingest or import slides into it first, or name the collection that holds them",
             parameter="collection",
         )
-    records = catalog.done()
-    if slide_ids is None:
-        return records
-    known = {str(r.get("slide_id")) for r in records}
-    unknown = [s for s in slide_ids if s not in known]
-    if unknown:
-        import difflib
-
-        close = sorted({m for s in unknown for m in difflib.get_close_matches(s, sorted(known), n=2)})
-        raise QueryError(
-            f"no finished slide {', '.join(repr(s) for s in unknown)} in collection '{collection}'",
-            fix=f"did you mean {', '.join(close)}?" if close else "see the slide ids with conchdb stats",
-            parameter="slide_ids",
-        )
-    wanted = set(slide_ids)
-    return [r for r in records if r.get("slide_id") in wanted]
+    return select(catalog, status=SlideStatus.DONE.value, slide_ids=slide_ids or ())
 
 
 def _coords_attrs(record: dict[str, Any], tile: dict[str, Any], name: str, folder: Path) -> dict[str, Any]:

@@ -182,7 +182,7 @@ def test_export_names_its_problems(tmp_path, env):
     write_trident_file(root, "a", raw(2), grid_coords(2))
     import_json(root, env, "--no-keep-raw")
     result = run("export", "nope", "--out", str(tmp_path / "o"), *env["store"])
-    assert result.exit_code == 2 and "no finished slide 'nope'" in result.stderr
+    assert result.exit_code == 2 and "no done slide 'nope'" in result.stderr
     result = run("export", "--out", str(tmp_path / "o"), *env["store"])
     assert result.exit_code == 2 and "slide ids or --all" in result.stderr
     result = run("export", "a", "--raw", "--out", str(tmp_path / "o"), *env["store"])
