@@ -172,6 +172,9 @@ def test_a_deleted_slide_is_reported_missing_and_removed_only_when_asked(cohort,
     assert [m["slide_id"] for m in summary["missing"]] == ["b.png"]
     assert len(points(store)) == total, "a missing slide is not deleted unasked"
 
+    stats = runner.invoke(app, ["stats", "--store", str(store), "--json"])
+    tiles_entry = next(c for c in json.loads(stats.stdout)["collections"] if c["name"] == COLLECTION)
+    assert tiles_entry["slides_missing"] == 1
     listed = runner.invoke(app, ["slides", "--store", str(store), "--status", "missing", "--json"])
     assert listed.exit_code == 0, listed.output
     assert [s["slide_id"] for s in json.loads(listed.stdout)["slides"]] == ["b.png"]
