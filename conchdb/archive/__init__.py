@@ -7,12 +7,14 @@ upkeep), the run skeleton every ingest and import shares (`RunFrame`), and mosai
 pure-numpy choice and the marks in the store).
 """
 
+from conchdb.archive.noise import NoiseFloor, measure_noise_floor, record_noise_floor
 from conchdb.archive.records import Removal, SlideCatalog, file_state, labels_of, of_slide, record_id, scope
 from conchdb.archive.run import IngestSummary, Progress, RunFrame, SlideOutcome, Writer
 from conchdb.archive.writer import Reconciled, SlideWriter, Tiling
 
 __all__ = [
     "IngestSummary",
+    "NoiseFloor",
     "Progress",
     "Reconciled",
     "Removal",
@@ -24,7 +26,9 @@ __all__ = [
     "Writer",
     "file_state",
     "labels_of",
+    "measure_noise_floor",
     "of_slide",
     "record_id",
+    "record_noise_floor",
     "scope",
 ]

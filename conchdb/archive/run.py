@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from conchdb.archive.noise import record_noise_floor
 from conchdb.catalog import SlideStatus
 from conchdb.store import Point, Store
 
@@ -192,7 +193,8 @@ class RunFrame:
             self.progress.on_outcome(outcome)
 
     def finish(self, *, index: bool = True) -> IngestSummary:
-        """After the last slide: build the indexes deferred while loading and stop the clock.
+        """After the last slide: build the indexes deferred while loading, measure and record
+        the collection's noise floor (see `conchdb.archive.noise`), and stop the clock.
 
         Also when nothing was written now: a run that died before this point left its slides
         done but their index unbuilt (a no-op on a finished collection)."""
@@ -200,5 +202,10 @@ class RunFrame:
             t = time.perf_counter()
             self.store.finish_bulk_load(self.collection)
             self.summary.timings["index_s"] = time.perf_counter() - t
+        if self.summary.tiles_written:
+            # Measured again whenever tiles were added: a new cohort can move it.
+            t = time.perf_counter()
+            record_noise_floor(self.store, self.collection)
+            self.summary.timings["noise_floor_s"] = time.perf_counter() - t
         self.summary.seconds = time.perf_counter() - self.start
         return self.summary

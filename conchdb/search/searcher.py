@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from conchdb.archive import SlideCatalog, of_slide
+from conchdb.archive import NoiseFloor, SlideCatalog, of_slide
 from conchdb.archive.mosaic import choose_mosaic
 from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, texts_collection
 from conchdb.errors import ConchdbError, QueryError
-from conchdb.search import filters, prompts, regions, slide_search, vocabulary, zeroshot
+from conchdb.search import filters, prompts, regions, slide_search, steer, vocabulary, zeroshot
 from conchdb.store import Condition, Filter, Hit, Store
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class SearchHit:
     id: str
     payload: dict[str, Any]
     tiles: list[SearchHit] | None = None
+    weak: bool | None = None
+    """Below the collection's noise floor (None: the collection records none)."""
 
     @property
     def slide_id(self) -> Any:
@@ -83,7 +85,7 @@ class SearchHit:
         return self.payload.get("size")
 
     def to_dict(self) -> dict[str, Any]:
-        """The `--json` form: rank, score, id, slide_id, x, y, size, payload (and tiles when grouped)."""
+        """The `--json` form: rank, score, id, slide_id, x, y, size, payload, weak (and tiles when grouped)."""
         out: dict[str, Any] = {
             "rank": self.rank,
             "score": self.score,
@@ -93,6 +95,7 @@ class SearchHit:
             "y": self.y,
             "size": self.size,
             "payload": self.payload,
+            "weak": self.weak,
         }
         if self.tiles is not None:
             out["tiles"] = [t.to_dict() for t in self.tiles]
@@ -357,15 +360,24 @@ class Searcher:
         offset: int = 0,
         group_by: str | None = None,
         group_size: int = 3,
+        *,
+        exclude: Sequence[str] = (),
     ) -> list[SearchHit]:
         """The tiles nearest to `vector`, best first; with `group_by`, the best slides (or other
-        field values), each with up to `group_size` of its best tiles."""
+        field values), each with up to `group_size` of its best tiles. Tiles in `exclude` (the
+        ones a refined query was marked with) are left out. Each hit is marked `weak` when it
+        scores below the collection's noise floor."""
         check_limits(k, offset, min_score)
         store = self._store()
         self.metadata()
+        skip = set(exclude)
         if group_by is None:
-            hits = store.query(self.collection, vector, k=k, flt=flt, min_score=min_score, offset=offset)
-            return [SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)]
+            if skip:  # ranked from the top, so that a page holds the same tiles with and without them
+                found = store.query(self.collection, vector, k=offset + k + len(skip), flt=flt, min_score=min_score)
+                hits = [h for h in found if h.id not in skip][offset : offset + k]
+            else:
+                hits = store.query(self.collection, vector, k=k, flt=flt, min_score=min_score, offset=offset)
+            return self._mark_weak([SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)])
         if not 1 <= group_size <= 100:
             raise QueryError(
                 f"group size {group_size} is outside 1..100", fix="give a group size between 1 and 100",
@@ -373,15 +385,74 @@ class Searcher:
             )
         key = GROUP_ALIASES.get(group_by, group_by)
         groups = store.query_groups(
-            self.collection, vector, group_by=key, groups=offset + k, group_size=group_size, flt=flt,
-            min_score=min_score,
+            self.collection, vector, group_by=key, groups=offset + k + len(skip), group_size=group_size + len(skip),
+            flt=flt, min_score=min_score,
         )
+        kept = [kept for g in groups if (kept := [h for h in g.hits if h.id not in skip][:group_size])]
+        kept.sort(key=lambda hits: -hits[0].score)
         out = []
-        for i, group in enumerate(groups[offset:]):
-            tiles = [SearchHit(j + 1, h.score, h.id, h.payload) for j, h in enumerate(group.hits)]
+        for i, group in enumerate(kept[offset : offset + k]):
+            tiles = [SearchHit(j + 1, h.score, h.id, h.payload) for j, h in enumerate(group)]
             best = tiles[0]
             out.append(SearchHit(offset + i + 1, best.score, best.id, best.payload, tiles))
+        return self._mark_weak(out)
+
+    def noise_floor(self) -> NoiseFloor | None:
+        """The collection's recorded noise floor (measured at the end of each ingest), or None."""
+        return NoiseFloor.from_metadata(self.metadata())
+
+    def _mark_weak(self, hits: list[SearchHit]) -> list[SearchHit]:
+        floor = self.noise_floor()
+        for hit in hits:
+            for one in (hit, *(hit.tiles or ())):
+                one.weak = None if floor is None else bool(one.score < floor.value)
+        return hits
+
+    # -- steering --------------------------------------------------------------------------
+
+    def steer(
+        self,
+        vector: np.ndarray,
+        *,
+        more: Sequence[steer.Concept] = (),
+        less: Sequence[steer.Concept] = (),
+        like: Sequence[str] = (),
+        unlike: Sequence[str] = (),
+    ) -> np.ndarray:
+        """The query moved by concepts (their text vectors added or subtracted with their
+        weights) and then by examples (Rocchio's update toward the liked stored tiles and away
+        from the unliked): see `conchdb.search.steer`. Unchanged when nothing is given."""
+        steer.check_concepts(more, less)
+        steer.check_examples(like, unlike)
+        out = np.asarray(vector, dtype=np.float32)
+        if more or less:
+            self.check_model(tower="text")
+            texts = [c.text for c in (*more, *less)]
+            vectors = self._encoder("text").encode_texts(texts)
+            weights = [c.weight for c in (*more, *less)]
+            pairs = list(zip(vectors, weights, strict=True))
+            out = steer.add_concepts(out, pairs[: len(more)], pairs[len(more) :])
+        if like or unlike:
+            liked = self._example_vectors(like, "like")
+            unliked = self._example_vectors(unlike, "unlike")
+            out = steer.rocchio(out, liked, unliked)
         return out
+
+    def _example_vectors(self, ids: Sequence[str], parameter: str) -> np.ndarray:
+        """The stored vectors of marked tiles; an id naming no stored tile is an error."""
+        if not ids:
+            return np.zeros((0, 0), dtype=np.float32)
+        found = {h.id: h for h in self._store().retrieve(self.collection, list(ids), with_vectors=True)}
+        rows = []
+        for point_id in ids:
+            hit = found.get(_canonical(point_id))
+            if hit is None or hit.vector is None:
+                raise QueryError(
+                    f"no tile with id {point_id!r} in collection '{self.collection}'",
+                    fix="mark tiles by the \"id\" that search results give", parameter=parameter,
+                )
+            rows.append(hit.vector)
+        return np.stack(rows)
 
     # -- image -> text -------------------------------------------------------------------
 
@@ -551,6 +622,16 @@ class Searcher:
         tiles = self.slide_tiles(slide_id, flt)
         vectors = np.stack([t.vector for t in tiles if t.vector is not None]).astype(np.float32)
         return tiles, vectors @ np.asarray(vector, dtype=np.float32)
+
+
+def _canonical(point_id: str) -> str:
+    """A point id as the store prints it (lowercase, hyphenated), or the text given."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(str(point_id)))
+    except ValueError:
+        return str(point_id)
 
 
 def require_text(query: str | None) -> str:

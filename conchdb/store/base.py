@@ -292,6 +292,23 @@ class Store(ABC):
             return None
         return {**record.metadata, "payload_schema": dict(record.fields)}
 
+    def update_metadata(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Set `fields` in the collection's recorded metadata, keeping the rest; the new metadata.
+
+        For what is learnt about a collection after it was created (its noise floor, measured
+        at the end of an ingest). The model fingerprint is what every writer is checked
+        against, so it cannot be changed here: that would let another model's vectors in."""
+        if "model_fingerprint" in fields or "payload_schema" in fields:
+            raise StoreError(
+                "a collection's model fingerprint and payload schema are set when it is created",
+                fix="ingest into a new collection to change them",
+                parameter="metadata",
+            )
+        record = self._record(name)
+        record.metadata.update(copy.deepcopy(fields))
+        self._save_record(record)
+        return self.collection_metadata(name) or {}
+
     def collection_record(self, name: str) -> CollectionRecord | None:
         """A copy of the collection's record (size, metadata, declared fields, payload
         indexes and graph fields), or None if the collection does not exist.

@@ -148,6 +148,8 @@ def test_cohort_ingest_rerun_fix_and_force(cohort, tmp_path, tiny_ckpt):
     assert tiles["points"] == len(first)
     assert tiles["slides_by_status"] == {"done": 3, "failed": 2}
     assert tiles["metadata"]["tiling"]["target_mpp"] == 0.5
+    floor = tiles["metadata"]["noise_floor"]  # measured at the end of the run, on the stored tiles
+    assert floor["slides"] == 3 and floor["quantile"] == 0.99 and -1 <= floor["value"] <= 1
 
 
 def test_another_checkpoint_is_refused_and_nothing_is_lost(cohort, tmp_path, tiny_ckpt):

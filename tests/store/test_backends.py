@@ -192,6 +192,21 @@ def test_delete_by_filter(store, name):
         store.delete(name, Filter())
 
 
+def test_update_metadata_adds_fields_keeps_the_rest_and_a_later_join_keeps_it(store, name):
+    store.ensure_collection(spec(name))
+    meta = store.update_metadata(name, noise_floor={"value": 0.42, "quantile": 0.99})
+    assert meta["noise_floor"]["value"] == 0.42 and meta["model_fingerprint"] == FINGERPRINT
+    store.update_metadata(name, noise_floor={"value": 0.5, "quantile": 0.99})
+    assert store.collection_metadata(name)["noise_floor"]["value"] == 0.5
+    assert store.collection_metadata(name)["tiling"]["target_mpp"] == 0.5
+    store.ensure_collection(spec(name))  # a later ingest joining the collection keeps it
+    assert store.collection_metadata(name)["noise_floor"]["value"] == 0.5
+    with pytest.raises(StoreError, match="fingerprint"):
+        store.update_metadata(name, model_fingerprint="another")
+    with pytest.raises(StoreError, match="does not exist|no collection"):
+        store.update_metadata(name + "_none", noise_floor=None)
+
+
 def test_collection_records_metadata_and_refuses_another_model(store, name):
     store.ensure_collection(spec(name))
     store.ensure_collection(spec(name))  # same model again: fine
