@@ -108,6 +108,10 @@ every write (benchmarks/store.py); tiling and ingest_run only ever narrow a slid
 further, and filters on x, y, size or tissue keep most points, so the engine checks those
 on the payload. Manifest columns are indexed, and so is the mosaic mark, which only a slide's
 few mosaic tiles carry (a cheap index that makes `mosaic=true` a cheap filter)."""
+ANNOTATION_FIELD = "annotation"
+"""A tile's class from a pathologist's annotation (QuPath GeoJSON, `conchdb annotations add`):
+set on the tiles at least half inside an annotated region, absent on the others. Declared and
+indexed in every tiles collection, so `--where annotation=tumor` is a cheap filter."""
 TILE_LOAD_INDEXED = ("slide_id",)
 """Indexed while ingest writes into a new collection (it finds a slide's tiles by slide_id);
 the embedded store builds the other indexes once, when the ingest ends."""
@@ -211,7 +215,8 @@ def tiles_layout(columns: Mapping[str, str]) -> Layout:
     """A tiles collection with the cohort's manifest `columns` (name -> column type)."""
     extra = column_fields(columns)
     graphs = (*TILE_GRAPH_FIELDS, *(name for name, kind in extra.items() if kind in GRAPH_TYPES))
-    return Layout({**TILE_FIELDS, **extra}, graphs, (*TILE_INDEXED, *extra), TILE_LOAD_INDEXED)
+    fields = {**TILE_FIELDS, ANNOTATION_FIELD: "keyword", **extra}
+    return Layout(fields, graphs, (*TILE_INDEXED, ANNOTATION_FIELD, *extra), TILE_LOAD_INDEXED)
 
 
 def imported_tiles_layout(columns: Mapping[str, str]) -> Layout:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from conchdb.search.searcher import MAX_TOP_K
+from conchdb.search.steer import DEFAULT_CONCEPT_WEIGHT, MAX_CONCEPT_WEIGHT, MAX_CONCEPTS, MAX_EXAMPLES
 
 MAX_QUERY_CHARS = 1000
 MAX_PAGE = 10_000
@@ -42,7 +43,22 @@ class SearchOptions(Strict):
     min_score: float | None = Field(None, ge=-1.0, le=1.0, description="Leave out hits below this cosine.")
 
 
-class TextSearch(SearchOptions):
+class Concept(Strict):
+    """A text to move the query toward (`more`) or away from (`less`): q' = normalize(q ± weight·t)."""
+
+    text: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="The concept, in words.")
+    weight: float = Field(DEFAULT_CONCEPT_WEIGHT, gt=0, le=MAX_CONCEPT_WEIGHT, description="How far to move.")
+
+
+class Steering(Strict):
+    """Refine by concept: texts whose CONCH vectors are added to or subtracted from the query."""
+
+    more: list[Concept] = Field(default_factory=list, max_length=MAX_CONCEPTS,
+                                description="More of these: [{\"text\": \"necrosis\", \"weight\": 0.5}].")
+    less: list[Concept] = Field(default_factory=list, max_length=MAX_CONCEPTS, description="Less of these.")
+
+
+class TextSearch(SearchOptions, Steering):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for, in words.")
     ensemble: bool = Field(False, description="Average the text over CONCH-style prompt templates.")
 
@@ -79,8 +95,19 @@ class ImageQuery(Strict):
     h: int | None = Field(None, ge=1, le=10_000_000)
 
 
-class ImageSearch(SearchOptions, ImageQuery):
+class ImageSearch(SearchOptions, ImageQuery, Steering):
     """Search by a stored tile or slide region (JSON), or by an uploaded image (multipart)."""
+
+
+class RefineSearch(SearchOptions, ImageQuery, Steering):
+    """A search again, steered by example: the query as /search/text or /search/image (JSON)
+    take it, plus the ids of hits marked relevant (`like`) and not relevant (`unlike`); the
+    marked tiles are left out of the results."""
+
+    query: str | None = Field(None, min_length=1, max_length=MAX_QUERY_CHARS, description="A text query.")
+    ensemble: bool = Field(False, description="Average the text over CONCH-style prompt templates.")
+    like: list[str] = Field(default_factory=list, max_length=MAX_EXAMPLES, description="Ids of relevant hits.")
+    unlike: list[str] = Field(default_factory=list, max_length=MAX_EXAMPLES, description="Ids of irrelevant hits.")
 
 
 class Describe(ImageQuery):
@@ -108,6 +135,7 @@ class Hit(BaseModel):
     y: Any = None
     size: Any = None
     payload: dict[str, Any]
+    weak: bool | None = Field(None, description="Below the collection's noise floor (null: none recorded).")
     tile_url: str = Field(description="The tile's pixels, cut from its slide at its stored resolution.")
     viewer_url: str = Field(description="The web page's viewer on this tile's slide, centred on the tile.")
     tiles: list[Hit] | None = None
@@ -118,6 +146,9 @@ class SearchResponse(BaseModel):
     top_k: int
     page: int
     collection: str
+    noise_floor: float | None = Field(
+        None, description="Cosine that random tiles of different slides reach; hits below it are weak."
+    )
 
 
 class TextMatch(BaseModel):

@@ -26,7 +26,7 @@ from conchdb.api.settings import ApiSettings
 from conchdb.api.shared import BytesCache, SerialStore, SlideCache
 from conchdb.archive import Removal, SlideCatalog, file_state
 from conchdb.errors import ConchdbError, SlideError
-from conchdb.search import heatmap, prompts, regions
+from conchdb.search import heatmap, prompts, regions, steer
 from conchdb.search.searcher import Searcher, SearchHit
 from conchdb.slides import output_size, read_region
 from conchdb.store import Filter, Store
@@ -229,9 +229,42 @@ class Service:
                                field="group_by")
         return Options(top_k, offset, flt, min_score, group_by, group_size)
 
-    def search(self, vector: np.ndarray, opts: Options) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, opts: Options, *, exclude: Sequence[str] = ()) -> list[SearchHit]:
         return self.searcher.search(vector, opts.k, opts.flt, opts.min_score, opts.offset, opts.group_by,
-                                    opts.group_size)
+                                    opts.group_size, exclude=exclude)
+
+    def noise_floor(self) -> float | None:
+        floor = self.searcher.noise_floor()
+        return None if floor is None else floor.value
+
+    def steered(self, vector: np.ndarray, *, more: Sequence[Any] = (), less: Sequence[Any] = (),
+                like: Sequence[str] = (), unlike: Sequence[str] = ()) -> np.ndarray:
+        """The query moved by concepts (texts embedded through the batcher and its cache) and by
+        examples (stored tiles by id; an unknown id is a 404 naming `like` or `unlike`)."""
+        more_c = [steer.concept(c.text, c.weight, parameter="more") for c in more]
+        less_c = [steer.concept(c.text, c.weight, parameter="less") for c in less]
+        steer.check_concepts(more_c, less_c)
+        steer.check_examples(like, unlike)
+        out = np.asarray(vector, dtype=np.float32)
+        if more_c or less_c:
+            self.require_model()
+            assert self.batcher is not None
+            vectors = self.batcher.vectors([c.text for c in (*more_c, *less_c)])
+            pairs = [(v, c.weight) for v, c in zip(vectors, (*more_c, *less_c), strict=True)]
+            out = steer.add_concepts(out, pairs[: len(more_c)], pairs[len(more_c) :])
+        if like or unlike:
+            liked = [self._example(i, "like") for i in like]
+            unliked = [self._example(i, "unlike") for i in unlike]
+            dim = len(out)
+            out = steer.rocchio(out, np.asarray(liked, dtype=np.float32).reshape(len(liked), dim),
+                                np.asarray(unliked, dtype=np.float32).reshape(len(unliked), dim))
+        return out
+
+    def _example(self, point_id: str, field: str) -> np.ndarray:
+        try:
+            return self.point_vector(point_id)
+        except ApiError as exc:
+            raise ApiError(exc.status, exc.message, exc.fix, field=field) from None
 
     def search_slides(self, slide_id: str, k: int, filters: dict[str, Any] | None,
                       exclude_same: Sequence[str], candidates: int | None = None) -> tuple[int, list[Any]]:

@@ -183,6 +183,15 @@ class SlideCatalog:
             candidates = [next((h.payload for h in tiles), {})]
         return recorded_mpp(path, candidates)
 
+    def source_of(self, slide_id: str) -> dict[str, Any] | None:
+        """Where a stored slide's pixels are: its record (a done one first), else one of its
+        tiles (a store filled without records); each holds `path` and the `mpp` it was read at.
+        None when the store does not hold the slide."""
+        records = self.records_of(slide_id)
+        if records:
+            return records[0]
+        return next((h.payload for h in self.store.scroll(self.collection, of_slide(slide_id))), None)
+
     def nearest_done(self, vector: np.ndarray, n: int, flt: Filter | None = None) -> list[str]:
         """The ids of the `n` done slides whose mean tile vectors are nearest `vector`, best
         first, under `flt`'s conditions that a record can answer (those on a tile's own

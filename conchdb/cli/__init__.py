@@ -6,6 +6,7 @@ lives in its own module, which registers its commands on import; `tables.py` and
 """
 
 from conchdb.cli import (  # noqa: F401  (register the commands)
+    annotations,
     archive,
     copy,
     embed,

@@ -51,6 +51,10 @@ def ingest(
     broker: Annotated[
         str | None, typer.Option("--broker", help="Redis URL: workers embed the slides (also $CONCHDB_BROKER_URL).")
     ] = None,
+    roi: Annotated[
+        Path | None,
+        typer.Option("--roi", help="QuPath GeoJSON exports, one per slide: tile only inside their annotations."),
+    ] = None,
 ) -> None:
     """Tile, embed and store every slide under PATH; reruns skip slides already done.
 
@@ -72,6 +76,11 @@ def ingest(
     params = TilingParams(target_mpp, tile_px, stride_px, min_tissue)
     settings = IngestOptions(params, batch_size or 32, readers, force, cohort, slide_mpp, slides_in_flight,
                              compile_model, gpu_jpeg)
+    if roi is not None:
+        if not roi.is_dir():
+            raise ConchdbError(f"--roi {roi} is not a folder", "give the folder of QuPath GeoJSON exports",
+                               parameter="roi")
+        settings.roi = roi
     if broker or options.settings.broker_url:
         from conchdb.cli.workers import ingest_through_broker
 

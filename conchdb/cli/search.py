@@ -25,6 +25,18 @@ EnsembleOpt = Annotated[
     bool, typer.Option("--ensemble", help="Average the text over CONCH-style prompt templates.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+LikeOpt = Annotated[
+    list[str], typer.Option("--like", help="Refine: id of a hit that is what you want; repeat.")
+]
+UnlikeOpt = Annotated[
+    list[str], typer.Option("--unlike", help="Refine: id of a hit that is not what you want; repeat.")
+]
+MoreOpt = Annotated[
+    list[str], typer.Option("--more", help="Move the query toward a text: TEXT or TEXT:WEIGHT (default 0.5); repeat.")
+]
+LessOpt = Annotated[
+    list[str], typer.Option("--less", help="Move the query away from a text: TEXT or TEXT:WEIGHT; repeat.")
+]
 CandidatesOpt = Annotated[
     int | None,
     typer.Option("--candidates", help="Slide search: slides scored exactly per query (more is slower and surer)."),
@@ -39,6 +51,13 @@ def search(
     query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
     image: ImageQueryOpt = None,
     point: Annotated[str | None, typer.Option("--point", help="Id of a stored tile: find tiles like it.")] = None,
+    region: Annotated[
+        str | None, typer.Option("--region", help="A stored slide's rectangle: SLIDE_ID:x,y,w,h (level-0 pixels).")
+    ] = None,
+    like: LikeOpt = [],  # noqa: B006
+    unlike: UnlikeOpt = [],  # noqa: B006
+    more: MoreOpt = [],  # noqa: B006
+    less: LessOpt = [],  # noqa: B006
     slide: Annotated[str | None, typer.Option("--slide", help="A stored slide id: find slides like it.")] = None,
     slide_file: Annotated[
         Path | None, typer.Option("--slide-file", help="A slide file (not stored): find stored slides like it.")
@@ -58,18 +77,30 @@ def search(
     min_score: Annotated[float | None, typer.Option("--min-score", help="Leave out hits below this cosine.")] = None,
     as_json: JsonOpt = False,
     export: Annotated[Path | None, typer.Option("--export", help="Write hit JPEGs and index.html here.")] = None,
+    export_geojson: Annotated[
+        Path | None, typer.Option("--export-geojson", help="Write one QuPath GeoJSON file per slide with hits here.")
+    ] = None,
     slide_mpp: Annotated[
         float | None,
         typer.Option("--slide-mpp", help="Level-0 µm/px of a region's or --slide-file's slide (not in the store)."),
     ] = None,
 ) -> None:
-    """Search tiles by text, by image or by a stored tile, or slides by a slide, with filters;
-    exactly one of QUERY, --image, --point, --slide, --slide-file."""
+    """Search tiles by text, by image, by a stored tile or a stored slide's region, or slides by
+    a slide, with filters; exactly one of QUERY, --image, --point, --region, --slide,
+    --slide-file. Steer a tile search with --like/--unlike (hits by id) and --more/--less
+    (texts); hits below the collection's noise floor are marked weak."""
     from conchdb.search.filters import filter_fields
     from conchdb.search.searcher import require_text
+    from conchdb.search.steer import parse_concept
 
     if slide is not None or slide_file is not None:
         from conchdb.cli.slide_search import search_slides_command
+
+        steering = [n for n, v in (("like", like), ("unlike", unlike), ("more", more), ("less", less),
+                                   ("region", region), ("export_geojson", export_geojson)) if v]
+        if steering:
+            raise QueryError("refining, regions and GeoJSON export apply to tile searches",
+                             fix="leave them out of a slide search, or search tiles", parameter=steering[0])
 
         return search_slides_command(
             options, slide=slide, slide_file=slide_file, slide_mpp=slide_mpp,
@@ -80,8 +111,10 @@ def search(
         raise QueryError("leaving out slides and scoring candidates apply to slide searches",
                          fix="give --slide or --slide-file", parameter="exclude_same" if exclude_same else "candidates")
 
-    if sum(q is not None for q in (query, image, point)) != 1:
-        raise QueryError("give exactly one query", fix="QUERY text, --image PATH, or --point ID")
+    if sum(q is not None for q in (query, image, point, region)) != 1:
+        raise QueryError("give exactly one query", fix="QUERY text, --image PATH, --point ID or --region SLIDE:x,y,w,h")
+    concepts_more = [parse_concept(c, parameter="more") for c in more]
+    concepts_less = [parse_concept(c, parameter="less") for c in less]
     if query is not None:
         require_text(query)
     if page < 1:
@@ -91,17 +124,29 @@ def search(
     with options.searcher() as searcher:
         flt = searcher.parse_where(where)
         # The image is read before the model loads, which loads only the tower the query needs.
-        pixels = searcher.load_image(image, slide_mpp=slide_mpp) if image is not None else None
+        if region is not None:
+            pixels = searcher.stored_region(region)
+        else:
+            pixels = searcher.load_image(image, slide_mpp=slide_mpp) if image is not None else None
         vector = searcher.query_vector(text=query, image=pixels, point=point, ensemble=ensemble)
-        hits = searcher.search(vector, top_k, flt, min_score, (page - 1) * top_k, group_by, group_size)
+        vector = searcher.steer(vector, more=concepts_more, less=concepts_less, like=like, unlike=unlike)
+        hits = searcher.search(vector, top_k, flt, min_score, (page - 1) * top_k, group_by, group_size,
+                               exclude=[*like, *unlike])
+        floor = searcher.noise_floor()
     if export is not None:
         from conchdb.search.export import export_hits
 
-        title = f"text: {query}" if query is not None else f"image: {image}" if image is not None else f"point: {point}"
+        title = (f"text: {query}" if query is not None else f"image: {image}" if image is not None
+                 else f"region: {region}" if region is not None else f"point: {point}")
         done = export_hits(hits, export, title)
         for tile in done.failures:
             err_console.print(f"[yellow]warning:[/] hit {tile.label}: {tile.error}", highlight=False, soft_wrap=True)
         err_console.print(f"export: {len(done.tiles) - len(done.failures)} images and {done.index}", highlight=False)
+    if export_geojson is not None:
+        from conchdb.search.geojson import export_hits_geojson
+
+        written = export_hits_geojson(hits, export_geojson)
+        err_console.print(f"geojson: {len(written)} slide file(s) in {export_geojson}", highlight=False)
     if as_json:
         print_json([h.to_dict() for h in hits])
         return
@@ -110,7 +155,7 @@ def search(
     if not hits:
         out_console.print("no results")
         return
-    out_console.print(hits_table(hits, filter_fields(flt)))
+    out_console.print(hits_table(hits, filter_fields(flt), noise_floor=floor.value if floor else None))
 
 
 @app.command()
@@ -204,8 +249,12 @@ def heatmap(
     ensemble: EnsembleOpt = False,
     where: WhereOpt = [],  # noqa: B006
     size: Annotated[int, typer.Option("--size", help="Longest side of the thumbnail, pixels.")] = 1024,
+    geojson: Annotated[
+        Path | None, typer.Option("--geojson", help="Also write the tiles as QuPath GeoJSON, similarity measured.")
+    ] = None,
 ) -> None:
-    """Similarity of each stored tile of a slide to a text or image query, over the slide's thumbnail."""
+    """Similarity of each stored tile of a slide to a text or image query, over the slide's thumbnail
+    (and, with --geojson, as tile polygons QuPath colours by their similarity)."""
     from conchdb.search.heatmap import slide_heatmap
     from conchdb.search.searcher import require_text
 
@@ -226,6 +275,11 @@ def heatmap(
         result.image.save(out, "PNG")
     except (OSError, ValueError) as exc:
         raise ConchdbError(f"cannot write {out}: {exc}", fix="give --out a writable .png path") from None
+    if geojson is not None:
+        from conchdb.search.geojson import heatmap_collection, write_geojson
+
+        write_geojson(heatmap_collection(tiles, scores), geojson)
+        out_console.print(f"wrote {geojson}: {len(tiles)} tile polygons (measurement: similarity)", highlight=False)
     best = result.best.payload
     out_console.print(
         f"wrote {out}: {result.tiles} tiles, scores {result.low:.4f} to {result.high:.4f}, "

@@ -38,11 +38,19 @@ def hit_columns(hits: Sequence[SearchHit], filter_fields: Sequence[str]) -> list
     return columns[: max(MAX_EXTRA_COLUMNS, len(filter_fields))]
 
 
-def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), title: str | None = None) -> Table:
-    """Rank, score, slide, x, y and the chosen payload columns; grouped hits add a tiles column."""
+def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), title: str | None = None, *,
+               noise_floor: float | None = None) -> Table:
+    """Rank, score, slide, x, y and the chosen payload columns; grouped hits add a tiles column.
+    Weak hits (below the collection's noise floor) are dimmed, their score marked, and a
+    caption says why."""
     grouped = any(h.tiles is not None for h in hits)
     columns = hit_columns(hits, filter_fields)
-    table = Table(title=title, title_justify="left")
+    weak = sum(bool(h.weak) for h in hits)
+    caption = None
+    if weak and noise_floor is not None:
+        caption = (f"weak: {weak} hit(s) score below {noise_floor:.4f}, the collection's noise floor (how close "
+                   "tiles of unrelated slides are): no closer to the query than unrelated tissue")
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("rank", justify="right", no_wrap=True)
     table.add_column("score", justify="right", no_wrap=True)
     table.add_column("slide", overflow="fold", min_width=12)
@@ -53,11 +61,12 @@ def hits_table(hits: Sequence[SearchHit], filter_fields: Sequence[str] = (), tit
     for name in columns:
         table.add_column(name, overflow="fold")
     for hit in hits:
-        row = [str(hit.rank), f"{hit.score:.4f}", _fmt(hit.slide_id), _fmt(hit.x), _fmt(hit.y)]
+        score = f"{hit.score:.4f} weak" if hit.weak else f"{hit.score:.4f}"
+        row = [str(hit.rank), score, _fmt(hit.slide_id), _fmt(hit.x), _fmt(hit.y)]
         if grouped:
             row.append("  ".join(f"{t.score:.3f}@{t.x},{t.y}" for t in hit.flat()))
         row += [_fmt(hit.payload.get(name)) for name in columns]
-        table.add_row(*row)
+        table.add_row(*row, style="dim" if hit.weak else None)
     return table
 
 

@@ -59,6 +59,7 @@ class IngestOptions:
     compile: bool = False  # torch.compile the vision tower
     gpu_jpeg: bool = False  # decode tiled-JPEG levels on the model's device (CPU reader otherwise)
     read_batch: int = READ_BATCH  # tiles per reader task; model batches (batch_size) are joined on the device
+    roi: Path | None = None  # QuPath GeoJSON per slide: tile only inside its annotations
 
 
 @dataclass
@@ -77,6 +78,7 @@ class SlideJob:
     readers: int = 2
     read_batch: int = READ_BATCH
     gpu_jpeg: bool = False
+    roi: str | None = None  # "" (or a file): ingest --roi; the slide's annotations file, "" when it has none
 
     @property
     def tiling(self) -> Tiling:
@@ -101,9 +103,25 @@ def plan_slide(job: SlideJob) -> _Plan:
         with open_slide(job.slide.path, job.mpp_override, job.override_source) as opened:
             _, plan.grid = plan_tiles(opened, job.params)
             plan.info = _slide_info(opened)
+            if job.roi is not None:
+                plan.grid = _inside_roi(job, plan.grid, opened.dimensions)
     except SlideError as exc:
         plan.error = str(exc)
     return plan
+
+
+def _inside_roi(job: SlideJob, grid: TileGrid, dimensions: tuple[int, int]) -> TileGrid:
+    """The grid's tiles at least half inside the slide's annotations (ingest --roi); a slide
+    without an annotations file fails with that reason rather than being stored empty."""
+    from conchdb.slides.annotations import check_inside, keep_inside, read_regions
+
+    if not job.roi:
+        raise SlideError(f"no annotations file for slide '{job.slide.id}' in the --roi folder",
+                         fix="export its annotations from QuPath as <slide name>.geojson, or ingest without --roi",
+                         parameter="roi")
+    regions = read_regions(job.roi)
+    check_inside(regions, *dimensions, source=job.roi)
+    return keep_inside(grid, regions)
 
 
 def _slide_info(slide: Slide) -> dict[str, Any]:
@@ -263,8 +281,17 @@ class Ingest:
         return SlideJob(
             slide, self.cohort_name, self.run_id, self.options.params, self.manifest.payload_for(slide.id),
             mpp, source, self.options.batch_size, self.options.readers, self.options.read_batch,
-            self.options.gpu_jpeg,
+            self.options.gpu_jpeg, self._roi_file(slide),
         )
+
+    def _roi_file(self, slide: CohortSlide) -> str | None:
+        """With --roi, the slide's annotations file ("" when it has none); None without."""
+        if self.options.roi is None:
+            return None
+        from conchdb.slides.annotations import find_annotation_file
+
+        found = find_annotation_file(self.options.roi, slide.id)
+        return "" if found is None else str(found)
 
     def record(self, slide: CohortSlide) -> dict[str, Any] | None:
         """The slide's record as stored now (None: never seen)."""

@@ -42,6 +42,35 @@ class Region:
     h: int
 
 
+_STORED_REGION = re.compile(r"^(?P<slide>.+):(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$")
+
+
+@dataclass(frozen=True)
+class StoredRegion:
+    """A rectangle of a stored slide in level-0 pixels: `SLIDE_ID:x,y,w,h` on the command line."""
+
+    slide_id: str
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def parse_stored_region(spec: str) -> StoredRegion:
+    """`SLIDE_ID:x,y,w,h` (the last colon splits, so a slide id may hold colons)."""
+    match = _STORED_REGION.match(spec.strip())
+    if not match:
+        raise QueryError(
+            f"--region {spec!r} is not SLIDE_ID:x,y,w,h", parameter="region",
+            fix="give a stored slide id and a level-0 rectangle, e.g. case01.svs:20480,11264,1024,1024",
+        )
+    region = StoredRegion(match["slide"], *(int(match[k]) for k in ("x", "y", "w", "h")))
+    if region.w < 1 or region.h < 1:
+        raise QueryError(f"region {spec!r} is empty", fix="give w and h of at least 1 level-0 pixel",
+                         parameter="region")
+    return region
+
+
 def parse_region(spec: str) -> Region | None:
     """A `Region` when `spec` ends in `+x,y,w,h`, else None (it is then a plain image path)."""
     match = _REGION.match(spec.strip())

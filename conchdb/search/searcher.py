@@ -285,6 +285,24 @@ class Searcher:
             )
         return open_image(image)
 
+    def stored_region(self, spec: str) -> Image.Image:
+        """`SLIDE_ID:x,y,w,h`: a level-0 rectangle of a stored slide, read from the file the
+        store recorded for it, at the pixel size recorded for it, resized to the collection's
+        tile resolution (what ingest would have embedded there)."""
+        region = regions.parse_stored_region(spec)
+        source = SlideCatalog(self._store(), self.collection).source_of(region.slide_id)
+        if source is None or not source.get("path"):
+            error = self._unknown_slide(region.slide_id, False)
+            raise QueryError(error.message, fix=error.fix, parameter="region")
+        mpp = source.get("mpp")
+        try:
+            return regions.read_query_region(
+                regions.Region(Path(source["path"]), region.x, region.y, region.w, region.h), self.target_mpp(),
+                float(mpp) if isinstance(mpp, (int, float)) else None, "store",
+            )
+        except QueryError as exc:
+            raise QueryError(exc.message, fix=exc.fix, parameter="region") from None
+
     def recorded_mpp(self, path: str | Path) -> float | None:
         """The pixel size the store recorded for the slide file at `path` (its slide record,
         else its tiles), or None when the store does not hold it."""

@@ -50,6 +50,7 @@ def job_to_dict(job: SlideJob) -> dict[str, Any]:
         "readers": job.readers,
         "read_batch": job.read_batch,
         "gpu_jpeg": job.gpu_jpeg,
+        "roi": job.roi,
     }
 
 
@@ -61,7 +62,7 @@ def job_from_dict(doc: dict[str, Any]) -> SlideJob:
     return SlideJob(
         slide, doc["cohort"], doc["run_id"], TilingParams(**params), dict(doc["metadata"]),
         doc["mpp_override"], doc["override_source"], int(doc["batch_size"]), int(doc["readers"]),
-        int(doc.get("read_batch", READ_BATCH)), bool(doc.get("gpu_jpeg", False)),
+        int(doc.get("read_batch", READ_BATCH)), bool(doc.get("gpu_jpeg", False)), doc.get("roi"),
     )
 
 

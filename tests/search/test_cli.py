@@ -56,7 +56,7 @@ def test_search_json_has_the_documented_shape(env, corpus):
     doc = json.loads(ok("search", "adenocarcinoma with necrosis", "--top-k", "5", "--json", *env).stdout)
     assert [d["rank"] for d in doc] == [1, 2, 3, 4, 5]
     for d in doc:
-        assert set(d) == {"rank", "score", "id", "slide_id", "x", "y", "size", "payload"}
+        assert set(d) == {"rank", "score", "id", "slide_id", "x", "y", "size", "payload", "weak"}
         assert d["slide_id"] == d["payload"]["slide_id"] and d["x"] == d["payload"]["x"]
         assert d["size"] == TILE
     assert [d["score"] for d in doc] == sorted((d["score"] for d in doc), reverse=True)

@@ -83,7 +83,7 @@ async def _image_request(request: Request, model: type[BaseModel]) -> tuple[Any,
         values = [v for v in form.getlist(name) if isinstance(v, str)]
         if not values or name in ("point_id", "slide_id", "x", "y", "w", "h"):
             continue
-        if name in ("filters", "prompts", "topk"):
+        if name in ("filters", "prompts", "topk", "more", "less"):
             try:
                 fields[name] = json.loads(values[0])
             except ValueError:
@@ -111,16 +111,38 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
 
 
 def _response(service: Service, hits: list, top_k: int, page: int) -> dict[str, Any]:
-    return {"hits": [hit_dict(h) for h in hits], "top_k": top_k, "page": page, "collection": service.collection}
+    return {"hits": [hit_dict(h) for h in hits], "top_k": top_k, "page": page, "collection": service.collection,
+            "noise_floor": service.noise_floor()}
 
 
 @router.post("/search/text", response_model=schemas.SearchResponse, responses=ERRORS)
 def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
-    """Tiles that look like a text: `{"query": "tumor necrosis", "top_k": 10, "filters": {...}}`."""
+    """Tiles that look like a text: `{"query": "tumor necrosis", "top_k": 10, "filters": {...}}`;
+    `more` / `less` (`[{"text", "weight"}]`) steer it by concept."""
     service = _service(request)
     opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
-    vector = service.text_vector(body.query, body.ensemble)
+    vector = service.steered(service.text_vector(body.query, body.ensemble), more=body.more, less=body.less)
     return _response(service, service.search(vector, opts), body.top_k, body.page)
+
+
+@router.post("/search/refine", response_model=schemas.SearchResponse, responses=ERRORS)
+def search_refine(body: schemas.RefineSearch, request: Request) -> dict[str, Any]:
+    """A search again, steered: the query (`query` text, or `point_id`, or `slide_id` with
+    `x, y, w, h`), moved toward the hits in `like` and away from those in `unlike` (Rocchio's
+    update in CONCH space) and by `more` / `less` concepts; the marked hits are left out."""
+    service = _service(request)
+    opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
+    query = body.model_dump()
+    if body.query is not None:
+        if any(query.get(k) is not None for k in ("point_id", "slide_id")):
+            raise ApiError(422, "give one query: a text, a point_id or a slide region", "send one of them",
+                           field="query")
+        vector = service.text_vector(body.query, body.ensemble)
+    else:
+        vector = service.image_vector(query, None)
+    vector = service.steered(vector, more=body.more, less=body.less, like=body.like, unlike=body.unlike)
+    hits = service.search(vector, opts, exclude=[*body.like, *body.unlike])
+    return _response(service, hits, body.top_k, body.page)
 
 
 @router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)
@@ -140,7 +162,7 @@ async def search_image(request: Request) -> dict[str, Any]:
 
     def run() -> dict[str, Any]:
         opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
-        vector = service.image_vector(body.model_dump(), pixels)
+        vector = service.steered(service.image_vector(body.model_dump(), pixels), more=body.more, less=body.less)
         return _response(service, service.search(vector, opts), body.top_k, body.page)
 
     return await run_in_threadpool(run)

@@ -93,6 +93,34 @@ def slide_heatmap(
     return Response(png, media_type="image/png")
 
 
+GEOJSON = {"content": {"application/geo+json": {}}, "description": "A GeoJSON FeatureCollection QuPath imports"}
+
+
+@router.get("/slides/{slide_id:path}/hits.geojson", response_class=Response, responses={200: GEOJSON, **ERRORS})
+def slide_hits_geojson(
+    slide_id: str,
+    request: Request,
+    query: str = Query(min_length=1, max_length=schemas.MAX_QUERY_CHARS),
+    top_k: int = Query(50, ge=1, le=1000),
+    ensemble: bool = False,
+    filters: str | None = Query(None, max_length=10_000),
+) -> Response:
+    """The slide's tiles nearest a text as a QuPath GeoJSON FeatureCollection: one annotation per
+    hit, a polygon in level-0 pixels, classified as a hit (or a weak hit), its score measured.
+    Drag the file onto the slide in QuPath."""
+    from conchdb.search.geojson import hits_by_slide
+
+    service = _service(request)
+    service.slide_record(slide_id)
+    given = _json_param(filters, "filters") or {}
+    if not isinstance(given, dict):
+        raise ApiError(422, "filters must be a JSON object", 'e.g. {"site": "lung"}', field="filters")
+    opts = service.options(top_k, 1, {**given, "slide_id": slide_id}, None, None, 3)
+    hits = service.search(service.text_vector(query, ensemble), opts)
+    doc = hits_by_slide(hits).get(slide_id, {"type": "FeatureCollection", "features": []})
+    return Response(json.dumps(doc), media_type="application/geo+json")
+
+
 DZI = {"content": {"application/xml": {}}, "description": "Deep Zoom descriptor"}
 
 
