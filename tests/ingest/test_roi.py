@@ -16,9 +16,8 @@ def square(x0, y0, x1, y1):
 
 
 def export(*geometries) -> str:
-    features = [{"type": "Feature", "geometry": g, "properties": {"objectType": "annotation",
-                                                                  "classification": {"name": "Tumor", "color": [1, 2, 3]}}}
-                for g in geometries]
+    properties = {"objectType": "annotation", "classification": {"name": "Tumor", "color": [1, 2, 3]}}
+    features = [{"type": "Feature", "geometry": g, "properties": properties} for g in geometries]
     return json.dumps({"type": "FeatureCollection", "features": features})
 
 
