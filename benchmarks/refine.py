@@ -82,13 +82,13 @@ def main() -> None:
         return [index[str(p.id)] for p in found]
 
     methods = {
-        "rocchio a=1 b=0.75 g=0.25": lambda q, li, un: search(rocchio(q, vectors[li], vectors[un]), set(li + un)),
+        "rocchio a=1 b=0.75 g=0.25": lambda q, li, un: search(
+            rocchio(q, vectors[li], vectors[un], beta=0.75, gamma=0.25), set(li + un)),
         "rocchio a=1 b=0.75 g=0.15": lambda q, li, un: search(
-            rocchio(q, vectors[li], vectors[un], gamma=0.15), set(li + un)),
+            rocchio(q, vectors[li], vectors[un], beta=0.75, gamma=0.15), set(li + un)),
         "rocchio a=1 b=1.0 g=0.5": lambda q, li, un: search(
             rocchio(q, vectors[li], vectors[un], beta=1.0, gamma=0.5), set(li + un)),
-        "rocchio a=1 b=1.5 g=1": lambda q, li, un: search(
-            rocchio(q, vectors[li], vectors[un], beta=1.5, gamma=1.0), set(li + un)),
+        "rocchio a=1 b=1.5 g=1 (conchdb)": lambda q, li, un: search(rocchio(q, vectors[li], vectors[un]), set(li + un)),
         "rocchio a=1 b=3 g=2 (= avg_vector)": lambda q, li, un: search(
             rocchio(q, vectors[li], vectors[un], beta=3.0, gamma=2.0), set(li + un)),
         "recommend average_vector": lambda q, li, un: recommend(q, li, un, qm.RecommendStrategy.AVERAGE_VECTOR),

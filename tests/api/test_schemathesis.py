@@ -36,7 +36,8 @@ def test_the_document_lists_every_endpoint(api_schema):
     paths = set(api_schema.raw_schema["paths"])
     assert {"/v1/search/text", "/v1/search/image", "/v1/describe", "/v1/classify", "/v1/tiles/{point_id}.jpg",
             "/v1/slides", "/v1/slides/{slide_id}", "/v1/slides/{slide_id}/thumbnail.jpg",
-            "/v1/slides/{slide_id}/heatmap.png", "/v1/slides/{slide_id}.dzi", "/v1/health", "/v1/stats"} <= paths
+            "/v1/slides/{slide_id}/heatmap.png", "/v1/slides/{slide_id}.dzi", "/v1/health", "/v1/stats",
+            "/v1/search/refine", "/v1/slides/{slide_id}/hits.geojson"} <= paths
 
 
 def _checker(operation, mode, seen: set[int]):
