@@ -134,3 +134,21 @@ def test_the_file_name_may_keep_or_drop_the_slides_extension(tmp_path, name):
     result = runner.invoke(app, ["annotations", "add", str(folder), "--store", str(tmp_path / "store")])
     assert result.exit_code == 0, result.output
     assert "case01.svs: Stroma 1, Tumor 7 (of 16 tiles)" in result.stdout
+
+
+def test_slide_key_matches_file_names_against_another_record_field(tmp_path):
+    make_store(tmp_path / "store")
+    with EdgeStore(tmp_path / "store") as store:  # a manifest column naming the case
+        store.set_payload(slides_collection("conch_tiles"), {"case": "A-17"},
+                          flt=Filter((Condition("slide_id", "eq", "case02.svs"),)))
+    folder = tmp_path / "q"
+    folder.mkdir()
+    (folder / "A-17.geojson").write_text(json.dumps(QUPATH_EXPORT))
+    args = ["annotations", "add", str(folder), "--store", str(tmp_path / "store"), "--slide-key", "case"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with EdgeStore(tmp_path / "store") as store:
+        assert labelled(store, "case02.svs") == {"Tumor": TUMOR, "Stroma": STROMA}
+        assert labelled(store, "case01.svs") == {}
+    wrong = runner.invoke(app, [*args[:-1], "nothing"])
+    assert wrong.exit_code == 2 and "no stored slide has the field 'nothing'" in wrong.stderr

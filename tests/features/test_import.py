@@ -134,6 +134,8 @@ def test_importing_the_same_folder_twice_writes_nothing_new(tmp_path, env):
     assert (first["ingested"], first["tiles_written"]) == (2, 8)
     with EdgeStore(tmp_path / "store") as store:
         before = {h.id: (h.payload["ingest_run"], h.vector.tolist()) for h in store.scroll(TILES, with_vectors=True)}
+        floor = store.collection_metadata(TILES)["noise_floor"]  # an import ends as an ingest does
+        assert floor["slides"] == 2 and floor["tiles"] == 8
     second = import_json(root, env)
     assert (second["ingested"], second["skipped"], second["tiles_written"]) == (0, 2, 0)
     with EdgeStore(tmp_path / "store") as store:
