@@ -9,6 +9,7 @@ from typing import get_args
 
 from conchdb import catalog, tabular
 from conchdb.catalog import (
+    ANNOTATION_FIELD,
     FIELD_TYPES,
     SLIDE_FIELDS,
     SLIDE_INDEXED,
@@ -68,11 +69,14 @@ COLUMNS = {"diagnosis": "string", "grade": "int", "age": "float", "her2": "bool"
 
 def test_tiles_layout_indexes_the_manifest_and_graphs_its_categories():
     layout = tiles_layout(COLUMNS)
-    assert layout.fields == {**TILE_FIELDS, "diagnosis": "keyword", "grade": "integer", "age": "float", "her2": "bool"}
-    assert layout.indexed == (*TILE_INDEXED, "diagnosis", "grade", "age", "her2")
+    annotation = {ANNOTATION_FIELD: "keyword"}  # a pathologist's class, set later by `annotations add`
+    assert layout.fields == {**TILE_FIELDS, **annotation, "diagnosis": "keyword", "grade": "integer", "age": "float",
+                             "her2": "bool"}
+    assert layout.indexed == (*TILE_INDEXED, ANNOTATION_FIELD, "diagnosis", "grade", "age", "her2")
     assert layout.graph_fields == (*TILE_GRAPH_FIELDS, "diagnosis", "her2")
     assert layout.load_indexed == TILE_LOAD_INDEXED
-    assert tiles_layout({}).fields == TILE_FIELDS and tiles_layout({}).indexed == TILE_INDEXED
+    empty = tiles_layout({})
+    assert empty.fields == {**TILE_FIELDS, **annotation} and empty.indexed == (*TILE_INDEXED, ANNOTATION_FIELD)
 
 
 def test_slide_and_text_layouts_declare_their_indexed_fields_and_the_columns():
