@@ -110,6 +110,8 @@ class Hit(BaseModel):
     payload: dict[str, Any]
     tile_url: str = Field(description="The tile's pixels, cut from its slide at its stored resolution.")
     viewer_url: str = Field(description="The web page's viewer on this tile's slide, centred on the tile.")
+    slide_file: str = Field("present", description="`present`, `missing` (the slide file is gone: tile image "
+                            "and viewer answer 404 with the path it was last seen at) or `none`.")
     tiles: list[Hit] | None = None
 
 

@@ -414,7 +414,9 @@ def hit_urls(hit: SearchHit) -> dict[str, str]:
 
 
 def hit_dict(hit: SearchHit) -> dict[str, Any]:
-    out = {**hit.to_dict(), **hit_urls(hit)}
+    """A hit as JSON, with its image URLs and `slide_file`: `present`, `missing` (the file is
+    gone: its tile image and viewer answer 404 with the path last seen) or `none`."""
+    out = {**hit.to_dict(), **hit_urls(hit), "slide_file": file_state(hit.payload)}
     if hit.tiles is not None:
         out["tiles"] = [hit_dict(t) for t in hit.tiles]
     return out
