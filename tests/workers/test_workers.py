@@ -29,7 +29,7 @@ from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.model.encoder import Encoder
 from conchdb.store.edge import EdgeStore
 from conchdb.store.server import ServerStore
-from conchdb.workers.broker import BrokerError
+from conchdb.workers.broker import BrokerError, server_time
 from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
 from tests.slides.conftest import tissue_blob, write_image
 from tests.workers.conftest import BATCH, free_port
@@ -282,7 +282,8 @@ def test_tasks_the_broker_lost_are_sent_again(redis_server, workers, cohort, enc
         proc.wait(timeout=60)
     client = redis_server.client()
     stand_in = {"node": "stand-in@test", "host": "test", "pid": 0, "device": "cpu", "queue": "conchdb",
-                "model": encoder.describe(), "running": [], "started_at": 0, "updated_at": 0}
+                "model": encoder.describe(), "running": [], "started_at": 0, "updated_at": 0,
+                "beat_at": server_time(client)}
     client.set("conchdb:worker:stand-in@test", json.dumps(stand_in), ex=120)  # lets the ingest start
     store = EdgeStore(tmp_path / "store")
     try:
