@@ -199,10 +199,12 @@ class Reporter:
 
 
 class _LiveSlideWriter(SlideWriter):
-    """A worker's `SlideWriter` that checks, before every slide record it writes (in progress,
-    done, failed), that its task is still the one live for the slide: a worker taken for lost
-    that comes back must not record a failure or a stale status over the new delivery's work.
-    (Its tiles need no such check: they are the same points, by id and by value.)"""
+    """A worker's `SlideWriter` that checks that its task is still the one live for the slide
+    before every slide record it writes (in progress, done, failed) and before the done rule's
+    cleanup and mosaic (`delete_stale` comes first in `finish`, after the last tile is written):
+    a worker taken for lost that comes back must not record a failure, a stale status or its
+    own mosaic marks over the new delivery's work. Its tiles need no check: they are the same
+    points (the same ids; vectors equal to float rounding)."""
 
     check: Callable[[], None] | None = None
 
@@ -210,6 +212,11 @@ class _LiveSlideWriter(SlideWriter):
         if self.check is not None:
             self.check()
         super().write_record(*args, **kwargs)
+
+    def delete_stale(self, *args: Any, **kwargs: Any) -> None:
+        if self.check is not None:
+            self.check()
+        super().delete_stale(*args, **kwargs)
 
 
 def _track(ctx: WorkerContext, task_id: str, job: SlideJob) -> Progress:
@@ -346,7 +353,9 @@ def _run_streamed(ctx: WorkerContext, job: SlideJob, report: Reporter, progress:
 def register(app: Celery, ctx: WorkerContext) -> None:
     """Add the slide task to `app`, bound to this worker's context."""
 
-    @app.task(bind=True, name=TASK_NAME, max_retries=RETRIES, acks_late=True, reject_on_worker_lost=True)
+    # Not `shared`: a task bound to this context must not reach other apps made in the process.
+    @app.task(bind=True, name=TASK_NAME, max_retries=RETRIES, acks_late=True, reject_on_worker_lost=True,
+              shared=False)
     def ingest_slide(self: Task, **kwargs: Any) -> str:
         task_id, retries = self.request.id, self.request.retries
         try:
