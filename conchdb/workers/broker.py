@@ -47,8 +47,10 @@ def worker_key(node: str) -> str:
     return f"{PREFIX}:worker:{node}"
 
 
-def worker_pattern() -> str:
-    return f"{PREFIX}:worker:*"
+def workers_key() -> str:
+    """The set of the names of workers whose heartbeats may still be kept: read with one
+    `SMEMBERS` and one `MGET` instead of a `SCAN` of the whole keyspace every few seconds."""
+    return f"{PREFIX}:workers"
 
 
 def events_key(run_id: str) -> str:

@@ -124,7 +124,6 @@ class _Task:
     started: bool = False
     since: float = field(default_factory=time.perf_counter)
     sends: int = 1
-    node: str | None = None  # the worker last seen holding it
     embedded: int = 0  # tiles embedded by its current delivery
     counted: int = 0  # tiles of it shown on the progress display (a delivery redone adds none)
     # Where this process writes: the slide's batches go here, named by the run's `SlideWriter`.
@@ -331,7 +330,6 @@ class BrokerIngest:
                 task = waiting.get(entry.get("task", ""))
                 if task is None:
                     continue
-                task.node = beat.node
                 if beat.lost(self.opts.lost_s):
                     reason = (f"worker {beat.node} lost: no heartbeat for {beat.age_s:.0f} s "
                               f"(CONCHDB_WORKER_LOST_S={self.opts.lost_s:g})")
@@ -360,7 +358,7 @@ class BrokerIngest:
             self._notice(f"failed {slide.id}: {error}", event="failed", slide=slide.id, error=error)
             self.ingest.emit(summary, failed)
             return
-        task.task_id, task.sends, task.node = uuid.uuid4().hex, task.sends + 1, None
+        task.task_id, task.sends = uuid.uuid4().hex, task.sends + 1
         waiting[task.task_id] = task
         self._send(task)
         summary.resent.append((slide.id, reason))

@@ -46,10 +46,12 @@ class Beat:
 def heartbeats(client: redis.Redis, queue: str | None = None) -> list[Beat]:
     """Every worker heartbeat still kept (alive or lost), optionally only those on `queue`, by name."""
     now = broker.server_time(client)
+    nodes = sorted(n.decode() for n in client.smembers(broker.workers_key()))
+    raws = client.mget([broker.worker_key(n) for n in nodes]) if nodes else []
     found = []
-    for key in client.scan_iter(match=broker.worker_pattern(), count=100):
-        raw = client.get(key)
-        if raw is None:  # expired or deleted between the scan and the read
+    for node, raw in zip(nodes, raws, strict=True):
+        if raw is None:  # kept past its hour, or its worker stopped between the two reads
+            client.srem(broker.workers_key(), node)
             continue
         doc = json.loads(raw)
         if queue is None or doc.get("queue") == queue:

@@ -116,7 +116,10 @@ class WorkerContext:
         """Rewrite the heartbeat, stamped with the broker's clock (`beat_at`), by which readers age it."""
         doc = self.describe()
         doc["beat_at"] = broker.server_time(self.redis)
-        self.redis.set(broker.worker_key(self.node), json.dumps(doc), ex=broker.HEARTBEAT_KEEP_S)
+        pipe = self.redis.pipeline()
+        pipe.set(broker.worker_key(self.node), json.dumps(doc), ex=broker.HEARTBEAT_KEEP_S)
+        pipe.sadd(broker.workers_key(), self.node)
+        pipe.execute()
 
     def close(self) -> None:
         for store in self.stores.values():
@@ -147,7 +150,10 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            self.ctx.redis.delete(broker.worker_key(self.ctx.node))
+            pipe = self.ctx.redis.pipeline()
+            pipe.delete(broker.worker_key(self.ctx.node))
+            pipe.srem(broker.workers_key(), self.ctx.node)
+            pipe.execute()
 
 
 class Reporter:

@@ -214,6 +214,7 @@ def test_tasks_the_broker_lost_are_sent_again(redis_server, workers, cohort, enc
                 "model": encoder.describe(), "running": [], "started_at": 0, "updated_at": 0,
                 "beat_at": server_time(client)}
     client.set("conchdb:worker:stand-in@test", json.dumps(stand_in), ex=120)  # lets the ingest start
+    client.sadd("conchdb:workers", "stand-in@test")
     store = EdgeStore(tmp_path / "store")
     try:
         background = Background(broker_run(cohort, store, redis_server.url, stall_s=2))
