@@ -117,6 +117,7 @@ def _ingest_progress(enabled: bool, json_notices: bool = False) -> Any:
     import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from conchdb.ingest.pipeline import Progress as Callbacks
 
@@ -128,13 +129,23 @@ def _ingest_progress(enabled: bool, json_notices: bool = False) -> Any:
 
             yield Callbacks(on_notice=to_stderr if json_notices else None)
             return
-        bar = Progress(
+        class Bars(Progress):
+            """The bars, then one line of what a run through workers waits for (rich's pattern
+            for extra lines: `get_renderables`)."""
+
+            waiting = ""
+
+            def get_renderables(self) -> Any:
+                yield self.make_tasks_table(self.tasks)
+                if self.waiting:
+                    yield Text(self.waiting, style="dim", overflow="ellipsis", no_wrap=True)
+
+        bar = Bars(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console, transient=False,
         )
         slides = bar.add_task("slides", total=None, rate="")
         tiles = bar.add_task("tiles", total=0, rate="")
-        workers = bar.add_task("", total=None, rate="", visible=False)
         import time
 
         start = time.perf_counter()
@@ -159,7 +170,8 @@ def _ingest_progress(enabled: bool, json_notices: bool = False) -> Any:
 
         def on_notice(message: str, data: dict[str, Any]) -> None:
             if data.get("event") == "running":  # changes often: one line under the bars, rewritten
-                bar.update(workers, description=f"[dim]{message}[/]", visible=True)
+                bar.waiting = message
+                bar.refresh()
             else:
                 bar.console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
 
