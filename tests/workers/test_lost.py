@@ -31,6 +31,7 @@ from conchdb.ingest.mosaic import choose_mosaic
 from conchdb.ingest.pipeline import IngestOptions, Progress
 from conchdb.store.edge import EdgeStore
 from conchdb.store.server import ServerStore
+from conchdb.workers.broker import server_time
 from conchdb.workers.status import workers_status
 from tests.workers.conftest import (
     BATCH,
@@ -311,3 +312,46 @@ def test_a_lost_worker_writing_into_a_qdrant_server_does_not_undo_the_new_delive
         chosen = set(choose_mosaic(ids, np.stack([stored[k][1] for k in ids])))
         assert {k for k in ids if stored[k][0].get("mosaic")} == chosen, slide
     assert records(server) == EXPECTED_RECORDS
+
+
+def test_each_resend_counts_as_a_delivery(redis_server, cohort, encoder, tmp_path):
+    """No worker takes the slides; stand-in heartbeats claim that each task is held by a lost
+    worker. Every slide is sent again once, then recorded failed: the resend counted toward
+    `max_deliveries` (2 here)."""
+    client, queue = redis_server.client(), "nobody-home"
+    now = server_time(client)
+
+    def beat(node: str, age_s: float, running: list[dict[str, Any]]) -> None:
+        doc = {"node": node, "host": "test", "pid": 0, "device": "cpu", "queue": queue, "model": encoder.describe(),
+               "running": running, "started_at": 0, "updated_at": 0, "beat_at": server_time(client) - age_s}
+        client.set(f"conchdb:worker:{node}", json.dumps(doc), ex=300)
+        client.sadd("conchdb:workers", node)
+
+    beat("alive@test", 0, [])  # lets the ingest start
+    store = EdgeStore(tmp_path / "store")
+    try:
+        background = Background(broker_run(cohort, store, redis_server.url, queue=queue, max_deliveries=2,
+                                           lost_s=LOST_S, watch_s=0.2))
+        sent: set[bytes] = set()
+        deadline = time.monotonic() + 120
+        while background.thread.is_alive():
+            assert time.monotonic() < deadline, "the ingest did not give the slides up"
+            live = {slide: task for key in client.scan_iter(match="conchdb:run:*:live")
+                    for slide, task in client.hgetall(key).items()}
+            sent |= set(live.values())
+            running = [{"task": task.decode(), "slide": slide.decode(), "tiles": 12, "done": 2, "since": now}
+                       for slide, task in live.items()]
+            beat("lost@test", 2 * LOST_S, running)
+            beat("alive@test", 0, [])
+            time.sleep(0.2)
+        background.join()
+        assert background.error is None, background.error
+        summary = background.summary
+        assert len(sent) == 6  # three slides, each sent twice under two task ids
+        assert sorted(slide for slide, _ in summary.resent) == sorted(EXPECTED_RECORDS)
+        assert len(summary.failed) == 3
+        assert all("sent 2 times and its worker was lost each time" in o.error for o in summary.failed)
+        assert set(records(store).values()) == {"failed"}
+    finally:
+        store.close()
+        client.delete(queue, "conchdb:worker:lost@test", "conchdb:worker:alive@test")
