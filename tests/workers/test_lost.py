@@ -48,8 +48,8 @@ from tests.workers.conftest import (
 
 runner = CliRunner()
 SLIDE = "cmu_small_region.svs"  # 12 tiles: 6 batches, long enough to be caught in the middle
-# Three missed heartbeats (one every 5 s): short for a test, long enough for a loaded machine.
-LOST_S = 15
+# Four missed heartbeats (one every 5 s): short for a test, long enough for a loaded machine.
+LOST_S = 20
 PATIENT = {"CONCHDB_VISIBILITY_TIMEOUT": "3600", "CONCHDB_WORKER_LOST_S": str(LOST_S)}
 EXPECTED_RECORDS = {SLIDE: "done", "boxes.png": "done", "unreadable.svs": "failed"}
 
