@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conchdb.ingest.mosaic import choose_mosaic
 from qdrant_client import QdrantClient
 from typer.testing import CliRunner
 
+from conchdb.archive.mosaic import choose_mosaic
 from conchdb.cli import app
 from conchdb.ingest.pipeline import IngestOptions, Progress
 from conchdb.store.edge import EdgeStore
