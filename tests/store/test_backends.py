@@ -284,3 +284,19 @@ def test_malformed_filters_are_query_errors(filled, cond, words):
     with pytest.raises(QueryError, match=words) as err:
         store.count(name, Filter((cond,)))
     assert cond.field in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["site", "slide_id", "flag", "x"])
+def test_facet_counts_each_value_of_an_indexed_field_exactly(filled, data, key):
+    store, collection = filled
+    flt = Filter((Condition("tissue", "gte", 0.5),))
+    for condition in (None, flt):
+        chosen = [p for p in data.payloads if condition is None or p["tissue"] >= 0.5]
+        want: dict = {}
+        for p in chosen:
+            if p.get(key) is not None:
+                want[p[key]] = want.get(p[key], 0) + 1
+        got = store.facet(collection, key, flt=condition, limit=1000)
+        assert dict(got) == want
+        assert [c for _, c in got] == sorted(want.values(), reverse=True)
+    assert len(store.facet(collection, "x", limit=5)) == 5
