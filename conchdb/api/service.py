@@ -48,12 +48,15 @@ def not_found(what: str, fix: str, field: str) -> ApiError:
     return ApiError(404, what, fix, field=field)
 
 
+POINT_FIX = "search again and pick a tile from the results: a tile's id is the `id` of a search hit"
+
+
 def check_point_id(point_id: str) -> str:
     """A point id as stored (a UUID); anything else cannot name a point."""
     try:
         return str(uuid.UUID(point_id))
     except (ValueError, AttributeError, TypeError):
-        raise not_found(f"no point with id {point_id!r}", "point ids are the `id` of search hits", "point_id") from None
+        raise not_found(f"there is no tile with id '{point_id}'", POINT_FIX, "point_id") from None
 
 
 @dataclass
@@ -167,8 +170,8 @@ class Service:
         pid = check_point_id(point_id)
         found = self.store.retrieve(self.collection, [pid], with_vectors=True)
         if not found or found[0].vector is None:
-            raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
-                            "point ids are the `id` of search hits", "point_id")
+            raise not_found(f"there is no tile with id '{point_id}' in collection '{self.collection}'",
+                            POINT_FIX, "point_id")
         return np.asarray(found[0].vector, dtype=np.float32)
 
     def region_pixels(self, slide_id: str, x: int, y: int, w: int, h: int) -> Image.Image:
@@ -308,8 +311,8 @@ class Service:
         def make() -> bytes:
             found = self.store.retrieve(self.collection, [pid])
             if not found:
-                raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
-                                "point ids are the `id` of search hits", "point_id")
+                raise not_found(f"there is no tile with id '{point_id}' in collection '{self.collection}'",
+                                POINT_FIX, "point_id")
             payload = found[0].payload
             return encode(self._with_slide(payload, lambda s: regions.read_hit_tile(s, payload)), "JPEG")
 
