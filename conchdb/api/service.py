@@ -326,15 +326,16 @@ class Service:
         )
 
     def heatmap_png(self, slide_id: str, vector: np.ndarray, title: str, style: str, size: int,
-                    flt: Filter) -> bytes:
+                    flt: Filter) -> tuple[bytes, float, float]:
         """The slide's tiles tinted by similarity: a transparent overlay the viewer lays over the
-        slide (`overlay`), or the CLI's picture with thumbnail, title and colour bar (`figure`)."""
+        slide (`overlay`), or the CLI's picture with thumbnail, title and colour bar (`figure`);
+        with the lowest and highest score, the ends of the palette (for a legend)."""
         record = self.slide_record(slide_id)
         tiles, scores = self.searcher.slide_similarity(slide_id, vector, flt)
         if style == "figure":
             thumb, downsample = self._with_slide(record, lambda s: regions.thumbnail(s, size))
-            image, _, _ = heatmap.render(thumb, downsample, tiles, scores, title)
-            return encode(image, "PNG")
+            image, low, high = heatmap.render(thumb, downsample, tiles, scores, title)
+            return encode(image, "PNG"), low, high
         width, height = self._with_slide(record, lambda s: s.dimensions)
         downsample = max(1.0, max(width, height) / size)
         shape = (max(1, round(height / downsample)), max(1, round(width / downsample)))
@@ -345,7 +346,7 @@ class Service:
         rgba = np.zeros((*shape, 4), dtype=np.uint8)
         rgba[..., :3] = heatmap.colormap((np.nan_to_num(layer, nan=low) - low) / span)
         rgba[..., 3] = np.where(covered, 255, 0).astype(np.uint8)
-        return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+        return encode(Image.fromarray(rgba, "RGBA"), "PNG"), low, high
 
     # -- deep zoom -----------------------------------------------------------------------
 
