@@ -92,7 +92,12 @@ export async function run(view, { push = true } = {}) {
   state.deepHits = [];
   showQuery(view);
   syncControls(view);
-  if (!view.kind) { $("summary").textContent = "Search by text, by an image, or browse the slides."; setLoading(false); return; }
+  if (!view.kind) {
+    $("summary").textContent = "Search by text, by an image, or browse the slides.";
+    setLoading(false);
+    if (view.open) openFromView(view); // a hit's viewer_url
+    return;
+  }
   if (view.kind === "image" && !view.file) {
     $("summary").textContent = `The image ${view.fileName} is not in the link: drop or choose it again to search with it.`;
     setLoading(false);

@@ -101,11 +101,12 @@ export function writeFilters(filters) {
   form.reset();
   for (const f of filterFields()) {
     const rule = filters[f.name];
-    if (rule === undefined) continue;
+    if (rule === undefined || rule === null) continue; // a link may hold anything: the server says what is wrong
     if (f.type === "bool") form.elements[f.name].value = String(rule);
     else if (f.type === "integer" || f.type === "float") {
-      if (rule.gte !== undefined) form.elements[`${f.name}.min`].value = rule.gte;
-      if (rule.lte !== undefined) form.elements[`${f.name}.max`].value = rule.lte;
+      const range = typeof rule === "object" ? rule : { gte: rule, lte: rule };
+      if (range.gte !== undefined) form.elements[`${f.name}.min`].value = range.gte;
+      if (range.lte !== undefined) form.elements[`${f.name}.max`].value = range.lte;
     } else if (f.values && f.values.length && f.values.length <= FEW) {
       const wanted = new Set((rule && rule.in ? rule.in : [rule]).map(String));
       for (const box of form.querySelectorAll(`input[type=checkbox][name="${CSS.escape(f.name)}"]`)) box.checked = wanted.has(box.value);
