@@ -183,10 +183,11 @@ class Page:
         """axe-core's serious and critical violations on the page as it is now."""
         if not self.page.evaluate("typeof window.axe !== 'undefined'"):
             self.page.add_script_tag(path=str(AXE))
-        found = self.page.evaluate("async () => (await axe.run(document)).violations"
-                                   ".filter(v => ['serious', 'critical'].includes(v.impact))"
-                                   ".map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' '))}))")
-        return found
+        return self.page.evaluate(
+            "async () => (await axe.run(document)).violations"
+            ".filter(v => ['serious', 'critical'].includes(v.impact))"
+            ".map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' '))}))"
+        )
 
     def close(self) -> None:
         assert not self.errors, self.errors
@@ -226,7 +227,8 @@ def test_landing_search_cards_and_filters_from_the_data(browser, server, shots):
     with tab.page.expect_download() as download:
         tab.page.click("#export")
     csv = Path(download.value.path()).read_text().splitlines()
-    assert csv[0].startswith("rank,group,point_id,slide_id,score") and len(csv) == 25 and all(',adenoma' in row for row in csv[1:])
+    assert csv[0].startswith("rank,group,point_id,slide_id,score") and len(csv) == 25
+    assert all(",adenoma," in row for row in csv[1:])
 
     tab.page.fill("#filter-age-min", "70")
     tab.page.press("#filter-age-min", "Tab")  # a range with one end is a search (no adenoma is that old)
@@ -261,7 +263,8 @@ def test_the_last_query_wins_whatever_answers_last(browser, server, searcher, ga
     else:
         gate.hold(lambda path, body: path == "/v1/search/text" and not body.get("filters"))
         tab.search("adenocarcinoma")
-        final, final_body = None, {"query": "adenocarcinoma", "top_k": 24, "filters": {"diagnosis": {"in": ["normal"]}}}
+        final = None
+        final_body = {"query": "adenocarcinoma", "top_k": 24, "filters": {"diagnosis": {"in": ["normal"]}}}
     assert gate.held.wait(30)
     tab.page.wait_for_selector("#loading", state="visible", timeout=WAIT)  # shown while the request is held
     assert tab.page.locator(".card").count() == 0
@@ -378,7 +381,8 @@ def test_more_like_this_leaves_the_query_tile_out_and_shows_it(browser, server, 
     tab.page.locator(".card .card-open").first.click()
     tab.page.wait_for_selector("#viewer-panel:not([hidden])")
     tab.page.click("#more-like-this")
-    tab.wait("() => document.getElementById('summary').textContent.startsWith('Results 1–24 for tiles like the query tile')")
+    tab.wait("() => document.getElementById('summary').textContent"
+             ".startsWith('Results 1–24 for tiles like the query tile')")
     tab.wait_cards(24)
     assert clicked not in tab.ids()
     assert tab.page.locator("#query-shown img").get_attribute("alt") == "the query tile"
