@@ -309,6 +309,10 @@ def test_grouped_slides_cases_like_this_slide_and_the_slide_browser(browser, ser
     tab.page.click("#browse")
     tab.wait_cards(3, ".slide-card")
     assert tab.summary() == "Slides 1–3 of 3" and "browse=1" in tab.page.url
+    tab.page.check("#filters input[name=diagnosis][value=normal]")  # the browser filters by the same fields
+    tab.wait("() => document.getElementById('summary').textContent === 'Slides 1–1 of 1'")
+    tab.wait_cards(1, ".slide-card")
+    assert tab.page.locator(".slide-card").get_attribute("data-slide") == "case_b/s3.png"
     tab.open("/?browse=1&k=2")
     tab.wait_cards(2, ".slide-card")
     assert tab.summary() == "Slides 1–2 of 3"
@@ -355,6 +359,10 @@ def test_the_viewer_scale_outlines_keys_heatmap_and_region_search(browser, serve
     tab.wait("() => Math.abs(window.conchdb.heatmapItem.getOpacity() - 0.8) < 1e-6")
     tab.page.click("#describe")
     tab.page.wait_for_selector("#viewer-answers li", timeout=WAIT)
+    tab.page.fill("#classify-labels", "adenoma, normal tissue")
+    tab.page.click("#classify")
+    tab.page.wait_for_selector("#viewer-answers h3:has-text('Zero-shot class')", timeout=WAIT)
+    assert tab.page.locator("#viewer-answers li").count() == 2
     tab.shot(shots, "08-viewer-heatmap")
 
     box = tab.page.locator("#viewer").bounding_box()
@@ -386,6 +394,7 @@ def test_more_like_this_leaves_the_query_tile_out_and_shows_it(browser, server, 
     tab.wait_cards(24)
     assert clicked not in tab.ids()
     assert tab.page.locator("#query-shown img").get_attribute("alt") == "the query tile"
+    assert "of slide case_" in tab.page.locator("#query-shown").inner_text()
     tab.wait("() => document.querySelector('#query-shown img').naturalWidth > 0")
     assert f"like={clicked}" in tab.page.url
     tab.shot(shots, "10-more-like-this")
@@ -425,6 +434,10 @@ def test_a_search_url_restores_after_reload_and_back_steps_back(browser, server)
     tab.page.wait_for_selector("body[data-ready=yes]")
     tab.wait(f"() => document.getElementById('tile-outline')?.dataset.id === '{point}'")
     assert "hit #3" in tab.page.locator("#viewer-title").inner_text()
+    tab.page.go_forward()  # forward to the grouped search: the viewer closes, the URL stays the one stepped to
+    tab.wait(f"() => document.getElementById('summary').textContent === {json.dumps(grouped[0])}")
+    tab.wait_cards(3)
+    assert tab.page.locator("#viewer-panel").is_hidden() and "open=" not in tab.page.url and "group=slide" in tab.page.url
     tab.close()
 
 

@@ -5,7 +5,7 @@
 // belongs to the query in the title. The state is in the URL (url.js).
 
 import {
-  $, api, askKey, blobUrl, clearError, element, isAbort, label, patientField, postJson, showError, state,
+  $, api, askKey, blobUrl, clearError, element, isAbort, label, patientField, position, postJson, showError, state,
   updateKeyButton,
 } from "./core.js";
 import { buildFilters, describeFilters, filterFields, readFilters, writeFilters } from "./filters.js";
@@ -137,6 +137,7 @@ async function runTiles(view, signal, ticket) {
   const [result, deep] = await Promise.all(asked);
   if (ticket !== state.searches) return;
   state.hits = like ? withoutQueryTile(result.hits, view, offset) : result.hits;
+  if (like) describeQueryTile([...result.hits, ...deep.hits].find((h) => h.id === view.point));
   state.deepHits = deep.hits.filter((h) => h.id !== view.point);
   const gallery = $("gallery");
   gallery.className = by ? "gallery groups" : "gallery tiles";
@@ -208,6 +209,12 @@ function showQuery(view) {
     box.append(element("span", {}, `Query: a ${r.w}×${r.h} px region of slide ${r.slide} at pixel ${r.x}, ${r.y}`));
     box.hidden = false;
   }
+}
+
+// "More like this": say which tile the query is (the search finds it first, and leaves it out).
+function describeQueryTile(hit) {
+  const text = $("query-shown").querySelector("span");
+  if (hit && text) text.textContent = `Query: this tile of slide ${hit.slide_id}, ${position(hit)} (left out of the results)`;
 }
 
 // The form shows the view's query, filters, grouping and page size.
@@ -316,6 +323,7 @@ function wire() {
 
 // Show what the URL says (a reload, a pasted link, the back button).
 function restore() {
+  state.view = null; // the URL already says what to show: closing the viewer must not rewrite it
   closeViewer();
   const view = fromUrl(window.location.search);
   if (view.kind === "image" && lastImage && lastImage.name === view.fileName) view.file = lastImage.file;

@@ -232,7 +232,9 @@ function updateScalebar() {
   const width = um / umPerScreenPx;
   const text = um >= 1000 ? `${um / 1000} mm` : `${um} µm`;
   $("scalebar-line").style.width = `${Math.round(width)}px`;
-  $("scalebar-text").textContent = `${text} · ≈${shown(10 / umPerScreenPx)}×`;
+  const magnification = 10 / umPerScreenPx;
+  const mag = magnification >= 10 ? Math.round(magnification) : Math.round(magnification * 10) / 10;
+  $("scalebar-text").textContent = `${text} · as at ≈${mag}×`;
   bar.dataset.mpp = String(mpp);
   bar.dataset.um = String(um);
   bar.hidden = false;
