@@ -437,7 +437,8 @@ def test_a_search_url_restores_after_reload_and_back_steps_back(browser, server)
     tab.page.go_forward()  # forward to the grouped search: the viewer closes, the URL stays the one stepped to
     tab.wait(f"() => document.getElementById('summary').textContent === {json.dumps(grouped[0])}")
     tab.wait_cards(3)
-    assert tab.page.locator("#viewer-panel").is_hidden() and "open=" not in tab.page.url and "group=slide" in tab.page.url
+    assert tab.page.locator("#viewer-panel").is_hidden()
+    assert "open=" not in tab.page.url and "group=slide" in tab.page.url
     tab.close()
 
 
