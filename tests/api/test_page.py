@@ -454,6 +454,10 @@ def test_a_search_url_restores_after_reload_and_back_steps_back(browser, server)
 def test_keyboard_only_and_axe_finds_nothing_serious(browser, server, shots):
     tab = Page(browser, server).open()
     assert tab.axe() == [], "landing page"
+    tab.page.focus("#drop")
+    with tab.page.expect_file_chooser() as chooser:  # the image drop zone is a button: Enter opens the chooser
+        tab.page.keyboard.press("Enter")
+    assert chooser.value is not None
     tab.search("adenocarcinoma")
     tab.wait_cards(24)
     tab.page.focus("#text")
@@ -484,6 +488,8 @@ def test_keyboard_only_and_axe_finds_nothing_serious(browser, server, shots):
     tab.page.wait_for_selector("#viewer-panel:not([hidden])")
     tab.page.keyboard.press("Escape")
     tab.page.wait_for_selector("#viewer-panel[hidden]", state="attached")
+    tab.page.evaluate("document.body.append(Object.assign(document.createElement('img'), {src: '/static/x.png'}))")
+    assert "image-alt" in {v["id"] for v in tab.axe()}  # the audit does see a serious violation
     tab.close()
 
 
