@@ -208,7 +208,16 @@ def test_landing_search_cards_and_filters_from_the_data(browser, server, shots):
     tab.wait_cards(24)
     assert tab.summary() == "Results 1–24 for “adenocarcinoma”"
     assert "q=adenocarcinoma" in tab.page.url
-    assert tab.page.locator("#pager").is_visible()
+    assert tab.page.locator("#pager").is_visible() and tab.page.locator("#prev").is_disabled()
+    page_one = tab.ids()
+    tab.page.click("#next")
+    tab.wait("() => document.getElementById('summary').textContent === 'Results 25–48 for “adenocarcinoma”'")
+    tab.wait_cards(24)
+    want = [h["id"] for h in api_hits(server, "/v1/search/text", {"query": "adenocarcinoma", "top_k": 24, "page": 2})]
+    assert tab.ids() == want and not set(want) & set(page_one) and "page=2" in tab.page.url
+    tab.page.click("#prev")
+    tab.wait("() => document.getElementById('summary').textContent === 'Results 1–24 for “adenocarcinoma”'")
+    tab.wait_cards(24)
     first = tab.page.locator(".card").first
     text = first.inner_text()
     assert "diagnosis" in text and " µm" in text and "score" in text

@@ -128,16 +128,23 @@ async function runTiles(view, signal, ticket) {
   const like = view.kind === "like";
   const offset = (view.page - 1) * view.topK;
   const filters = view.filters;
-  const main = like
-    ? { top_k: Math.min(1000, view.page * view.topK + 1), page: 1, filters }
-    : { top_k: view.topK, page: view.page, filters };
-  if (by) Object.assign(main, { group_by: by, group_size: GROUP_SIZE });
-  const asked = [tileSearch(view, main, signal).then((r) => r.json())];
-  asked.push(tileSearch(view, { top_k: DEEP_K + (like ? 1 : 0), page: 1, filters }, signal).then((r) => r.json()));
-  const [result, deep] = await Promise.all(asked);
+  const extra = like ? 1 : 0; // room for the query tile, which is left out
+  // The search's best DEEP_K tiles (hit counts, outlines) are one request; a page of tiles within
+  // them is cut from it, any other page (or grouped results) is a request of its own.
+  const deepAsked = tileSearch(view, { top_k: DEEP_K + extra, page: 1, filters }, signal).then((r) => r.json());
+  let mainAsked = null;
+  if (by || offset + view.topK > DEEP_K) {
+    const main = like
+      ? { top_k: Math.min(1000, view.page * view.topK + 1), page: 1, filters }
+      : { top_k: view.topK, page: view.page, filters };
+    if (by) Object.assign(main, { group_by: by, group_size: GROUP_SIZE });
+    mainAsked = tileSearch(view, main, signal).then((r) => r.json());
+  }
+  const [deep, asked] = await Promise.all([deepAsked, mainAsked]);
   if (ticket !== state.searches) return;
-  state.hits = like ? withoutQueryTile(result.hits, view, offset) : result.hits;
-  if (like) describeQueryTile([...result.hits, ...deep.hits].find((h) => h.id === view.point));
+  if (like) state.hits = withoutQueryTile((asked || deep).hits, view, offset);
+  else state.hits = asked ? asked.hits : deep.hits.slice(offset, offset + view.topK);
+  if (like) describeQueryTile(deep.hits.find((h) => h.id === view.point));
   state.deepHits = deep.hits.filter((h) => h.id !== view.point);
   const gallery = $("gallery");
   gallery.className = by ? "gallery groups" : "gallery tiles";

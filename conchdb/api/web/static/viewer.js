@@ -15,7 +15,8 @@ const VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89
 
 let returnFocus = null;
 let slideInfo = null; // GET /v1/slides/{id}: the record (mpp, width, height) of the open slide
-let drawing = null;   // the rectangle being drawn: {start, element}
+let drawing = null;   // the rectangle being drawn: {start, box}
+let tracker = null;   // the mouse tracker that draws rectangles on the open slide
 
 // -- hits on screen -----------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ export function closeViewer() {
   document.body.classList.remove("viewer-open");
   $("main").inert = false;
   stopDrawing();
+  if (tracker) { tracker.destroy(); tracker = null; }
   if (state.viewer) { state.viewer.destroy(); state.viewer = null; }
   state.viewerHit = null;
   state.viewerSlide = null;
@@ -243,7 +245,8 @@ function updateScalebar() {
 // -- regions ------------------------------------------------------------------------------------
 
 function setUpDrawing(viewer) {
-  new OpenSeadragon.MouseTracker({
+  if (tracker) tracker.destroy();
+  tracker = new OpenSeadragon.MouseTracker({
     element: viewer.canvas,
     pressHandler: (event) => {
       if (!$("draw-region").getAttribute("aria-pressed").startsWith("t")) return;
