@@ -315,7 +315,15 @@ def test_grouped_slides_cases_like_this_slide_and_the_slide_browser(browser, ser
     assert slide not in tab.page.eval_on_selector_all(".slide-card", "cs => cs.map(c => c.dataset.slide)")
     tab.shot(shots, "06-cases-like-this-slide")
 
-    tab.page.go_back()  # to the grouped search; from the viewer on one of its tiles, cases like that slide
+    tab.page.go_back()  # to the grouped search
+    tab.wait_cards(3, ".card.group")
+    tab.page.check("input[name=group][value=patient]")  # the collection has patient_id: group by patient
+    tab.wait_cards(2, ".card.group")
+    assert tab.summary() == "Patients 1–2 for “adenocarcinoma”" and "group=patient" in tab.page.url
+    assert sorted(tab.page.eval_on_selector_all(".card.group", "cs => cs.map(c => c.dataset.group)")) == ["P-a", "P-b"]
+    assert "48 of the best 72 tiles" in tab.page.locator(".card.group[data-group=P-a]").inner_text()
+    tab.shot(shots, "05b-grouped-by-patient")
+    tab.page.go_back()  # to the slides; from the viewer on one of their tiles, cases like that slide
     tab.wait_cards(3, ".card.group")
     tab.page.locator(".card.group").nth(1).locator(".card-open").first.click()
     tab.page.wait_for_selector("#viewer-panel:not([hidden])")
