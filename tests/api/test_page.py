@@ -225,7 +225,7 @@ def test_landing_search_cards_and_filters_from_the_data(browser, server, shots):
     assert "mosaic" not in text and "cohort" not in text and "tissue" not in text  # storage fields behind "details"
     tab.shot(shots, "02-results-tiles")
 
-    labels = tab.page.locator("#filters .choices").first.inner_text()
+    labels = tab.page.locator("#filter-diagnosis").inner_text()
     assert "adenoma" in labels and "(1 slide)" in labels  # stored values offered with their counts
     tab.page.check("#filters input[name=diagnosis][value=adenoma]")
     tab.wait("() => document.getElementById('summary').textContent.includes('diagnosis: adenoma')")

@@ -115,13 +115,14 @@ export function shown(value) {
 // The metadata a pathologist reads (manifest columns), most useful first; and conchdb's own.
 export function readable(payload) {
   const meta = state.fields.filter((f) => f.source === "metadata" && f.name in payload).map((f) => f.name);
-  meta.sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+  meta.sort(readingOrder);
   return meta.map((name) => [label(name), shown(payload[name])]);
 }
 
-function rank(name) {
-  const i = READ_FIRST.indexOf(name);
-  return i < 0 ? READ_FIRST.length : i;
+// Field names in the order a pathologist reads them: patient, diagnosis, site, ..., then the rest by name.
+export function readingOrder(a, b) {
+  const rank = (name) => (READ_FIRST.includes(name) ? READ_FIRST.indexOf(name) : READ_FIRST.length);
+  return rank(a) - rank(b) || a.localeCompare(b);
 }
 
 export function storage(payload) {

@@ -1,13 +1,13 @@
 // The filter form, built from the data: GET /v1/fields gives each field's stored values with
 // their counts (offered as choices: values match exactly, case included) or its range (numbers).
 
-import { $, element, label, shown, state } from "./core.js";
+import { $, element, label, readingOrder, shown, state } from "./core.js";
 
 const FEW = 12; // up to this many values show as checkboxes; more as a searchable list
 
 // The fields a pathologist filters by: the slides' own metadata (manifest columns).
 export function filterFields() {
-  return state.fields.filter((f) => f.source === "metadata");
+  return state.fields.filter((f) => f.source === "metadata").sort((a, b) => readingOrder(a.name, b.name));
 }
 
 function countText(value) {
