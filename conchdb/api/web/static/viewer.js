@@ -88,10 +88,11 @@ export async function openViewer({ hit = null, slideId = null, from = null }) {
     return;
   }
   state.viewerSlide = slide;
+  $("viewer-hint").textContent = "Loading the slide…";
   let source;
   try {
     [source, slideInfo] = await Promise.all([tileSource(slide), slideRecord(slide)]);
-  } catch (_) { return; }
+  } catch (_) { $("viewer-hint").textContent = "The slide cannot be shown (see above)."; return; }
   if (state.viewerSlide !== slide) return; // another slide was opened meanwhile
   showFacts(hit, slide);
   if (state.viewer) state.viewer.destroy();
@@ -113,6 +114,7 @@ export async function openViewer({ hit = null, slideId = null, from = null }) {
   state.viewer = viewer;
   viewer.addHandler("tile-loaded", () => { state.tilesLoaded += 1; });
   viewer.addHandler("open", () => {
+    $("viewer-hint").textContent = "";
     drawOutlines();
     focusHit(true);
     updateScalebar();
@@ -120,6 +122,7 @@ export async function openViewer({ hit = null, slideId = null, from = null }) {
   });
   viewer.addHandler("animation", updateScalebar);
   viewer.addHandler("resize", updateScalebar);
+  viewer.addHandler("open-failed", () => { $("viewer-hint").textContent = ""; });
   viewer.addHandler("open-failed", (event) => showError(`The slide cannot be shown: ${event.message}`,
     "the slide file must stay where it was ingested from"));
 }
@@ -320,7 +323,14 @@ async function toggleHeatmap(on) {
   const params = new URLSearchParams({ query: state.view.text, ensemble: String(Boolean(state.view.ensemble)) });
   if (Object.keys(state.view.filters).length) params.set("filters", JSON.stringify(state.view.filters));
   let response;
-  try { response = await api(`/v1/slides/${slide}/heatmap.png?${params}`); } catch (_) { $("heatmap-toggle").checked = false; return; }
+  $("viewer-hint").textContent = "Loading the heatmap…";
+  try {
+    response = await api(`/v1/slides/${slide}/heatmap.png?${params}`);
+  } catch (_) {
+    $("heatmap-toggle").checked = false;
+    $("viewer-hint").textContent = "";
+    return;
+  }
   const low = Number(response.headers.get("X-Score-Low")), high = Number(response.headers.get("X-Score-High"));
   const url = URL.createObjectURL(await response.blob());
   viewer.addTiledImage({
@@ -328,6 +338,7 @@ async function toggleHeatmap(on) {
     success: (event) => {
       state.heatmapItem = event.item;
       document.body.dataset.heatmap = "shown";
+      $("viewer-hint").textContent = "";
       $("legend-low").textContent = score(low);
       $("legend-high").textContent = score(high);
       $("legend").hidden = false;
