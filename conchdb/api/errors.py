@@ -5,7 +5,9 @@ words that suit any front end; this module is the one place that turns them into
 status comes from the error's type (a malformed query is 422, an upload that is not an image
 415, a slide file that moved 404, a store that refuses 409, a model that cannot load 503),
 and the `field` is the error's parameter in the API's JSON spelling (`where` is `filters`,
-`point` is `point_id`). Nothing else reaches the client: an unexpected exception is logged
+`point` is `point_id`). Messages are for the person who sent the request: a validation
+error names the field, the value sent as JSON writes it and what to send instead (never
+pydantic's phrasing, a Python repr or `None`). Nothing else reaches the client: an unexpected exception is logged
 here and answered with a plain 500.
 """
 
@@ -137,9 +139,17 @@ def validation_error(errors: list[Any], model: Any = None) -> ApiError:
     kind = str(first.get("type", ""))
     ctx = first.get("ctx") or {}
     value = first.get("input")
+    in_url = tuple(first.get("loc", ("body",)))[:1] in (("query",), ("path",))
+    sent = str if in_url else shown  # a URL's values are text as typed, not JSON
     names = sorted(getattr(model, "model_fields", {}) or {})
     fix = SCHEMA_FIX
-    if kind == "missing":
+    if kind == "missing" and field == "body":
+        message = "the request has no JSON body"
+        fix = "send a JSON object" + (" with the fields: " + ", ".join(names) if names else "")
+    elif kind == "json_invalid":
+        message = "the body is not valid JSON"
+        fix = "send a JSON object, with double quotes around names and texts"
+    elif kind == "missing":
         message = f"'{field}' is missing"
         fix = f"give '{field}'"
     elif kind == "extra_forbidden":
@@ -149,7 +159,7 @@ def validation_error(errors: list[Any], model: Any = None) -> ApiError:
         bound = ctx.get("le", ctx.get("lt", ctx.get("ge", ctx.get("gt"))))
         word = {"less_than_equal": "at most", "less_than": "below", "greater_than_equal": "at least",
                 "greater_than": "above"}[kind]
-        message = f"'{field}' must be {word} {bound}, not {shown(value)}"
+        message = f"'{field}' must be {word} {bound}, not {sent(value)}"
         fix = f"give '{field}' a value {word} {bound}"
     elif kind == "string_too_short":
         message = f"'{field}' is empty" if not value else f"'{field}' is too short"
@@ -162,14 +172,14 @@ def validation_error(errors: list[Any], model: Any = None) -> ApiError:
         limit = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
         fix = f"give '{field}' {'at least' if kind == 'too_short' else 'at most'} {limit}"
     elif kind in ("literal_error", "enum"):
-        message = f"'{field}' cannot be {shown(value)}"
+        message = f"'{field}' cannot be {sent(value)}"
         fix = f"give '{field}' one of: {ctx.get('expected', 'the values listed at /docs')}"
     elif _kind_problem(kind):
         words = _kind_problem(kind)
-        message = f"'{field}' must be {words}, not {shown(value)}"
+        message = f"'{field}' must be {words}, not {sent(value)}"
         fix = f"give '{field}' {words}"
     else:
-        message = f"'{field}' is not valid ({shown(value)} was sent)"
+        message = f"'{field}' is not valid ({sent(value)} was sent)"
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return ApiError(422, message, fix, field=field)

@@ -113,3 +113,13 @@ def test_fields_offer_stored_values_with_counts_and_ranges(client):
     assert (fields["age"]["min"], fields["age"]["max"]) == (47.0, 70.25)
     assert fields["grade"]["values"] and (fields["grade"]["min"], fields["grade"]["max"]) == (1, 3)
     assert fields["x"]["source"] == "conchdb" and fields["path"]["values"] is None
+
+
+def test_validation_errors_in_words_for_bodies_and_query_parameters(client):
+    empty = client.post("/v1/search/text", content=b"", headers={"Content-Type": "application/json"}).json()
+    assert empty["error"] == "the request has no JSON body" and "query" in empty["fix"]
+    broken = client.post("/v1/search/text", content=b"{'query': 1}", headers={"Content-Type": "application/json"})
+    assert broken.json()["error"] == "the body is not valid JSON"
+    page = client.get("/v1/slides", params={"page": 0}).json()
+    assert page == {"error": "'page' must be at least 1, not 0", "field": "page",
+                    "fix": "give 'page' a value at least 1"}
