@@ -389,6 +389,7 @@ def test_the_viewer_scale_outlines_keys_heatmap_and_region_search(browser, serve
     tab.page.click("#classify")
     tab.page.wait_for_selector("#viewer-answers h3:has-text('Zero-shot class')", timeout=WAIT)
     assert tab.page.locator("#viewer-answers li").count() == 2
+    assert tab.axe() == [], "the viewer with its heatmap, legend and answers"
     tab.shot(shots, "08-viewer-heatmap")
 
     box = tab.page.locator("#viewer").bounding_box()
@@ -403,6 +404,7 @@ def test_the_viewer_scale_outlines_keys_heatmap_and_region_search(browser, serve
     tab.wait("() => document.getElementById('summary').textContent.startsWith('Results 1–24 for tiles like a region')")
     tab.wait_cards(24)
     assert "region=" in tab.page.url and quote(slide, safe="") in tab.page.url
+    assert re.search(r"a \d+ × \d+ µm region of slide", tab.page.locator("#query-shown").inner_text())
     assert any(u.endswith("/v1/search/image") for u in tab.requests)
     tab.shot(shots, "09-region-search")
     tab.close()

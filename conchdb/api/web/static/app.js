@@ -145,6 +145,7 @@ async function runTiles(view, signal, ticket) {
   if (like) state.hits = withoutQueryTile((asked || deep).hits, view, offset);
   else state.hits = asked ? asked.hits : deep.hits.slice(offset, offset + view.topK);
   if (like) describeQueryTile(deep.hits.find((h) => h.id === view.point));
+  if (view.kind === "region") describeRegion(view.region, deep.hits.find((h) => h.slide_id === view.region.slide));
   state.deepHits = deep.hits.filter((h) => h.id !== view.point);
   const gallery = $("gallery");
   gallery.className = by ? "gallery groups" : "gallery tiles";
@@ -222,6 +223,15 @@ function showQuery(view) {
 function describeQueryTile(hit) {
   const text = $("query-shown").querySelector("span");
   if (hit && text) text.textContent = `Query: this tile of slide ${hit.slide_id}, ${position(hit)} (left out of the results)`;
+}
+
+// A region in µm, once a hit of its slide gives the slide's pixel size.
+function describeRegion(r, hitOfSlide) {
+  const text = $("query-shown").querySelector("span");
+  const mpp = hitOfSlide && hitOfSlide.payload.mpp;
+  if (!text || !mpp) return;
+  const um = (v) => Math.round(v * mpp).toLocaleString("en");
+  text.textContent = `Query: a ${um(r.w)} × ${um(r.h)} µm region of slide ${r.slide}, at ${um(r.x)} µm, ${um(r.y)} µm`;
 }
 
 // The form shows the view's query, filters, grouping and page size.
