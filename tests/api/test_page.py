@@ -342,7 +342,7 @@ def test_grouped_slides_cases_like_this_slide_and_the_slide_browser(browser, ser
     assert tab.page.locator(".slide-card").get_attribute("data-slide") == "case_b/s3.png"
     tab.open("/?browse=1&k=2")
     tab.wait_cards(2, ".slide-card")
-    assert tab.summary() == "Slides 1–2 of 3"
+    assert tab.summary() == "Slides 1–2 of 3" and tab.page.locator("#top-k").input_value() == "2"
     tab.page.click("#next")
     tab.wait("() => document.getElementById('summary').textContent === 'Slides 3–3 of 3'")
     tab.wait_cards(1, ".slide-card")

@@ -238,7 +238,9 @@ function describeRegion(r, hitOfSlide) {
 function syncControls(view) {
   $("text").value = view.kind === "text" ? view.text : "";
   $("ensemble").checked = view.kind === "text" && Boolean(view.ensemble);
-  $("top-k").value = String(view.topK);
+  const perPage = $("top-k");
+  if (![...perPage.options].some((o) => o.value === String(view.topK))) perPage.add(new Option(String(view.topK))); // from a link
+  perPage.value = String(view.topK);
   for (const radio of document.querySelectorAll("input[name=group]")) radio.checked = radio.value === view.group;
   writeFilters(view.filters);
 }
