@@ -191,6 +191,28 @@ class Schema(BaseModel):
     declared: bool
 
 
+class FieldValue(BaseModel):
+    value: Any
+    tiles: int = Field(description="Stored tiles holding the value.")
+    slides: int | None = Field(None, description="Slides holding it, where the slide records carry the field.")
+
+
+class FieldSummary(FieldInfo):
+    source: Literal["metadata", "conchdb"] = Field(
+        description="'metadata': a column of the slides' manifest; 'conchdb': conchdb's own bookkeeping."
+    )
+    values: list[FieldValue] | None = Field(
+        None, description="Every stored value with its counts (keyword, bool, integer fields; None when too many)."
+    )
+    min: float | None = None
+    max: float | None = None
+
+
+class Fields(BaseModel):
+    collection: str
+    fields: list[FieldSummary]
+
+
 class ErrorBody(BaseModel):
     error: str
     field: str | None = None
