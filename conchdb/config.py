@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(
         3, description="deliveries of one slide (a worker died on it each time) before it is recorded failed"
     )
+    worker_lost_s: float = Field(
+        30.0, gt=0,
+        description="seconds without a heartbeat (workers beat every 5 s) after which a worker is lost and "
+        "the slides it held are sent again",
+    )
 
     @property
     def models_dir(self) -> Path:

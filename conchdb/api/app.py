@@ -54,6 +54,7 @@ def create_app(searcher: Searcher, settings: ApiSettings | None = None, *, close
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["X-Score-Low", "X-Score-High"],
         )
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     return app

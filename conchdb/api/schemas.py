@@ -138,6 +138,8 @@ class Hit(BaseModel):
     weak: bool | None = Field(None, description="Below the collection's noise floor (null: none recorded).")
     tile_url: str = Field(description="The tile's pixels, cut from its slide at its stored resolution.")
     viewer_url: str = Field(description="The web page's viewer on this tile's slide, centred on the tile.")
+    slide_file: str = Field("present", description="`present`, `missing` (the slide file is gone: tile image "
+                            "and viewer answer 404 with the path it was last seen at) or `none`.")
     tiles: list[Hit] | None = None
 
 
@@ -218,6 +220,28 @@ class Schema(BaseModel):
     collection: str
     fields: list[FieldInfo]
     declared: bool
+
+
+class FieldValue(BaseModel):
+    value: Any
+    tiles: int = Field(description="Stored tiles holding the value.")
+    slides: int | None = Field(None, description="Slides holding it, where the slide records carry the field.")
+
+
+class FieldSummary(FieldInfo):
+    source: Literal["metadata", "conchdb"] = Field(
+        description="'metadata': a column of the slides' manifest; 'conchdb': conchdb's own bookkeeping."
+    )
+    values: list[FieldValue] | None = Field(
+        None, description="Every stored value with its counts (keyword, bool, integer fields; None when too many)."
+    )
+    min: float | None = None
+    max: float | None = None
+
+
+class Fields(BaseModel):
+    collection: str
+    fields: list[FieldSummary]
 
 
 class ErrorBody(BaseModel):

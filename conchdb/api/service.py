@@ -48,12 +48,15 @@ def not_found(what: str, fix: str, field: str) -> ApiError:
     return ApiError(404, what, fix, field=field)
 
 
+POINT_FIX = "search again and pick a tile from the results: a tile's id is the `id` of a search hit"
+
+
 def check_point_id(point_id: str) -> str:
     """A point id as stored (a UUID); anything else cannot name a point."""
     try:
         return str(uuid.UUID(point_id))
     except (ValueError, AttributeError, TypeError):
-        raise not_found(f"no point with id {point_id!r}", "point ids are the `id` of search hits", "point_id") from None
+        raise not_found(f"there is no tile with id '{point_id}'", POINT_FIX, "point_id") from None
 
 
 @dataclass
@@ -167,8 +170,8 @@ class Service:
         pid = check_point_id(point_id)
         found = self.store.retrieve(self.collection, [pid], with_vectors=True)
         if not found or found[0].vector is None:
-            raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
-                            "point ids are the `id` of search hits", "point_id")
+            raise not_found(f"there is no tile with id '{point_id}' in collection '{self.collection}'",
+                            POINT_FIX, "point_id")
         return np.asarray(found[0].vector, dtype=np.float32)
 
     def region_pixels(self, slide_id: str, x: int, y: int, w: int, h: int) -> Image.Image:
@@ -351,8 +354,8 @@ class Service:
         def make() -> bytes:
             found = self.store.retrieve(self.collection, [pid])
             if not found:
-                raise not_found(f"no point with id {point_id!r} in collection '{self.collection}'",
-                                "point ids are the `id` of search hits", "point_id")
+                raise not_found(f"there is no tile with id '{point_id}' in collection '{self.collection}'",
+                                POINT_FIX, "point_id")
             payload = found[0].payload
             return encode(self._with_slide(payload, lambda s: regions.read_hit_tile(s, payload)), "JPEG")
 
@@ -366,15 +369,16 @@ class Service:
         )
 
     def heatmap_png(self, slide_id: str, vector: np.ndarray, title: str, style: str, size: int,
-                    flt: Filter) -> bytes:
+                    flt: Filter) -> tuple[bytes, float, float]:
         """The slide's tiles tinted by similarity: a transparent overlay the viewer lays over the
-        slide (`overlay`), or the CLI's picture with thumbnail, title and colour bar (`figure`)."""
+        slide (`overlay`), or the CLI's picture with thumbnail, title and colour bar (`figure`);
+        with the lowest and highest score, the ends of the palette (for a legend)."""
         record = self.slide_record(slide_id)
         tiles, scores = self.searcher.slide_similarity(slide_id, vector, flt)
         if style == "figure":
             thumb, downsample = self._with_slide(record, lambda s: regions.thumbnail(s, size))
-            image, _, _ = heatmap.render(thumb, downsample, tiles, scores, title)
-            return encode(image, "PNG")
+            image, low, high = heatmap.render(thumb, downsample, tiles, scores, title)
+            return encode(image, "PNG"), low, high
         width, height = self._with_slide(record, lambda s: s.dimensions)
         downsample = max(1.0, max(width, height) / size)
         shape = (max(1, round(height / downsample)), max(1, round(width / downsample)))
@@ -385,7 +389,7 @@ class Service:
         rgba = np.zeros((*shape, 4), dtype=np.uint8)
         rgba[..., :3] = heatmap.colormap((np.nan_to_num(layer, nan=low) - low) / span)
         rgba[..., 3] = np.where(covered, 255, 0).astype(np.uint8)
-        return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+        return encode(Image.fromarray(rgba, "RGBA"), "PNG"), low, high
 
     # -- deep zoom -----------------------------------------------------------------------
 
@@ -447,7 +451,9 @@ def hit_urls(hit: SearchHit) -> dict[str, str]:
 
 
 def hit_dict(hit: SearchHit) -> dict[str, Any]:
-    out = {**hit.to_dict(), **hit_urls(hit)}
+    """A hit as JSON, with its image URLs and `slide_file`: `present`, `missing` (the file is
+    gone: its tile image and viewer answer 404 with the path last seen) or `none`."""
+    out = {**hit.to_dict(), **hit_urls(hit), "slide_file": file_state(hit.payload)}
     if hit.tiles is not None:
         out["tiles"] = [hit_dict(t) for t in hit.tiles]
     return out

@@ -76,10 +76,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                     raise _bomb(width, height, max_pixels)
                 image.load()
                 return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, f"the image has too many pixels ({exc})", _bomb_fix(max_pixels), field="image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ApiError(415, f"the upload cannot be decoded as an image ({exc})", IMAGE_FIX, field="image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, "the image has too many pixels", _bomb_fix(max_pixels), field="image") from None
+    except UnidentifiedImageError:
+        raise ApiError(415, "the upload is not an image that can be read", IMAGE_FIX, field="image") from None
+    except (OSError, SyntaxError, ValueError, EOFError):
+        raise ApiError(415, "the upload looks like an image but is damaged or cut short", IMAGE_FIX,
+                       field="image") from None
 
 
 def _bomb_fix(max_pixels: int) -> str:

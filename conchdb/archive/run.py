@@ -53,6 +53,7 @@ class IngestSummary:
     seconds: float = 0.0
     interrupted: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    resent: list[tuple[str, str]] = field(default_factory=list)  # (slide id, why): sent to a worker again
 
     def count(self, status: SlideStatus) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -98,6 +99,7 @@ class IngestSummary:
             "slides_without_manifest_row": self.manifest_missing,
             "interrupted": self.interrupted,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "resent": [{"slide": slide, "reason": reason} for slide, reason in self.resent],
         }
 
 
@@ -109,6 +111,9 @@ class Progress:
     on_slide: Callable[[str, int], None] | None = None  # slide id, tiles planned
     on_batch: Callable[[int], None] | None = None  # tiles embedded
     on_outcome: Callable[[SlideOutcome], None] | None = None
+    # What a run through workers waits for (slides running where, a slide sent again because
+    # its worker was lost): a line for people and the same as data (`event` names the kind).
+    on_notice: Callable[[str, dict[str, Any]], None] | None = None
 
 
 class Writer:

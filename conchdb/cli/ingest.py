@@ -84,7 +84,8 @@ def ingest(
     if broker or options.settings.broker_url:
         from conchdb.cli.workers import ingest_through_broker
 
-        summary = ingest_through_broker(path, manifest, broker, options, settings, _ingest_progress(not as_json))
+        display = _ingest_progress(not as_json, json_notices=as_json)
+        summary = ingest_through_broker(path, manifest, broker, options, settings, display)
         _finish(summary, as_json)
     found = discover(path)
     table = read_manifest(manifest, found)  # every input is checked before the model loads
@@ -114,20 +115,41 @@ def _finish(summary: Any, as_json: bool) -> None:
     raise typer.Exit(summary.exit_code)
 
 
-def _ingest_progress(enabled: bool) -> Any:
-    """A rich progress display fed by the pipeline's callbacks (a context manager)."""
+def _ingest_progress(enabled: bool, json_notices: bool = False) -> Any:
+    """A rich progress display fed by the pipeline's callbacks (a context manager).
+
+    Notices of a run through workers (what it waits for, slides sent again) are a line under
+    the bars; disabled, with `json_notices`, they go to stderr as JSON lines, so stdout keeps
+    the one summary object."""
     import contextlib
+    import json
+    import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from conchdb.ingest.pipeline import Progress as Callbacks
 
     @contextlib.contextmanager
     def display() -> Any:
         if not enabled:
-            yield Callbacks()
+            def to_stderr(message: str, data: dict[str, Any]) -> None:
+                print(json.dumps({**data, "message": message}), file=sys.stderr, flush=True)
+
+            yield Callbacks(on_notice=to_stderr if json_notices else None)
             return
-        bar = Progress(
+        class Bars(Progress):
+            """The bars, then one line of what a run through workers waits for (rich's pattern
+            for extra lines: `get_renderables`)."""
+
+            waiting = ""
+
+            def get_renderables(self) -> Any:
+                yield self.make_tasks_table(self.tasks)
+                if self.waiting:
+                    yield Text(self.waiting, style="dim", overflow="ellipsis", no_wrap=True)
+
+        bar = Bars(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err_console, transient=False,
         )
@@ -155,8 +177,15 @@ def _ingest_progress(enabled: bool) -> Any:
             if outcome.status == SlideStatus.FAILED:
                 bar.console.print(f"[red]failed[/] {outcome.error}", highlight=False, soft_wrap=True)
 
+        def on_notice(message: str, data: dict[str, Any]) -> None:
+            if data.get("event") == "running":  # changes often: one line under the bars, rewritten
+                bar.waiting = message
+                bar.refresh()
+            else:
+                bar.console.print(f"[yellow]{message}[/]", highlight=False, soft_wrap=True)
+
         with bar:
-            yield Callbacks(on_start, on_slide, on_batch, on_outcome)
+            yield Callbacks(on_start, on_slide, on_batch, on_outcome, on_notice)
 
     return display()
 

@@ -65,7 +65,11 @@ def status(
     queue: QueueOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Workers online with their devices, slides running, tasks queued."""
+    """Workers online with their devices, slides running, tasks queued; workers lost with the slides they held.
+
+    A worker is lost when its heartbeat is older than $CONCHDB_WORKER_LOST_S (30 s); an
+    ingest running now sends its slides again at once.
+    """
     import time
 
     from conchdb.workers.broker import connect
@@ -73,7 +77,7 @@ def status(
 
     client = connect(broker_url(broker, options.settings))
     try:
-        doc = workers_status(client, queue or options.settings.queue)
+        doc = workers_status(client, queue or options.settings.queue, options.settings.worker_lost_s)
     finally:
         client.close()
     if as_json:
@@ -83,6 +87,12 @@ def status(
                       f"{doc['delivered_unfinished']} delivered and not finished", highlight=False)
     if not doc["workers"]:
         out_console.print("workers     none online")
+    for w in doc["lost"]:
+        out_console.print(f"[red]lost[/]        {w['node']}  device {w['device']}  "
+                          f"no heartbeat for {w['silent_s']:.0f} s", highlight=False, soft_wrap=True)
+        for r in w["held"]:
+            out_console.print(f"  held      {r['slide']}: {r['done']}/{r['tiles']} tiles", highlight=False,
+                              soft_wrap=True)
     for w in doc["workers"]:
         out_console.print(f"worker      {w['node']}  device {w['device']}  model {w['model_fingerprint'][:19]}",
                           highlight=False, soft_wrap=True)
@@ -112,7 +122,8 @@ def ingest_through_broker(
     connect(url).close()  # an unreachable broker fails before the store is opened
     opened = options.open_store()
     server = options.qdrant_url or (None if options.store is not None else config.qdrant_url)
-    broker_options = BrokerOptions(url, config.queue, config.visibility_timeout, config.max_deliveries, server)
+    broker_options = BrokerOptions(url, config.queue, config.visibility_timeout, config.max_deliveries, server,
+                                   lost_s=config.worker_lost_s)
     try:
         with display as progress:
             run = BrokerIngest(found, table, opened, options.collection_name, settings, broker_options, progress)

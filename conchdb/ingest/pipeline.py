@@ -129,10 +129,13 @@ def _slide_info(slide: Slide) -> dict[str, Any]:
             "height": slide.dimensions[1]}
 
 
-def writer_for_job(store: Store, collection: str, encoder: Encoder, job: SlideJob) -> SlideWriter:
-    """The writer a worker uses for one job: the job's run, cohort and manifest row."""
+def writer_for_job(
+    store: Store, collection: str, encoder: Encoder, job: SlideJob, *, cls: type[SlideWriter] = SlideWriter
+) -> SlideWriter:
+    """The writer a worker uses for one job: the job's run, cohort and manifest row (`cls`: a
+    subclass that checks, before it writes, that the worker's delivery is still the live one)."""
     row = ManifestRow(0, job.slide.id, job.mpp_override, dict(job.metadata))
-    return SlideWriter(store, collection, encoder, Manifest(None, {job.slide.id: row}), job.cohort, job.run_id)
+    return cls(store, collection, encoder, Manifest(None, {job.slide.id: row}), job.cohort, job.run_id)
 
 
 TileSink = Callable[[list[dict[str, Any]], np.ndarray], None]

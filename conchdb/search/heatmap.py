@@ -19,12 +19,14 @@ from PIL import Image, ImageDraw, ImageFont
 from conchdb.search.regions import open_source, thumbnail
 from conchdb.store import Hit
 
-# Anchor colours of the scale, low to high (dark blue, blue, teal, yellow, red); chosen for
-# conchdb so that the high end stands out against pink and purple H&E.
-_ANCHORS = np.array(
-    [[0.00, 35, 23, 90], [0.25, 35, 105, 200], [0.50, 30, 180, 160], [0.75, 245, 205, 50], [1.00, 200, 30, 30]],
-    dtype=np.float64,
+# Anchor colours of the scale, low to high: matplotlib's viridis at nine stops, a perceptually
+# uniform palette (equal steps in score look like equal steps in colour, and it reads in grey
+# and to colour-blind eyes); its yellow high end stands out against pink and purple H&E.
+VIRIDIS = (
+    (0.000, 68, 1, 84), (0.125, 72, 40, 120), (0.250, 62, 73, 137), (0.375, 49, 104, 142), (0.500, 38, 130, 142),
+    (0.625, 31, 158, 137), (0.750, 53, 183, 121), (0.875, 110, 206, 88), (1.000, 253, 231, 37),
 )
+_ANCHORS = np.array(VIRIDIS, dtype=np.float64)
 BAR_WIDTH = 24
 MARGIN = 12
 TITLE_HEIGHT = 34

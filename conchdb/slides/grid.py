@@ -17,7 +17,8 @@ datasets). So does a plain image with a pixel size too small to hold two tiles.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,30 @@ class TilingParams:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for recording in the store."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> TilingParams:
+        """The inverse of `to_dict`: every field, the tissue settings as a nested object.
+
+        A missing or unknown field is an error naming it, not a silent default: what
+        comes back must be the tiling that was written."""
+        values = dict(_exact(doc, cls, "tiling"))
+        values["tissue"] = TissueParams(**_exact(values["tissue"], TissueParams, "tiling.tissue"))
+        return cls(**values)
+
+
+def _exact(doc: Any, kind: type, what: str) -> Mapping[str, Any]:
+    """`doc` when its keys are exactly the fields of dataclass `kind`; else a `ConchdbError` naming them."""
+    if not isinstance(doc, Mapping):
+        raise ConchdbError(f"{what}: expected an object of {kind.__name__} fields, got {type(doc).__name__}",
+                           parameter=what)
+    names = {f.name for f in fields(kind)}
+    missing, unknown = sorted(names - set(doc)), sorted(set(doc) - names)
+    if missing or unknown:
+        said = [f"missing {', '.join(missing)}"] * bool(missing) + [f"unknown {', '.join(unknown)}"] * bool(unknown)
+        raise ConchdbError(f"{what}: {'; '.join(said)} (fields of {kind.__name__}: {', '.join(sorted(names))})",
+                           parameter=what)
+    return doc
 
 
 @dataclass(frozen=True)

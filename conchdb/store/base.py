@@ -16,7 +16,7 @@ import copy
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,12 @@ class BatchPlan:
         return [best_per_group(points, self.group_by) for points in results]
 
 
+def facet_counts(pairs: Iterable[tuple[Any, int]]) -> list[tuple[Any, int]]:
+    """Facet hits as plain `(value, count)` pairs, most frequent first, then by value."""
+    plain = [(v.item() if isinstance(v, np.generic) else v, int(c)) for v, c in pairs]
+    return sorted(plain, key=lambda p: (-p[1], str(p[0])))
+
+
 def sort_groups(groups: list[Group]) -> list[Group]:
     """Hits best first inside each group, groups by their best hit."""
     for g in groups:
@@ -268,6 +274,12 @@ class Store(ABC):
     @abstractmethod
     def count(self, name: str, flt: Filter | None = None) -> int:
         """Number of points matching the filter (exact)."""
+
+    @abstractmethod
+    def facet(self, name: str, key: str, *, flt: Filter | None = None, limit: int = 100) -> list[tuple[Any, int]]:
+        """The values of `key` among the points matching `flt`, with how many points hold each
+        (exact counts, most frequent first, at most `limit`); Qdrant's facet, which needs a
+        payload index on `key` (keyword, integer or bool)."""
 
     @abstractmethod
     def finish_bulk_load(self, name: str) -> None:

@@ -30,7 +30,15 @@ import qdrant_edge as qe
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store import lock
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, store_identity, to_hit
+from conchdb.store.base import (
+    FULL_SCAN_THRESHOLD_KB,
+    Store,
+    StoreTuning,
+    facet_counts,
+    sort_groups,
+    store_identity,
+    to_hit,
+)
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -494,6 +502,11 @@ class EdgeStore(Store):
     def count(self, name: str, flt: Filter | None = None) -> int:
         record = self._record(name)
         return int(self._shard(name).count(qe.CountRequest(exact=True, filter=self._filter(record, flt))))
+
+    def facet(self, name: str, key: str, *, flt: Filter | None = None, limit: int = 100) -> list[tuple[Any, int]]:
+        record = self._record(name)
+        request = qe.FacetRequest(key, limit=limit, exact=True, filter=self._filter(record, flt))
+        return facet_counts((h.value, h.count) for h in self._shard(name).facet(request))
 
     # -- the store ---------------------------------------------------------------------
 

@@ -20,7 +20,15 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
-from conchdb.store.base import FULL_SCAN_THRESHOLD_KB, Store, StoreTuning, sort_groups, store_identity, to_hit
+from conchdb.store.base import (
+    FULL_SCAN_THRESHOLD_KB,
+    Store,
+    StoreTuning,
+    facet_counts,
+    sort_groups,
+    store_identity,
+    to_hit,
+)
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
     CollectionRecord,
@@ -380,6 +388,12 @@ class ServerStore(Store):
     def count(self, name: str, flt: Filter | None = None) -> int:
         record = self._record(name)
         return int(self._call(name, self.client.count, name, count_filter=self._filter(record, flt), exact=True).count)
+
+    def facet(self, name: str, key: str, *, flt: Filter | None = None, limit: int = 100) -> list[tuple[Any, int]]:
+        record = self._record(name)
+        answer = self._call(name, self.client.facet, name, key, facet_filter=self._filter(record, flt),
+                            limit=limit, exact=True)
+        return facet_counts((h.value, h.count) for h in answer.hits)
 
     # -- the store ---------------------------------------------------------------------
 

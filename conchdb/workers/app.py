@@ -6,14 +6,17 @@ Built by a function, not at import, so the broker URL and timeouts come from the
 Why each setting:
 - `task_acks_late`: a slide's message is acknowledged after the slide is finished, so a
   worker that dies mid-slide leaves it to be delivered again;
-- `task_reject_on_worker_lost`: the same when a pool child dies (with `--concurrency`
-  above 1 the tasks run in threads, but the setting keeps its meaning for any pool);
+- `task_reject_on_worker_lost`: the same when a pool child dies, at once: the message goes
+  back to the queue (`conchdb worker` runs tasks in its main process or in threads, but the
+  setting keeps its meaning for any pool; tests/workers/test_lost.py kills a prefork child);
 - `worker_prefetch_multiplier = 1`: a worker holds only the slide it is working on, so
   other workers take the rest instead of waiting behind one long slide;
 - the transport's `visibility_timeout`: how long Redis waits for the acknowledgement before
-  it hands the slide to another worker. It must exceed the longest slide; a slide that
-  takes longer is delivered a second time and done twice, harmless because point ids are
-  deterministic, and bounded by `max_deliveries` (checked by the task);
+  it hands the slide to another worker. A lost worker is found sooner by its heartbeat
+  (`dispatch`), so this is the last resort, for when the ingesting process is gone too. It
+  must exceed the longest slide; a slide that takes longer is delivered a second time and
+  done twice, harmless because point ids are deterministic, and bounded by
+  `max_deliveries` (checked by the task);
 - results are not kept: the outcome of a slide travels on the run's events list.
 """
 

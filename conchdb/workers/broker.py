@@ -9,6 +9,7 @@ spelled here and nowhere else.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,10 +27,16 @@ PREFIX = "conchdb"
 # and the workers then drop the run's remaining tasks instead of doing work nobody stores.
 ALIVE_TTL_S = 60
 EVENTS_TTL_S = 24 * 3600
-HEARTBEAT_TTL_S = 20
+# A worker rewrites its heartbeat every few seconds (`HEARTBEAT_PERIOD_S`), stamped with the
+# broker's clock; readers call it lost once it is older than their bound (`worker_lost_s`).
+# The key outlives a lost worker by an hour, so `workers status` can say which slides it
+# held; a worker that stops cleanly deletes it.
+HEARTBEAT_PERIOD_S = 5.0
+HEARTBEAT_KEEP_S = 3600
 DELIVERIES_TTL_S = 7 * 24 * 3600
 # Celery's Redis transport keeps delivered, not yet acknowledged messages in this hash.
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 class BrokerError(ConchdbError):
@@ -40,8 +47,10 @@ def worker_key(node: str) -> str:
     return f"{PREFIX}:worker:{node}"
 
 
-def worker_pattern() -> str:
-    return f"{PREFIX}:worker:*"
+def workers_key() -> str:
+    """The set of the names of workers whose heartbeats may still be kept: read with one
+    `SMEMBERS` and one `MGET` instead of a `SCAN` of the whole keyspace every few seconds."""
+    return f"{PREFIX}:workers"
 
 
 def events_key(run_id: str) -> str:
@@ -52,8 +61,41 @@ def alive_key(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:alive"
 
 
+def live_key(run_id: str) -> str:
+    """A run's hash of slide id -> the id of the task that does that slide now: a task sent
+    again under a new id makes the older one stale, and its worker stops on seeing that."""
+    return f"{PREFIX}:run:{run_id}:live"
+
+
 def deliveries_key(task_id: str, retries: int) -> str:
     return f"{PREFIX}:task:{task_id}:try{retries}:deliveries"
+
+
+def server_time(client: redis.Redis) -> float:
+    """The broker's clock, in seconds: heartbeats are stamped and aged by it, so the clocks of
+    the machines involved need not agree."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
+def drop_unacked(client: redis.Redis, task_id: str) -> bool:
+    """Forget the delivered, unacknowledged message of task `task_id` (its worker is lost and
+    the slide was sent again under another id), so the visibility timeout does not hand it out
+    once more. Reads Celery's Redis transport's bookkeeping: the hash `unacked` (delivery tag
+    -> [message, exchange, routing key]) and its index, the sorted set `unacked_index`."""
+    for tag, raw in client.hscan_iter(UNACKED_KEY, count=500):
+        try:
+            message = json.loads(raw)[0]
+            found = message["headers"]["id"] == task_id
+        except (ValueError, LookupError, TypeError):
+            continue
+        if found:
+            pipe = client.pipeline()
+            pipe.zrem(UNACKED_INDEX_KEY, tag)
+            pipe.hdel(UNACKED_KEY, tag)
+            pipe.execute()
+            return True
+    return False
 
 
 def redact(url: str) -> str:

@@ -12,6 +12,15 @@ It sends one task per slide still to do and reads the run's events list. Two way
 
 The model fingerprint and dimensions recorded in the collection are those of the workers
 online (they must agree), so the ingesting machine needs neither weights nor a GPU.
+
+A lost worker costs `lost_s` (30 s), not the broker's visibility timeout: every couple of
+seconds this process reads the heartbeats, and a slide held by a worker whose heartbeat is
+older than `lost_s` is sent again at once under a new task id (a delivery toward
+`max_deliveries`). The run's live-task hash (`broker.live_key`) then names the new id, so
+the old task, should its worker come back, stops at its next batch or record; its events
+are ignored here (they carry the old id); it is revoked and its unacknowledged message is
+dropped, so the visibility timeout does not hand it out again. The visibility timeout
+remains for the case where this process is gone too.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ from conchdb.ingest.pipeline import (
 from conchdb.store import Store
 from conchdb.workers import broker
 from conchdb.workers.app import TASK_NAME, make_app
-from conchdb.workers.messages import Event, batch_tiles, job_to_dict, unpack_vectors
-from conchdb.workers.status import online_workers, queued, unacknowledged
+from conchdb.workers.messages import Batch, Embedded, Event, SlideTask, Started, decode_event
+from conchdb.workers.status import WORKER_LOST_S, heartbeats, online_workers, queued, unacknowledged
 
 
 @dataclass
@@ -58,6 +67,8 @@ class BrokerOptions:
     worker_wait_s: float = 30.0  # for a first worker to come online
     reconnect_s: float = 60.0  # a broker restart waited out before giving up
     stall_s: float = 30.0  # silence after which the broker is checked for lost tasks
+    lost_s: float = WORKER_LOST_S  # a worker silent this long is lost; its slides are sent again
+    watch_s: float = 2.0  # how often the workers' heartbeats are read while slides run
 
 
 @dataclass
@@ -79,11 +90,12 @@ class RemoteModel:
         return dict(self.description)
 
 
-def workers_model(client: redis.Redis, queue: str, wait_s: float, url: str) -> RemoteModel:
+def workers_model(client: redis.Redis, queue: str, wait_s: float, url: str,
+                  lost_s: float = WORKER_LOST_S) -> RemoteModel:
     """The one model every worker on `queue` holds; waits up to `wait_s` for a first worker."""
     deadline = time.monotonic() + wait_s
     while True:
-        workers = online_workers(client, queue)
+        workers = online_workers(client, queue, lost_s)
         if workers:
             break
         if time.monotonic() > deadline:
@@ -112,6 +124,8 @@ class _Task:
     started: bool = False
     since: float = field(default_factory=time.perf_counter)
     sends: int = 1
+    embedded: int = 0  # tiles embedded by its current delivery
+    counted: int = 0  # tiles of it shown on the progress display (a delivery redone adds none)
     # Where this process writes: the slide's batches go here, named by the run's `SlideWriter`.
     sink: Callable[[list[dict[str, Any]], np.ndarray], None] | None = None
 
@@ -132,13 +146,16 @@ class BrokerIngest:
         self.opts = broker_options
         self.client = broker.connect(broker_options.broker_url)  # unreachable: fails now, naming the URL
         model = workers_model(self.client, broker_options.queue, broker_options.worker_wait_s,
-                              broker_options.broker_url)
+                              broker_options.broker_url, broker_options.lost_s)
         self.ingest = Ingest(cohort, manifest, model, store, collection, options, progress)  # type: ignore[arg-type]
         self.progress = self.ingest.progress
         self.app = make_app(broker_options.broker_url, broker_options.queue, broker_options.visibility_timeout)
         self.events = broker.events_key(self.ingest.run_id)
         self.alive = broker.alive_key(self.ingest.run_id)
+        self.live = broker.live_key(self.ingest.run_id)
         self._alive_at = 0.0
+        self._watched_at = 0.0
+        self._running_said: tuple[tuple[str, str], ...] | None = None
 
     # -- broker plumbing -----------------------------------------------------------------
 
@@ -158,15 +175,19 @@ class BrokerIngest:
             self._alive_at = time.monotonic()
 
     def _send(self, task: _Task) -> None:
-        kwargs = {
-            "job": job_to_dict(task.job),
-            "collection": self.ingest.collection,
-            "previous": task.previous,
-            "fingerprint": self.ingest.encoder.fingerprint,
-            "qdrant_url": self.opts.qdrant_url,
-        }
+        message = SlideTask(job=task.job, collection=self.ingest.collection,
+                            fingerprint=self.ingest.encoder.fingerprint, previous=task.previous,
+                            qdrant_url=self.opts.qdrant_url, sent_before=task.sends - 1)
+
+        def mark_live(r: redis.Redis) -> None:
+            pipe = r.pipeline()
+            pipe.hset(self.live, task.job.slide.id, task.task_id)
+            pipe.expire(self.live, broker.EVENTS_TTL_S)
+            pipe.execute()
+
+        self._redis(mark_live)  # before the task exists, so no worker ever finds it stale by mistake
         try:
-            self.app.send_task(TASK_NAME, kwargs=kwargs, task_id=task.task_id, queue=self.opts.queue)
+            self.app.send_task(TASK_NAME, kwargs=message.to_dict(), task_id=task.task_id, queue=self.opts.queue)
         except kombu.exceptions.OperationalError as exc:
             raise broker.BrokerError(
                 f"cannot send slides to the broker at {broker.redact(self.opts.broker_url)}: {exc}",
@@ -194,7 +215,7 @@ class BrokerIngest:
             except BaseException:
                 self._cancel(tasks)
                 raise
-        self._redis(lambda r: r.delete(self.alive, self.events))
+        self._redis(lambda r: r.delete(self.alive, self.events, self.live))
         self.app.close()
         return frame.finish()
 
@@ -214,6 +235,11 @@ class BrokerIngest:
         quiet_since = time.monotonic()
         while waiting:
             self._keep_alive()
+            if time.monotonic() - self._watched_at > self.opts.watch_s:
+                self._watch(waiting, summary)
+                self._watched_at = time.monotonic()
+                if not waiting:
+                    break
             popped = self._redis(lambda r: r.blpop([self.events], timeout=1))
             if popped is None:
                 if time.monotonic() - quiet_since > self.opts.stall_s:
@@ -221,7 +247,7 @@ class BrokerIngest:
                     quiet_since = time.monotonic()
                 continue
             quiet_since = time.monotonic()
-            event = Event.decode(popped[1])
+            event = decode_event(popped[1])
             task = waiting.get(event.task)
             if task is None:  # a task resent since, or an event from before a redelivery finished it
                 continue
@@ -233,49 +259,114 @@ class BrokerIngest:
 
     def _handle(self, task: _Task, event: Event, writer: Writer | None) -> SlideOutcome | None:
         """Apply one event; returns the slide's outcome when the event is its last."""
-        job, data, sw = task.job, event.data, self.ingest.slide_writer
+        job, sw = task.job, self.ingest.slide_writer
         slide, tiling = job.slide, job.tiling
         flush = writer.flush if writer is not None else None
-        if event.kind == "start":
+        if isinstance(event, Started):
+            task.embedded = 0
             if not task.started:  # a redelivered slide starts again; its tiles are counted once
                 task.started = True
                 task.since = time.perf_counter()
                 if self.progress.on_slide:
-                    self.progress.on_slide(slide.id, int(data["tiles"]))
+                    self.progress.on_slide(slide.id, event.tiles)
             if writer is not None:
-                sw.begin(slide, tiling, int(data["tiles"]), **data["info"])
-                task.sink = sw.sink(slide, tiling, int(data["size"]), data["info"], writer)
+                assert event.size is not None, "a start without the tile size, in a run where this process writes"
+                sw.begin(slide, tiling, event.tiles, **event.info)
+                task.sink = sw.sink(slide, tiling, event.size, event.info, writer)
             return None
-        if event.kind == "batch":
+        if isinstance(event, Batch):
             # Workers send `start` before any batch, and batches only when this process writes.
             assert task.sink is not None, "a batch came before its slide's start, or to a run whose workers write"
-            tiles, vectors = batch_tiles(event)
-            task.sink(tiles, vectors)
-            if self.progress.on_batch and task.started:
-                self.progress.on_batch(len(tiles))
+            task.sink(event.tiles, event.vectors)
+            self._embedded(task, len(event.tiles))
             return None
-        if event.kind == "progress":
-            if self.progress.on_batch:
-                self.progress.on_batch(int(data["n"]))
+        if isinstance(event, Embedded):
+            self._embedded(task, event.n)
             return None
-        if data.get("recorded"):
-            return SlideOutcome(slide.id, str(slide.path), SlideStatus(event.kind), int(data.get("tiles") or 0),
-                                data.get("error"))
-        if event.kind == SlideStatus.DONE:
-            mean = unpack_vectors(data["mean"], self.ingest.encoder.dim)[0]
-            return sw.finish(slide, tiling, int(data["tiles"]), np.asarray(mean), flush, **data["info"])
-        if event.kind == SlideStatus.NO_TISSUE:
-            outcome = sw.begin(slide, tiling, 0, **data["info"])
+        if event.recorded:
+            return SlideOutcome(slide.id, str(slide.path), event.status, event.tiles, event.error)
+        if event.status == SlideStatus.DONE:
+            assert event.mean is not None, "a slide done without its mean vector, in a run where this process writes"
+            return sw.finish(slide, tiling, event.tiles, np.asarray(event.mean), flush, **event.info)
+        if event.status == SlideStatus.NO_TISSUE:
+            outcome = sw.begin(slide, tiling, 0, **event.info)
             assert outcome is not None
             return outcome
-        return sw.fail(slide, tiling, str(data.get("error")), task.previous, flush, **(data.get("info") or {}))
+        return sw.fail(slide, tiling, str(event.error), task.previous, flush, **event.info)
+
+    def _embedded(self, task: _Task, n: int) -> None:
+        """Count tiles on the progress display once, however often their slide is redelivered."""
+        task.embedded += n
+        new = max(0, task.embedded - task.counted)
+        task.counted += new
+        if new and self.progress.on_batch and task.started:
+            self.progress.on_batch(new)
+
+    # -- lost workers --------------------------------------------------------------------
+
+    def _notice(self, message: str, **data: Any) -> None:
+        if self.progress.on_notice:
+            self.progress.on_notice(message, data)
+
+    def _watch(self, waiting: dict[str, _Task], summary: IngestSummary) -> None:
+        """Read the heartbeats: send again at once the slides held by lost workers, and say
+        which slides run on which worker when that changes."""
+        beats = self._redis(lambda r: heartbeats(r, self.opts.queue))
+        running: list[tuple[str, str]] = []
+        for beat in beats:
+            for entry in beat.running():
+                task = waiting.get(entry.get("task", ""))
+                if task is None:
+                    continue
+                if beat.lost(self.opts.lost_s):
+                    reason = (f"worker {beat.node} lost: no heartbeat for {beat.age_s:.0f} s "
+                              f"(CONCHDB_WORKER_LOST_S={self.opts.lost_s:g})")
+                    self._resend(waiting, task, summary, reason, beat.node)
+                else:
+                    running.append((task.job.slide.id, beat.node))
+        said = tuple(sorted(running))
+        if said != self._running_said:
+            self._running_said = said
+            queued_n = len(waiting) - len(said)
+            where = ", ".join(f"{slide} on {node}" for slide, node in said) or "none"
+            self._notice(f"running: {where}; {queued_n} waiting for a worker", event="running",
+                         running=[{"slide": slide, "worker": node} for slide, node in said], waiting=queued_n)
+
+    def _resend(self, waiting: dict[str, _Task], task: _Task, summary: IngestSummary, reason: str,
+                node: str) -> None:
+        """Send a slide again under a new task id, its old task made stale; or, after
+        `max_deliveries` sends, record it failed."""
+        old = task.task_id
+        del waiting[old]
+        slide = task.job.slide
+        self._drop(old)
+        if task.sends >= self.opts.max_deliveries:
+            error = f"{slide.path}: sent {task.sends} times and its worker was lost each time; last: {reason}"
+            failed = self.ingest.slide_writer.fail(slide, task.job.tiling, error, task.previous)
+            self._notice(f"failed {slide.id}: {error}", event="failed", slide=slide.id, error=error)
+            self.ingest.emit(summary, failed)
+            return
+        task.task_id, task.sends = uuid.uuid4().hex, task.sends + 1
+        waiting[task.task_id] = task
+        self._send(task)
+        summary.resent.append((slide.id, reason))
+        self._notice(f"re-sent {slide.id}: {reason}", event="resent", slide=slide.id, path=str(slide.path),
+                     worker=node, reason=reason, delivery=task.sends)
+
+    def _drop(self, task_id: str) -> None:
+        """Make a task whose worker is lost harmless: revoked (workers online discard it on
+        sight) and its unacknowledged message dropped (the visibility timeout hands it out no more)."""
+        with contextlib.suppress(kombu.exceptions.OperationalError, OSError):
+            self.app.control.revoke(task_id)
+        self._redis(lambda r: broker.drop_unacked(r, task_id))
 
     def _resend_lost(self, waiting: dict[str, _Task], summary: IngestSummary) -> None:
         """After a silence: tasks neither queued, nor delivered, nor running were lost by the
         broker (restarted without its data); send them again, at most `max_deliveries` times."""
         queue = self.opts.queue
         busy = self._redis(lambda r: queued(r, queue) + unacknowledged(r))
-        running = self._redis(lambda r: [t for w in online_workers(r, queue) for t in w["running"]])
+        lost_s = self.opts.lost_s
+        running = self._redis(lambda r: [t for w in online_workers(r, queue, lost_s) for t in w["running"]])
         if busy or any(t["run"] == self.ingest.run_id for t in running):
             return
         for task_id, task in list(waiting.items()):

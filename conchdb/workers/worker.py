@@ -31,6 +31,9 @@ class WorkerConfig:
     max_deliveries: int = 3
     qdrant_api_key: str | None = None
     loglevel: str = "INFO"
+    # Celery's pool; None: `solo` for one slide at a time, `threads` for more. A `prefork` child
+    # is a daemon process and cannot start tile readers: its jobs need `readers=0`.
+    pool: str | None = None
 
 
 def node_name(device: str) -> str:
@@ -50,7 +53,7 @@ def run_worker(config: WorkerConfig, encoder: Encoder) -> int:
     heartbeat.start()
     worker = app.Worker(
         hostname=ctx.node,
-        pool="solo" if config.concurrency == 1 else "threads",
+        pool=config.pool or ("solo" if config.concurrency == 1 else "threads"),
         concurrency=config.concurrency,
         queues=[config.queue],
         loglevel=config.loglevel,

@@ -28,7 +28,7 @@ from tests.search.conftest import SLIDES, encoder, make_slide_image  # noqa: F40
 
 KEY = "test-key-0123456789"
 TILE = 64
-MANIFEST_FIELDS = ("slide", "diagnosis", "grade", "age", "consented", "site")
+MANIFEST_FIELDS = ("slide", "patient_id", "diagnosis", "grade", "age", "consented", "site")
 
 
 def write_cohort(root: Path) -> Path:
@@ -41,7 +41,8 @@ def write_cohort(root: Path) -> Path:
             path = root / slide_id
             path.parent.mkdir(parents=True, exist_ok=True)
             make_slide_image(n).save(path, dpi=(25400 / 0.5, 25400 / 0.5))
-            writer.writerow({"slide": slide_id, **columns})
+            patient = "P-" + slide_id.split("/")[0].removeprefix("case_")  # case_a's two slides are one patient's
+            writer.writerow({"slide": slide_id, "patient_id": patient, **columns})
     return root
 
 

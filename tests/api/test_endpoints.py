@@ -186,7 +186,9 @@ def test_heatmap_overlay_and_figure(client, searcher):
     tiles, scores = searcher.slide_similarity("case_a/s1.png", searcher.text_vector("tumor"))
     best = tiles[int(np.argmax(scores))].payload
     pixel = image.getpixel((best["x"] // 2 + 16, best["y"] // 2 + 16))
-    assert pixel[3] == 255 and pixel[:3] == (200, 30, 30)  # the top of the colour scale
+    assert pixel[3] == 255 and pixel[:3] == (253, 231, 37)  # the top of the colour scale (viridis)
+    low, high = float(overlay.headers["X-Score-Low"]), float(overlay.headers["X-Score-High"])
+    assert abs(low - float(np.min(scores))) < 1e-5 and abs(high - float(np.max(scores))) < 1e-5  # the legend's ends
     figure = client.get("/v1/slides/case_a/s1.png/heatmap.png", params={"query": "tumor", "style": "figure"})
     assert figure.status_code == 200 and Image.open(io.BytesIO(figure.content)).mode == "RGB"
 

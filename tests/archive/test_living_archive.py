@@ -186,6 +186,8 @@ def test_a_deleted_slide_is_reported_missing_and_removed_only_when_asked(cohort,
         client = TestClient(create_app(Searcher(None, opened, COLLECTION), ApiSettings()), base_url="http://127.0.0.1")
         response = client.get(f"/v1/tiles/{next(iter(gone_tiles))}.jpg")
         assert response.status_code == 404 and str(cohort / "b.png") in response.text
+        hits = client.post("/v1/search/image", json={"point_id": next(iter(gone_tiles)), "top_k": 20}).json()["hits"]
+        assert {h["slide_id"]: h["slide_file"] for h in hits} == {"a.svs": "present", "b.png": "missing"}
     finally:
         opened.close()
 

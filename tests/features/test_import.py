@@ -144,6 +144,25 @@ def test_importing_the_same_folder_twice_writes_nothing_new(tmp_path, env):
     assert after == before
 
 
+def test_a_changed_manifest_relabels_imported_slides_without_projecting_again(tmp_path, env):
+    root = tmp_path / "job"
+    write_trident_file(root, "a", raw(5), grid_coords(5))
+    write_trident_file(root, "b", raw(3), grid_coords(3))
+    (root / "manifest.csv").write_text("slide,diagnosis\na,benign\nb,normal\n")
+    import_json(root, env)
+    with EdgeStore(tmp_path / "store") as store:
+        before = {h.id: h.vector.tolist() for h in store.scroll(TILES, with_vectors=True)}
+    (root / "manifest.csv").write_text("slide,diagnosis,stage\na,malignant,2\nb,normal,1\n")
+    again = import_json(root, env)
+    assert (again["skipped"], again["tiles_written"], again["relabelled"]) == (2, 0, ["a", "b"])
+    with EdgeStore(tmp_path / "store") as store:
+        assert {h.id: h.vector.tolist() for h in store.scroll(TILES, with_vectors=True)} == before
+        malignant = Filter((Condition("diagnosis", "eq", "malignant"),))
+        assert {h.payload["slide_id"] for h in store.scroll(TILES, malignant)} == {"a"}
+        assert store.count(TILES, malignant) == 5
+        assert store.count(TILES, Filter((Condition("stage", "eq", 1),))) == 3
+
+
 def test_export_raw_then_import_elsewhere_gives_the_same_vectors_and_coordinates(tmp_path, env):
     root = tmp_path / "job"
     write_trident_file(root, "a", raw(6), grid_coords(6, 1024), patch_size=512, target_mag=20, level0_mag=40)

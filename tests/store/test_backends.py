@@ -334,3 +334,19 @@ def test_payload_updates_name_their_points_once_and_never_all(store, name):
         store.delete_payload(name, ["site"], flt=Filter((Condition("x", "gt", 0),)), ids=[])
     with pytest.raises(StoreError, match="filter is empty"):
         store.set_payload(name, {"site": "x"}, flt=Filter(()))
+
+
+@pytest.mark.parametrize("key", ["site", "slide_id", "flag", "x"])
+def test_facet_counts_each_value_of_an_indexed_field_exactly(filled, data, key):
+    store, collection = filled
+    flt = Filter((Condition("tissue", "gte", 0.5),))
+    for condition in (None, flt):
+        chosen = [p for p in data.payloads if condition is None or p["tissue"] >= 0.5]
+        want: dict = {}
+        for p in chosen:
+            if p.get(key) is not None:
+                want[p[key]] = want.get(p[key], 0) + 1
+        got = store.facet(collection, key, flt=condition, limit=1000)
+        assert dict(got) == want
+        assert [c for _, c in got] == sorted(want.values(), reverse=True)
+    assert len(store.facet(collection, "x", limit=5)) == 5

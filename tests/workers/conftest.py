@@ -14,14 +14,24 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
+from conchdb.catalog import slides_collection
+from conchdb.ingest.cohort import discover
+from conchdb.ingest.manifest import read_manifest
+from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.model.checkpoint import save_checkpoint
+from conchdb.model.encoder import Encoder
+from conchdb.store.edge import EdgeStore
+from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
+from conchdb.workers.status import heartbeats
 from tests.conftest import need_tool
 from tests.model.conftest import make_tiny_model
 
@@ -30,6 +40,8 @@ REDIS_SERVER = shutil.which("redis-server")
 # small test slides are never handed out twice by the timeout alone.
 VISIBILITY_TIMEOUT_S = 10
 BATCH = 2
+COLLECTION = "conch_tiles"
+OPTIONS = IngestOptions(batch_size=BATCH, readers=1)
 
 
 def free_port() -> int:
@@ -86,16 +98,18 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def worker_env(home: Path) -> dict[str, str]:
+def worker_env(home: Path, **more: str) -> dict[str, str]:
+    """The environment of a `conchdb` subprocess: this checkout's code first, its own home."""
     return {**os.environ, "PYTHONPATH": os.getcwd(), "CONCHDB_HOME": str(home),
-            "CONCHDB_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S)}
+            "CONCHDB_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S), **more}
 
 
 class Workers:
-    """`conchdb worker` processes on one broker; each logs to its own file."""
+    """`conchdb worker` processes on one broker; each logs to its own file. `env` adds
+    settings to theirs (`CONCHDB_*`)."""
 
-    def __init__(self, server: RedisServer, ckpt: Path, folder: Path):
-        self.server, self.ckpt, self.folder = server, ckpt, folder
+    def __init__(self, server: RedisServer, ckpt: Path, folder: Path, env: dict[str, str] | None = None):
+        self.server, self.ckpt, self.folder, self.env = server, ckpt, folder, env or {}
         self.processes: list[tuple[subprocess.Popen, Path]] = []
 
     def start(self, n: int = 1) -> None:
@@ -105,7 +119,8 @@ class Workers:
             args = [sys.executable, "-m", "conchdb.cli", "worker", "--broker", self.server.url,
                     "--checkpoint", str(self.ckpt), "--device", "cpu", "--batch-size", str(BATCH)]
             with log.open("w") as out:
-                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=worker_env(self.folder))
+                proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                        env=worker_env(self.folder, **self.env))
             self.processes.append((proc, log))
             started.append(proc)
         deadline = time.monotonic() + 120
@@ -169,3 +184,77 @@ def cohort(tmp_path_factory, slides_dir) -> Path:
         shutil.copy(slides_dir / name, root / name)
     (root / "manifest.csv").write_text(textwrap.dedent(MANIFEST))
     return root
+
+
+# -- what every distributed run is compared with ------------------------------------------
+
+def points(store) -> dict[str, tuple[dict, np.ndarray]]:
+    return {h.id: (h.payload, h.vector) for h in store.scroll(COLLECTION, with_vectors=True)}
+
+
+def records(store) -> dict[str, str]:
+    return {h.payload["slide_id"]: h.payload["status"] for h in store.scroll(slides_collection(COLLECTION))}
+
+
+def same_points(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    # The server store keeps fields set to None, the embedded one leaves them out.
+    strip = lambda p: {k: v for k, v in p.items() if k != "ingest_run" and v is not None}  # noqa: E731
+    for pid, (payload, vector) in got.items():
+        np.testing.assert_allclose(vector, expected[pid][1], atol=1e-5)
+        assert strip(payload) == strip(expected[pid][0])
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_ckpt) -> Encoder:
+    return Encoder.load(str(tiny_ckpt), device="cpu", need_tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def reference(cohort, encoder, tmp_path_factory) -> dict[str, tuple[dict, np.ndarray]]:
+    """The in-process ingest of the cohort: the points every distributed run must reproduce."""
+    store = EdgeStore(tmp_path_factory.mktemp("reference") / "store")
+    try:
+        summary = ingest(cohort, encoder, store, COLLECTION, manifest=None, options=OPTIONS)
+        assert summary.count("done") == 2 and len(summary.failed) == 1
+        return points(store)
+    finally:
+        store.close()
+
+
+def broker_run(cohort: Path, store, url: str, progress: Progress | None = None,
+               options: IngestOptions = OPTIONS, **opts) -> BrokerIngest:
+    found = discover(cohort)
+    return BrokerIngest(found, read_manifest(None, found), store, COLLECTION, options, BrokerOptions(url, **opts),
+                        progress)
+
+
+class Background:
+    """A broker ingest in a thread, so the test can break things while it runs."""
+
+    def __init__(self, run: BrokerIngest):
+        self.summary, self.error = None, None
+        self.thread = threading.Thread(target=self._go, args=(run,), daemon=True)
+        self.thread.start()
+
+    def _go(self, run: BrokerIngest) -> None:
+        try:
+            self.summary = run.run()
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def join(self, timeout: float = 240) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the ingest did not finish"
+
+
+def mid_slide(server, slide: str = "cmu_small_region.svs", timeout: float = 120) -> dict:
+    """Wait until a worker is part-way through `slide`; returns its heartbeat. Heartbeats older
+    than a few seconds are passed over: they are those of workers lost earlier."""
+    client, deadline = server.client(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for beat in heartbeats(client):
+            if beat.age_s < 10 and any(r["slide"] == slide and 0 < r["done"] < r["tiles"] for r in beat.running()):
+                return beat.doc
+        time.sleep(0.01)
+    raise AssertionError(f"no worker was seen in the middle of {slide}")

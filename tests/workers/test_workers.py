@@ -12,103 +12,32 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 from typer.testing import CliRunner
 
-from conchdb.catalog import slides_collection
 from conchdb.cli import app
-from conchdb.ingest.cohort import discover
-from conchdb.ingest.manifest import read_manifest
-from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
-from conchdb.model.encoder import Encoder
+from conchdb.ingest.pipeline import Progress
 from conchdb.store.edge import EdgeStore
 from conchdb.store.server import ServerStore
-from conchdb.workers.broker import BrokerError
-from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
+from conchdb.workers.broker import BrokerError, server_time
 from tests.slides.conftest import tissue_blob, write_image
-from tests.workers.conftest import BATCH, free_port
+from tests.workers.conftest import (
+    BATCH,
+    COLLECTION,
+    Background,
+    broker_run,
+    free_port,
+    mid_slide,
+    points,
+    records,
+    same_points,
+)
 
 runner = CliRunner()
-COLLECTION = "conch_tiles"
-OPTIONS = IngestOptions(batch_size=BATCH, readers=1)
-
-
-def _points(store) -> dict[str, tuple[dict, np.ndarray]]:
-    return {h.id: (h.payload, h.vector) for h in store.scroll(COLLECTION, with_vectors=True)}
-
-
-def _records(store) -> dict[str, str]:
-    return {h.payload["slide_id"]: h.payload["status"] for h in store.scroll(slides_collection(COLLECTION))}
-
-
-def _same_points(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    # The server store keeps fields set to None, the embedded one leaves them out.
-    strip = lambda p: {k: v for k, v in p.items() if k != "ingest_run" and v is not None}  # noqa: E731
-    for pid, (payload, vector) in got.items():
-        np.testing.assert_allclose(vector, expected[pid][1], atol=1e-5)
-        assert strip(payload) == strip(expected[pid][0])
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_ckpt) -> Encoder:
-    return Encoder.load(str(tiny_ckpt), device="cpu", need_tokenizer=False)
-
-
-@pytest.fixture(scope="module")
-def reference(cohort, encoder, tmp_path_factory) -> dict[str, tuple[dict, np.ndarray]]:
-    """The in-process ingest of the cohort: the points every distributed run must reproduce."""
-    store = EdgeStore(tmp_path_factory.mktemp("reference") / "store")
-    try:
-        summary = ingest(cohort, encoder, store, COLLECTION, manifest=None, options=OPTIONS)
-        assert summary.count("done") == 2 and len(summary.failed) == 1
-        return _points(store)
-    finally:
-        store.close()
-
-
-def _broker_run(cohort: Path, store, url: str, progress: Progress | None = None, **opts) -> BrokerIngest:
-    found = discover(cohort)
-    return BrokerIngest(found, read_manifest(None, found), store, COLLECTION, OPTIONS, BrokerOptions(url, **opts),
-                        progress)
-
-
-class Background:
-    """A broker ingest in a thread, so the test can break things while it runs."""
-
-    def __init__(self, run: BrokerIngest):
-        self.summary, self.error = None, None
-        self.thread = threading.Thread(target=self._go, args=(run,), daemon=True)
-        self.thread.start()
-
-    def _go(self, run: BrokerIngest) -> None:
-        try:
-            self.summary = run.run()
-        except BaseException as exc:  # handed to the test
-            self.error = exc
-
-    def join(self, timeout: float = 240) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the ingest did not finish"
-
-
-def _mid_slide(server, slide: str = "cmu_small_region.svs", timeout: float = 120) -> dict:
-    """Wait until a worker is part-way through `slide`; returns its heartbeat."""
-    client, deadline = server.client(), time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for key in client.scan_iter(match="conchdb:worker:*"):
-            raw = client.get(key)
-            beat = json.loads(raw) if raw else {"running": []}
-            if any(r["slide"] == slide and 0 < r["done"] < r["tiles"] for r in beat["running"]):
-                return beat
-        time.sleep(0.01)
-    raise AssertionError(f"no worker was seen in the middle of {slide}")
 
 
 def test_two_workers_into_the_embedded_store_equal_the_in_process_ingest(
@@ -129,8 +58,8 @@ def test_two_workers_into_the_embedded_store_equal_the_in_process_ingest(
     assert len(re.findall(r"slide task \w+: failed", workers.logs())) == 1
     opened = EdgeStore(store)
     try:
-        _same_points(_points(opened), reference)
-        assert _records(opened) == {"cmu_small_region.svs": "done", "boxes.png": "done", "unreadable.svs": "failed"}
+        same_points(points(opened), reference)
+        assert records(opened) == {"cmu_small_region.svs": "done", "boxes.png": "done", "unreadable.svs": "failed"}
     finally:
         opened.close()
     # A rerun skips what is done, as in-process; the failed slide is tried again by that rerun.
@@ -151,14 +80,14 @@ def test_a_worker_killed_mid_slide_leaves_it_to_the_other(redis_server, workers,
     workers.ensure(2)
     store = EdgeStore(tmp_path / "store")
     try:
-        background = Background(_broker_run(cohort, store, redis_server.url))
-        victim = _mid_slide(redis_server)
+        background = Background(broker_run(cohort, store, redis_server.url))
+        victim = mid_slide(redis_server)
         os.kill(victim["pid"], signal.SIGKILL)
         background.join()
         assert background.error is None, background.error
         summary = background.summary
         assert summary.count("done") == 2 and len(summary.failed) == 1
-        _same_points(_points(store), reference)  # none missing, none twice (ids are the point's identity)
+        same_points(points(store), reference)  # none missing, none twice (ids are the point's identity)
         assert store.count(COLLECTION) == len(reference)
     finally:
         store.close()
@@ -170,8 +99,8 @@ def test_redis_stopped_and_started_during_an_ingest(redis_server, workers, cohor
     workers.ensure(2)
     store = EdgeStore(tmp_path / "store")
     try:
-        background = Background(_broker_run(cohort, store, redis_server.url))
-        _mid_slide(redis_server)
+        background = Background(broker_run(cohort, store, redis_server.url))
+        mid_slide(redis_server)
         redis_server.stop()
         time.sleep(2)
         redis_server.start()
@@ -179,12 +108,12 @@ def test_redis_stopped_and_started_during_an_ingest(redis_server, workers, cohor
         if background.error is not None:  # allowed: a clear message, and the rerun completes the ingest
             assert isinstance(background.error, BrokerError), background.error
             assert redis_server.url in background.error.message
-            summary = _broker_run(cohort, store, redis_server.url).run()
+            summary = broker_run(cohort, store, redis_server.url).run()
         else:
             summary = background.summary
         assert summary.count("done") + summary.count("skipped") == 2
-        _same_points(_points(store), reference)
-        assert _records(store)["cmu_small_region.svs"] == "done"
+        same_points(points(store), reference)
+        assert records(store)["cmu_small_region.svs"] == "done"
     finally:
         store.close()
     assert len(workers.alive()) == 2, workers.logs()  # the workers waited for the broker and stayed
@@ -207,7 +136,7 @@ def test_interrupt_revokes_the_slides_not_started(redis_server, workers, tmp_pat
     before = len(re.findall(r"slide task \w+: (done|no_tissue)", workers.logs()))
     try:
         with pytest.raises(KeyboardInterrupt):
-            _broker_run(many, store, redis_server.url, Progress(on_outcome=stop)).run()
+            broker_run(many, store, redis_server.url, Progress(on_outcome=stop)).run()
         deadline = time.monotonic() + 60
         while redis_server.client().llen("conchdb") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -216,7 +145,7 @@ def test_interrupt_revokes_the_slides_not_started(redis_server, workers, tmp_pat
         done = len(re.findall(r"slide task \w+: (done|no_tissue)", workers.logs())) - before
         assert done <= 2, workers.logs()  # the one reported and at most the one it had already taken
         assert re.search(r"dropped|revoked", workers.logs(), re.IGNORECASE)
-        assert sum(s == "done" for s in _records(store).values()) == 1
+        assert sum(s == "done" for s in records(store).values()) == 1
     finally:
         store.close()
 
@@ -240,13 +169,13 @@ def test_workers_writing_into_a_qdrant_server(redis_server, cohort, encoder, ref
     heartbeat.start()
     try:
         with start_worker(worker_app, pool="solo", perform_ping_check=False, queues=["direct"]):
-            summary = _broker_run(cohort, server, redis_server.url, queue="direct", qdrant_url=url).run()
+            summary = broker_run(cohort, server, redis_server.url, queue="direct", qdrant_url=url).run()
     finally:
         heartbeat.stop()
     assert summary.count("done") == 2 and [Path(o.path).name for o in summary.failed] == ["unreadable.svs"]
     assert "Bogus marker length" in summary.failed[0].error
-    _same_points(_points(server), reference)
-    assert _records(server) == {"cmu_small_region.svs": "done", "boxes.png": "done", "unreadable.svs": "failed"}
+    same_points(points(server), reference)
+    assert records(server) == {"cmu_small_region.svs": "done", "boxes.png": "done", "unreadable.svs": "failed"}
 
 
 def test_an_unreachable_broker_fails_fast_naming_the_url(cohort, tmp_path, tiny_ckpt):
@@ -282,11 +211,13 @@ def test_tasks_the_broker_lost_are_sent_again(redis_server, workers, cohort, enc
         proc.wait(timeout=60)
     client = redis_server.client()
     stand_in = {"node": "stand-in@test", "host": "test", "pid": 0, "device": "cpu", "queue": "conchdb",
-                "model": encoder.describe(), "running": [], "started_at": 0, "updated_at": 0}
+                "model": encoder.describe(), "running": [], "started_at": 0, "updated_at": 0,
+                "beat_at": server_time(client)}
     client.set("conchdb:worker:stand-in@test", json.dumps(stand_in), ex=120)  # lets the ingest start
+    client.sadd("conchdb:workers", "stand-in@test")
     store = EdgeStore(tmp_path / "store")
     try:
-        background = Background(_broker_run(cohort, store, redis_server.url, stall_s=2))
+        background = Background(broker_run(cohort, store, redis_server.url, stall_s=2))
         deadline = time.monotonic() + 60
         while client.llen("conchdb") < 3:
             assert time.monotonic() < deadline and background.error is None, background.error
@@ -297,6 +228,6 @@ def test_tasks_the_broker_lost_are_sent_again(redis_server, workers, cohort, enc
         background.join()
         assert background.error is None, background.error
         assert background.summary.count("done") == 2 and len(background.summary.failed) == 1
-        _same_points(_points(store), reference)
+        same_points(points(store), reference)
     finally:
         store.close()

@@ -16,7 +16,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from conchdb.api import schemas
-from conchdb.api.errors import ApiError
+from conchdb.api.errors import ApiError, validation_error
 from conchdb.api.service import Service, hit_dict
 from conchdb.api.uploads import IMAGE_FIX, decode_image
 from conchdb.search import prompts
@@ -70,7 +70,7 @@ async def _image_request(request: Request, model: type[BaseModel]) -> tuple[Any,
             raise ApiError(422, "the body is not valid JSON", "send a JSON object", field="body") from None
         return _validate(model, data), None
     if kind != "multipart/form-data":
-        raise ApiError(415, f"content type {kind or 'none'!r} is not accepted",
+        raise ApiError(415, f"content type '{kind or 'none'}' is not accepted",
                        "send application/json (a stored point or region) or multipart/form-data (an upload)",
                        field="content-type")
     form = await request.form(max_files=1, max_fields=64, max_part_size=limits.max_upload_bytes)
@@ -104,10 +104,7 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise ApiError(422, f"{field}: {first.get('msg')}" if field else str(first.get("msg")),
-                       "see the request schema at /docs (or /openapi.json)", field=field) from None
+        raise validation_error(exc.errors(), model) from None
 
 
 def _response(service: Service, hits: list, top_k: int, page: int) -> dict[str, Any]:
@@ -202,7 +199,7 @@ def _classes(body: schemas.Classify, service: Service) -> list[prompts.ClassProm
     for label, sentences in body.prompts.items():
         texts = tuple(s.strip() for s in sentences if s.strip())
         if not label.strip() or not texts or any(len(s) > limits.max_query_chars for s in texts):
-            raise ApiError(422, f"class {label!r} needs a name and at least one sentence",
+            raise ApiError(422, f"class '{label}' needs a name and at least one sentence",
                            "give each class one or more sentences", field="prompts")
         classes.append(prompts.ClassPrompts(label.strip(), texts))
     return classes

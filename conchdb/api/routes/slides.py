@@ -89,8 +89,9 @@ def slide_heatmap(
 
     flt = parse_filters(_json_param(filters, "filters"), service.searcher.field_types(), service.settings.max_filters)
     vector = service.text_vector(query, ensemble)
-    png = service.heatmap_png(slide_id, vector, f"{slide_id}: {query}", style, size, flt)
-    return Response(png, media_type="image/png")
+    png, low, high = service.heatmap_png(slide_id, vector, f"{slide_id}: {query}", style, size, flt)
+    # The scores at the palette's two ends (viridis, low to high), for the page's legend.
+    return Response(png, media_type="image/png", headers={"X-Score-Low": f"{low:.6f}", "X-Score-High": f"{high:.6f}"})
 
 
 GEOJSON = {"content": {"application/geo+json": {}}, "description": "A GeoJSON FeatureCollection QuPath imports"}

@@ -41,3 +41,15 @@ def schema(request: Request) -> dict[str, Any]:
     types = service.searcher.field_types()
     fields = [{"name": k, "type": v} for k, v in sorted(types.types.items())]
     return {"collection": service.collection, "fields": fields, "declared": types.declared}
+
+
+@router.get("/fields", response_model=schemas.Fields, responses=ERRORS)
+def fields(request: Request) -> dict[str, Any]:
+    """Each filterable field with its stored values and counts (keyword, bool, integer) or its
+    range (numbers): what a filter form offers. Values match exactly, case included."""
+    from conchdb.api.fields import field_summaries
+
+    service = _service(request)
+    service.require_collection()
+    types = dict(service.searcher.field_types().types)
+    return {"collection": service.collection, "fields": field_summaries(service.store, service.collection, types)}

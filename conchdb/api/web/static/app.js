@@ -1,332 +1,313 @@
-// The conchdb search page: plain JavaScript over the /v1 API, no build step.
-// Every request carries the API key (asked once, kept in sessionStorage); images are fetched
-// with it and shown from blob URLs, since <img> cannot send headers.
-"use strict";
+// The conchdb search page: plain JavaScript modules over the /v1 API, no build step.
+//
+// One search runs at a time: a new one aborts the requests of the one before (AbortController)
+// and an answer is shown only if no newer search started since, so what is on screen always
+// belongs to the query in the title. The state is in the URL (url.js).
 
-const KEY_STORE = "conchdb-api-key";
-// Fields every tile has that are bookkeeping rather than something to filter a search by.
-const HIDDEN_FIELDS = new Set(["path", "ingest_run", "tiling", "mpp_source", "x", "y", "size", "target_mpp", "tile_px", "slide_id"]);
-const $ = (id) => document.getElementById(id);
+import {
+  $, api, askKey, blobUrl, clearError, element, isAbort, label, patientField, position, postJson, showError, state,
+  updateKeyButton,
+} from "./core.js";
+import { buildFilters, describeFilters, filterFields, readFilters, writeFilters } from "./filters.js";
+import { clearResults, downloadCsv, groupCard, hooks as cardHooks, slideCard, tileCard } from "./results.js";
+import { emptyView, fromUrl, record } from "./url.js";
+import { closeViewer, hooks as viewerHooks, openViewer, wireViewer } from "./viewer.js";
 
-const state = {
-  key: sessionStorage.getItem(KEY_STORE) || "",
-  query: null,      // {kind: "text", text, ensemble} | {kind: "image", file} | {kind: "point", pointId}
-  page: 1,
-  topK: 24,
-  schema: [],
-  hits: [],
-  viewer: null,
-  viewerHit: null,
-  heatmapItem: null,
-  tilesLoaded: 0,
-};
-window.conchdb = state; // for the browser tests and for curious users
+const DEEP_K = 100;      // the search's best tiles, for hit counts per slide and outlines in the viewer
+const GROUP_SIZE = 4;    // best tiles shown per slide (or patient)
+let controller = null;   // aborts the running search's requests
+let lastImage = null;    // the uploaded image ({name, file}): a URL cannot hold it
 
-function headers(extra = {}) {
-  return state.key ? { "X-API-Key": state.key, ...extra } : extra;
+// -- the query in words -------------------------------------------------------------------------
+
+function describeQuery(view) {
+  if (view.kind === "text") return `“${view.text}”`;
+  if (view.kind === "like") return "tiles like the query tile";
+  if (view.kind === "region") return `tiles like a region of slide ${view.region.slide}`;
+  if (view.kind === "image") return `the image ${view.fileName || "pasted"}`;
+  if (view.kind === "cases") return `slides like slide ${view.slide}`;
+  return "";
 }
 
-function showError(message, fix) {
-  const banner = $("banner");
-  banner.replaceChildren();
-  const text = document.createElement("span");
-  text.textContent = message;
-  banner.append(text);
-  if (fix) {
-    const hint = document.createElement("span");
-    hint.className = "fix";
-    hint.textContent = "Fix: " + fix;
-    banner.append(hint);
-  }
-  banner.hidden = false;
+function groupField(view) {
+  if (view.group === "slide") return "slide_id";
+  if (view.group === "patient") return patientField();
+  return null;
 }
 
-function clearError() { $("banner").hidden = true; }
+// -- running a search ---------------------------------------------------------------------------
 
-function askKey() {
-  const given = window.prompt("This server needs an API key. It is kept for this browser session only.", state.key);
-  if (given === null) return false;
-  state.key = given.trim();
-  sessionStorage.setItem(KEY_STORE, state.key);
-  updateKeyButton();
-  return true;
+function searchBody(view, options) {
+  if (view.kind === "text") return { query: view.text, ensemble: Boolean(view.ensemble), ...options };
+  if (view.kind === "like") return { point_id: view.point, ...options };
+  const r = view.region;
+  return { slide_id: r.slide, x: r.x, y: r.y, w: r.w, h: r.h, ...options };
 }
 
-function updateKeyButton() { $("key-button").textContent = state.key ? "API key ✓" : "API key"; }
-
-// fetch() on the API; a refusal becomes a banner with the server's message and fix.
-async function api(path, options = {}, retried = false) {
-  const response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
-  if (response.ok) return response;
-  let body = { error: `the server answered ${response.status}`, fix: null };
-  try { body = await response.json(); } catch (_) { /* not JSON: keep the status */ }
-  if (response.status === 401 && !retried && askKey()) return api(path, options, true);
-  showError(`The server refused (${response.status}): ${body.error}`, body.fix);
-  const error = new Error(body.error);
-  error.status = response.status;
-  throw error;
-}
-
-async function blobUrl(path) {
-  const response = await api(path);
-  return URL.createObjectURL(await response.blob());
-}
-
-// -- health and filters ----------------------------------------------------------------------
-
-async function loadHealth() {
-  try {
-    const health = await (await fetch("/v1/health")).json();
-    $("health").textContent = health.status === "ok"
-      ? `${health.points} tiles in ${health.collection} · model ready`
-      : `not ready: store ${health.store ? "ok" : "missing"}, model ${health.model ? "ok" : "missing"}`;
-  } catch (_) {
-    $("health").textContent = "the server cannot be reached";
-  }
-}
-
-async function loadSchema() {
-  const schema = await (await api("/v1/schema")).json();
-  state.schema = schema.fields.filter((f) => !HIDDEN_FIELDS.has(f.name));
-  const form = $("filters");
-  form.replaceChildren();
-  for (const field of state.schema) {
-    const label = document.createElement("label");
-    const name = document.createElement("span");
-    name.textContent = field.name;
-    label.append(name);
-    if (field.type === "bool") {
-      const select = document.createElement("select");
-      select.name = field.name;
-      for (const [value, text] of [["", "any"], ["true", "yes"], ["false", "no"]]) select.add(new Option(text, value));
-      label.append(select);
-    } else if (field.type === "integer" || field.type === "float") {
-      const range = document.createElement("span");
-      range.className = "range";
-      for (const end of ["min", "max"]) {
-        const input = document.createElement("input");
-        input.type = "number"; input.step = "any"; input.placeholder = end; input.name = `${field.name}.${end}`;
-        range.append(input);
-      }
-      label.append(range);
-    } else {
-      const input = document.createElement("input");
-      input.name = field.name; input.placeholder = "any";
-      label.append(input);
+function tileSearch(view, options, signal) {
+  if (view.kind === "text") return postJson("/v1/search/text", searchBody(view, options), signal);
+  if (view.kind === "image") {
+    const form = new FormData();
+    form.append("image", view.file);
+    for (const [key, value] of Object.entries(options)) {
+      if (value !== null && value !== undefined) form.append(key, typeof value === "object" ? JSON.stringify(value) : String(value));
     }
-    form.append(label);
+    return api("/v1/search/image", { method: "POST", body: form, signal });
   }
-  form.addEventListener("change", () => { if (state.query) runSearch(1); });
+  return postJson("/v1/search/image", searchBody(view, options), signal);
 }
 
-function readFilters() {
-  const out = {};
-  for (const field of state.schema) {
-    const form = $("filters");
-    if (field.type === "bool") {
-      const value = form.elements[field.name].value;
-      if (value) out[field.name] = value === "true";
-    } else if (field.type === "integer" || field.type === "float") {
-      const rule = {};
-      const min = form.elements[`${field.name}.min`].value, max = form.elements[`${field.name}.max`].value;
-      if (min !== "") rule.gte = Number(min);
-      if (max !== "") rule.lte = Number(max);
-      if (Object.keys(rule).length) out[field.name] = rule;
-    } else {
-      const values = form.elements[field.name].value.split(",").map((v) => v.trim()).filter(Boolean);
-      if (values.length === 1) out[field.name] = values[0];
-      else if (values.length > 1) out[field.name] = { in: values };
+// "More like this" leaves the query tile out: ask one more and drop it, renumbering the ranks.
+function withoutQueryTile(hits, view, offset) {
+  if (view.kind !== "like") return hits;
+  const kept = [];
+  for (const hit of hits) {
+    if (hit.id === view.point) continue;
+    if (hit.tiles) {
+      hit.tiles = hit.tiles.filter((t) => t.id !== view.point);
+      if (!hit.tiles.length) continue;
+      Object.assign(hit, { ...hit.tiles[0], tiles: hit.tiles });
     }
+    kept.push(hit);
   }
-  return out;
+  return kept.slice(offset, offset + view.topK).map((hit, i) => ({ ...hit, rank: offset + i + 1 }));
 }
 
-// -- searching -------------------------------------------------------------------------------
+function setLoading(on) {
+  $("loading").hidden = !on;
+  $("results").setAttribute("aria-busy", on ? "true" : "false");
+  document.body.dataset.busy = on ? "yes" : "no";
+}
 
-async function runSearch(page) {
-  if (!state.query) return;
+// Show `view`: run its requests, superseding any search still running.
+export async function run(view, { push = true } = {}) {
+  if (controller) controller.abort();
+  controller = new AbortController();
+  const { signal } = controller;
+  const ticket = ++state.searches;
+  state.view = view;
+  record(view, { replace: !push });
   clearError();
-  state.page = page;
-  state.topK = Number($("top-k").value);
-  const options = { top_k: state.topK, page, filters: readFilters() };
-  let response;
-  try {
-    if (state.query.kind === "text") {
-      response = await api("/v1/search/text", {
-        method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ query: state.query.text, ensemble: state.query.ensemble, ...options }),
-      });
-    } else if (state.query.kind === "point") {
-      response = await api("/v1/search/image", {
-        method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ point_id: state.query.pointId, ...options }),
-      });
-    } else {
-      const form = new FormData();
-      form.append("image", state.query.file);
-      form.append("top_k", String(options.top_k));
-      form.append("page", String(options.page));
-      form.append("filters", JSON.stringify(options.filters));
-      response = await api("/v1/search/image", { method: "POST", body: form });
-    }
-  } catch (_) { return; }
-  const result = await response.json();
-  state.hits = result.hits;
-  renderHits();
-}
-
-function describeQuery() {
-  const q = state.query;
-  if (q.kind === "text") return `“${q.text}”`;
-  if (q.kind === "point") return `tiles like tile ${q.pointId.slice(0, 8)}…`;
-  return `the image ${q.file.name || "pasted"}`;
-}
-
-function renderHits() {
-  const gallery = $("gallery");
-  gallery.replaceChildren();
-  const first = (state.page - 1) * state.topK + 1;
-  $("summary").textContent = state.hits.length
-    ? `Results ${first}–${first + state.hits.length - 1} for ${describeQuery()}`
-    : `No results for ${describeQuery()} with these filters.`;
-  for (const hit of state.hits) {
-    const card = document.createElement("figure");
-    card.className = "card";
-    card.dataset.id = hit.id;
-    const img = document.createElement("img");
-    img.alt = `tile of ${hit.slide_id} at ${hit.x}, ${hit.y}`;
-    blobUrl(hit.tile_url).then((url) => { img.src = url; }).catch(() => { img.alt = "tile image refused"; });
-    const caption = document.createElement("figcaption");
-    const head = document.createElement("div");
-    head.innerHTML = `<b>#${hit.rank}</b> <span class="score"></span>`;
-    head.querySelector(".score").textContent = `score ${hit.score.toFixed(4)}`;
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const extra = state.schema.map((f) => f.name).filter((n) => n in hit.payload).map((n) => `${n}: ${hit.payload[n]}`);
-    meta.textContent = `${hit.slide_id} @ (${hit.x}, ${hit.y}) · ${extra.join(" · ")}`;
-    caption.append(head, meta);
-    card.append(img, caption);
-    card.addEventListener("click", () => openViewer(hit));
-    gallery.append(card);
+  clearResults();
+  state.deepHits = [];
+  showQuery(view);
+  syncControls(view);
+  if (!view.kind) {
+    $("summary").textContent = "Search by text, by an image, or browse the slides.";
+    setLoading(false);
+    if (view.open) openFromView(view); // a hit's viewer_url
+    return;
   }
-  $("pager").hidden = false;
-  $("prev").disabled = state.page <= 1;
-  $("next").disabled = state.hits.length < state.topK;
-  $("page-label").textContent = `page ${state.page}`;
+  if (view.kind === "image" && !view.file) {
+    $("summary").textContent = `The image ${view.fileName} is not in the link: drop or choose it again to search with it.`;
+    setLoading(false);
+    return;
+  }
+  $("summary").textContent = view.kind === "browse" ? "Loading the slides…" : `Searching for ${describeQuery(view)}…`;
+  setLoading(true);
+  try {
+    if (view.kind === "browse") await runBrowse(view, signal, ticket);
+    else if (view.kind === "cases") await runCases(view, signal, ticket);
+    else await runTiles(view, signal, ticket);
+  } catch (error) {
+    if (isAbort(error) || ticket !== state.searches) return;
+    clearResults();
+    $("summary").textContent = `No results for ${describeQuery(view) || "this request"}: the server refused it (see above).`;
+    setLoading(false);
+    return;
+  }
+  if (ticket !== state.searches) return;
+  setLoading(false);
+  document.body.dataset.shown = String(ticket);
+  if (view.open) openFromView(view);
+  else if (view.openSlide) openViewer({ slideId: view.openSlide });
+}
+
+async function runTiles(view, signal, ticket) {
+  const by = groupField(view);
+  const like = view.kind === "like";
+  const offset = (view.page - 1) * view.topK;
+  const filters = view.filters;
+  const extra = like ? 1 : 0; // room for the query tile, which is left out
+  // The search's best DEEP_K tiles (hit counts, outlines) are one request; a page of tiles within
+  // them is cut from it, any other page (or grouped results) is a request of its own.
+  const deepAsked = tileSearch(view, { top_k: DEEP_K + extra, page: 1, filters }, signal).then((r) => r.json());
+  let mainAsked = null;
+  if (by || offset + view.topK > DEEP_K) {
+    const main = like
+      ? { top_k: Math.min(1000, view.page * view.topK + 1), page: 1, filters }
+      : { top_k: view.topK, page: view.page, filters };
+    if (by) Object.assign(main, { group_by: by, group_size: GROUP_SIZE });
+    mainAsked = tileSearch(view, main, signal).then((r) => r.json());
+  }
+  const [deep, asked] = await Promise.all([deepAsked, mainAsked]);
+  if (ticket !== state.searches) return;
+  if (like) state.hits = withoutQueryTile((asked || deep).hits, view, offset);
+  else state.hits = asked ? asked.hits : deep.hits.slice(offset, offset + view.topK);
+  if (like) describeQueryTile(deep.hits.find((h) => h.id === view.point));
+  if (view.kind === "region") describeRegion(view.region, deep.hits.find((h) => h.slide_id === view.region.slide));
+  state.deepHits = deep.hits.filter((h) => h.id !== view.point);
+  const gallery = $("gallery");
+  gallery.className = by ? "gallery groups" : "gallery tiles";
+  for (const hit of state.hits) gallery.append(by ? groupCard(hit, by, signal) : tileCard(hit, signal));
+  const first = offset + 1;
+  const noun = by ? (by === "slide_id" ? "Slides" : `${label(by)[0].toUpperCase()}${label(by).slice(1)}s`) : "Results";
+  const filtered = Object.keys(filters).length ? ` (${describeFilters(filters)})` : "";
+  $("summary").textContent = state.hits.length
+    ? `${noun} ${first}–${first + state.hits.length - 1} for ${describeQuery(view)}${filtered}`
+    : `No results for ${describeQuery(view)} with these filters${filtered}.`;
+  showPager(view, state.hits.length === view.topK);
+}
+
+async function runCases(view, signal, ticket) {
+  const body = await (await postJson("/v1/search/slide", { slide_id: view.slide, top_k: view.topK, filters: view.filters }, signal)).json();
+  if (ticket !== state.searches) return;
+  state.slides = body.results;
+  const gallery = $("gallery");
+  gallery.className = "gallery slides";
+  for (const slide of state.slides) gallery.append(slideCard(slide, signal, slide.rank));
+  $("summary").textContent = state.slides.length
+    ? `Cases like slide ${view.slide}: ${state.slides.length} slides`
+    : `No slides like slide ${view.slide} with these filters.`;
+  $("export").hidden = !state.slides.length;
+}
+
+async function runBrowse(view, signal, ticket) {
+  const params = new URLSearchParams({ page: String(view.page), page_size: String(view.topK) });
+  if (Object.keys(view.filters).length) params.set("filters", JSON.stringify(view.filters));
+  const body = await (await api(`/v1/slides?${params}`, { signal })).json();
+  if (ticket !== state.searches) return;
+  state.slides = body.slides;
+  state.total = body.total;
+  const gallery = $("gallery");
+  gallery.className = "gallery slides";
+  const first = (view.page - 1) * view.topK + 1;
+  state.slides.forEach((slide, i) => gallery.append(slideCard(slide, signal, first + i)));
+  $("summary").textContent = state.slides.length
+    ? `Slides ${first}–${first + state.slides.length - 1} of ${body.total}`
+    : "No slides with these filters.";
+  showPager(view, first + state.slides.length - 1 < body.total);
+}
+
+function showPager(view, more) {
+  const shown = state.hits.length || state.slides.length;
+  $("pager").hidden = !shown || (view.page <= 1 && !more);
+  $("prev").disabled = view.page <= 1;
+  $("next").disabled = !more;
+  $("page-label").textContent = `page ${view.page}`;
+  $("export").hidden = !shown;
+}
+
+// The query itself, shown above the results: the query tile of "more like this", the image.
+function showQuery(view) {
+  const box = $("query-shown");
+  box.replaceChildren();
+  box.hidden = true;
+  if (view.kind === "like") {
+    const img = element("img", { alt: "the query tile", width: 96, height: 96 });
+    blobUrl(`/v1/tiles/${encodeURIComponent(view.point)}.jpg`).then((url) => { img.src = url; }).catch(() => {});
+    box.append(img, element("span", {}, "Query: this tile (left out of the results)"));
+    box.hidden = false;
+  } else if (view.kind === "image" && view.file) {
+    const img = element("img", { alt: `the query image ${view.fileName}`, width: 96, height: 96, src: URL.createObjectURL(view.file) });
+    box.append(img, element("span", {}, `Query: the image ${view.fileName}`));
+    box.hidden = false;
+  } else if (view.kind === "region") {
+    const r = view.region;
+    box.append(element("span", {}, `Query: a ${r.w}×${r.h} px region of slide ${r.slide} at pixel ${r.x}, ${r.y}`));
+    box.hidden = false;
+  }
+}
+
+// "More like this": say which tile the query is (the search finds it first, and leaves it out).
+function describeQueryTile(hit) {
+  const text = $("query-shown").querySelector("span");
+  if (hit && text) text.textContent = `Query: this tile of slide ${hit.slide_id}, ${position(hit)} (left out of the results)`;
+}
+
+// A region in µm, once a hit of its slide gives the slide's pixel size.
+function describeRegion(r, hitOfSlide) {
+  const text = $("query-shown").querySelector("span");
+  const mpp = hitOfSlide && hitOfSlide.payload.mpp;
+  if (!text || !mpp) return;
+  const um = (v) => Math.round(v * mpp).toLocaleString("en");
+  text.textContent = `Query: a ${um(r.w)} × ${um(r.h)} µm region of slide ${r.slide}, at ${um(r.x)} µm, ${um(r.y)} µm`;
+}
+
+// The form shows the view's query, filters, grouping and page size.
+function syncControls(view) {
+  $("text").value = view.kind === "text" ? view.text : "";
+  $("ensemble").checked = view.kind === "text" && Boolean(view.ensemble);
+  const perPage = $("top-k");
+  if (![...perPage.options].some((o) => o.value === String(view.topK))) perPage.add(new Option(String(view.topK))); // from a link
+  perPage.value = String(view.topK);
+  for (const radio of document.querySelectorAll("input[name=group]")) radio.checked = radio.value === view.group;
+  writeFilters(view.filters);
+}
+
+// Open the viewer on the view's `open` tile: from the results, or asked of the server.
+async function openFromView(view) {
+  const hit = [...state.hits.flatMap((h) => h.tiles || [h]), ...state.deepHits].find((h) => h.id === view.open);
+  if (hit) { openViewer({ hit, from: cardButton(hit.id) }); return; }
+  try {
+    const body = await (await postJson("/v1/search/image", { point_id: view.open, top_k: 1 })).json();
+    if (body.hits[0]) openViewer({ hit: { ...body.hits[0], rank: "" } });
+  } catch (_) { /* the banner says why */ }
+}
+
+function cardButton(id) {
+  const card = document.querySelector(`.card[data-id="${CSS.escape(id)}"] .card-open`);
+  return card || null;
+}
+
+// -- new searches -------------------------------------------------------------------------------
+
+function current(changes) {
+  const base = state.view || emptyView();
+  return { ...base, open: null, openSlide: null, page: 1, ...changes };
+}
+
+function newSearch(changes) {
+  const filters = readFilters();
+  if (filters === null) return; // the form says which range is impossible
+  run(current({ filters, ...changes }));
 }
 
 function setImageQuery(file) {
   if (!file || !file.type.startsWith("image/")) {
-    showError("That is not an image.", "drop or paste a PNG, JPEG or TIFF image");
+    showError("That file is not an image.", "drop, paste or choose a PNG, JPEG or TIFF picture of tissue");
     return;
   }
-  state.query = { kind: "image", file };
-  const preview = $("drop-preview");
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
-  runSearch(1);
+  lastImage = { name: file.name || "pasted", file };
+  $("drop-preview").src = URL.createObjectURL(file);
+  $("drop-preview").hidden = false;
+  newSearch({ kind: "image", file, fileName: lastImage.name });
 }
 
-// -- the viewer ------------------------------------------------------------------------------
-
-async function tileSource(slideId) {
-  const base = `/v1/slides/${encodeURIComponent(slideId)}`;
-  const xml = new DOMParser().parseFromString(await (await api(`${base}.dzi`)).text(), "application/xml");
-  const image = xml.documentElement;
-  const size = image.getElementsByTagName("Size")[0];
-  return {
-    Image: {
-      xmlns: "http://schemas.microsoft.com/deepzoom/2008",
-      Url: `${base}_files/`,
-      Format: image.getAttribute("Format"),
-      Overlap: image.getAttribute("Overlap"),
-      TileSize: image.getAttribute("TileSize"),
-      Size: { Width: size.getAttribute("Width"), Height: size.getAttribute("Height") },
-    },
-  };
-}
-
-async function openViewer(hit) {
-  clearError();
-  if (window.viewerMissing || typeof OpenSeadragon === "undefined") {
-    showError("The slide viewer is not installed on this server.",
-      "run the README's set-up command (npm ci in conchdb/api/web), then restart the server");
-    return;
-  }
-  state.viewerHit = hit;
-  $("viewer-panel").hidden = false;
-  $("viewer-title").textContent = `${hit.slide_id}: tile at (${hit.x}, ${hit.y}), score ${hit.score.toFixed(4)}`;
-  $("viewer-meta").textContent = Object.entries(hit.payload)
-    .filter(([k]) => !HIDDEN_FIELDS.has(k)).map(([k, v]) => `${k}: ${v}`).join(" · ");
-  const canHeatmap = state.query && state.query.kind === "text";
-  $("heatmap-toggle").checked = false;
-  $("heatmap-toggle").disabled = !canHeatmap;
-  $("heatmap-toggle").parentElement.title = canHeatmap ? "" : "search by text first";
-  let source;
-  try { source = await tileSource(hit.slide_id); } catch (_) { return; }
-  if (state.viewer) state.viewer.destroy();
-  state.heatmapItem = null;
-  state.tilesLoaded = 0;
-  state.viewer = OpenSeadragon({
-    element: $("viewer"),
-    prefixUrl: "/viewer/images/",
-    tileSources: source,
-    loadTilesWithAjax: true,
-    ajaxHeaders: headers(),
-    showNavigator: true,
-    crossOriginPolicy: false,
-  });
-  state.viewer.addHandler("tile-loaded", () => { state.tilesLoaded += 1; });
-  state.viewer.addHandler("open", () => {
-    const viewport = state.viewer.viewport;
-    const rect = viewport.imageToViewportRectangle(hit.x, hit.y, hit.size, hit.size);
-    const outline = document.createElement("div");
-    outline.className = "outline";
-    outline.id = "tile-outline";
-    state.viewer.addOverlay({ element: outline, location: rect });
-    const margin = rect.width * 2;
-    viewport.fitBounds(new OpenSeadragon.Rect(rect.x - margin, rect.y - margin, rect.width + 2 * margin,
-      rect.height + 2 * margin), true);
-  });
-  state.viewer.addHandler("open-failed", (event) => showError(`The slide cannot be shown: ${event.message}`));
-}
-
-async function toggleHeatmap(on) {
-  const viewer = state.viewer;
-  if (!viewer) return;
-  if (state.heatmapItem) { viewer.world.removeItem(state.heatmapItem); state.heatmapItem = null; }
-  if (!on || !state.query || state.query.kind !== "text") return;
-  const slide = encodeURIComponent(state.viewerHit.slide_id);
-  const params = new URLSearchParams({ query: state.query.text, ensemble: String(state.query.ensemble) });
-  let url;
-  try { url = await blobUrl(`/v1/slides/${slide}/heatmap.png?${params}`); } catch (_) { $("heatmap-toggle").checked = false; return; }
-  viewer.addTiledImage({
-    tileSource: { type: "image", url }, x: 0, y: 0, width: 1, opacity: 0.45,
-    success: (event) => { state.heatmapItem = event.item; document.body.dataset.heatmap = "shown"; },
-  });
-}
-
-function closeViewer() {
-  $("viewer-panel").hidden = true;
-  if (state.viewer) { state.viewer.destroy(); state.viewer = null; }
-}
-
-// -- wiring ----------------------------------------------------------------------------------
+// -- wiring -------------------------------------------------------------------------------------
 
 function wire() {
   $("text-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("text").value.trim();
-    if (!text) { showError("Type what to look for.", "e.g. tumor necrosis"); return; }
-    state.query = { kind: "text", text, ensemble: $("ensemble").checked };
+    if (!text) { showError("Type what to look for.", "describe the tissue in words, e.g. tumor necrosis"); return; }
     $("drop-preview").hidden = true;
-    runSearch(1);
+    newSearch({ kind: "text", text, ensemble: $("ensemble").checked });
   });
-  $("top-k").addEventListener("change", () => runSearch(1));
-  $("prev").addEventListener("click", () => runSearch(state.page - 1));
-  $("next").addEventListener("click", () => runSearch(state.page + 1));
+  $("top-k").addEventListener("change", () => { if (state.view && state.view.kind) newSearch({ topK: Number($("top-k").value) }); });
+  for (const radio of document.querySelectorAll("input[name=group]")) {
+    radio.addEventListener("change", () => {
+      if (state.view && state.view.kind && !["cases", "browse"].includes(state.view.kind)) newSearch({ group: radio.value });
+      else if (state.view) state.view.group = radio.value;
+    });
+  }
+  $("prev").addEventListener("click", () => run({ ...state.view, open: null, openSlide: null, page: state.view.page - 1 }));
+  $("next").addEventListener("click", () => run({ ...state.view, open: null, openSlide: null, page: state.view.page + 1 }));
+  $("browse").addEventListener("click", () => newSearch({ kind: "browse", group: "tiles" }));
+  $("export").addEventListener("click", () => downloadCsv("conchdb-results.csv"));
   $("key-button").addEventListener("click", () => { if (askKey()) init(); });
   const drop = $("drop");
+  drop.addEventListener("click", () => $("file").click());
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (event) => {
@@ -334,43 +315,67 @@ function wire() {
     drop.classList.remove("over");
     setImageQuery(event.dataTransfer.files[0]);
   });
-  $("file").addEventListener("change", (event) => setImageQuery(event.target.files[0]));
+  $("file").addEventListener("change", (event) => { setImageQuery(event.target.files[0]); event.target.value = ""; });
   document.addEventListener("paste", (event) => {
-    const item = [...(event.clipboardData || {}).items || []].find((i) => i.type.startsWith("image/"));
+    const item = [...((event.clipboardData || {}).items || [])].find((i) => i.type.startsWith("image/"));
     if (item) setImageQuery(item.getAsFile());
   });
-  $("close-viewer").addEventListener("click", closeViewer);
-  document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeViewer(); });
-  $("more-like-this").addEventListener("click", () => {
-    const hit = state.viewerHit;
-    closeViewer();
-    state.query = { kind: "point", pointId: hit.id };
-    runSearch(1);
-  });
-  $("heatmap-toggle").addEventListener("change", (event) => toggleHeatmap(event.target.checked));
+  window.addEventListener("popstate", () => restore());
+  cardHooks.openHit = (hit, from) => openViewer({ hit, from });
+  cardHooks.openSlide = (slideId, from) => openViewer({ slideId, from });
+  cardHooks.casesLike = (slideId) => { closeViewer(); newSearch({ kind: "cases", slide: slideId, group: "tiles" }); };
+  viewerHooks.casesLike = cardHooks.casesLike;
+  viewerHooks.moreLike = (hit) => { closeViewer(); newSearch({ kind: "like", point: hit.id }); };
+  viewerHooks.regionSearch = (region) => { closeViewer(); newSearch({ kind: "region", region }); };
+  viewerHooks.onOpen = (hit, slide) => {
+    if (!state.view) return;
+    Object.assign(state.view, hit ? { open: hit.id, openSlide: null } : { open: null, openSlide: slide });
+    record(state.view, { replace: true });
+  };
+  viewerHooks.onClose = () => {
+    if (!state.view) return;
+    Object.assign(state.view, { open: null, openSlide: null });
+    record(state.view, { replace: true });
+  };
+  wireViewer();
 }
 
-// A viewer link (/?slide=ID&point=ID, the `viewer_url` of a hit) opens that tile's slide.
-async function openFromLink() {
-  const params = new URLSearchParams(window.location.search);
-  const point = params.get("point");
-  if (!point) return;
+// Show what the URL says (a reload, a pasted link, the back button).
+function restore() {
+  state.view = null; // the URL already says what to show: closing the viewer must not rewrite it
+  closeViewer();
+  const view = fromUrl(window.location.search);
+  if (view.kind === "image" && lastImage && lastImage.name === view.fileName) view.file = lastImage.file;
+  if (view.kind === "image" && !view.file) view.fileName = view.fileName || "pasted";
+  run(view, { push: false });
+}
+
+async function loadHealth() {
   try {
-    const response = await api("/v1/search/image", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ point_id: point, top_k: 1 }),
-    });
-    const [hit] = (await response.json()).hits;
-    if (hit) openViewer(hit);
-  } catch (_) { /* the banner says why */ }
+    const health = await (await fetch("/v1/health")).json();
+    $("health").textContent = health.status === "ok"
+      ? `${health.points} tiles · model ready`
+      : `not ready: store ${health.store ? "ok" : "missing"}, model ${health.model ? "ok" : "missing"}`;
+  } catch (_) {
+    $("health").textContent = "the server cannot be reached";
+  }
 }
 
 async function init() {
   updateKeyButton();
   await loadHealth();
-  try { await loadSchema(); } catch (_) { return; }
+  try {
+    state.fields = (await (await api("/v1/fields")).json()).fields;
+  } catch (_) { return; }
+  buildFilters(() => {
+    if (state.view && state.view.kind && state.view.kind !== "image") newSearch({});
+    else if (state.view && state.view.kind === "image" && state.view.file) newSearch({});
+    else readFilters();
+  });
+  $("group-patient").hidden = !patientField();
+  $("filters-note").hidden = !filterFields().length;
   document.body.dataset.ready = "yes";
-  openFromLink();
+  restore();
 }
 
 wire();
