@@ -61,7 +61,7 @@ def _fields(doc: Any, what: str, names: tuple[str, ...]) -> Mapping[str, Any]:
 
 _SLIDE = ("id", "path", "identity", "files")
 _JOB = ("slide", "cohort", "run_id", "params", "metadata", "mpp_override", "override_source", "batch_size",
-        "readers", "read_batch", "gpu_jpeg")
+        "readers", "read_batch", "gpu_jpeg", "roi")
 
 
 def job_to_dict(job: SlideJob) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def job_from_dict(doc: Any) -> SlideJob:
         slide=slide, cohort=d["cohort"], run_id=d["run_id"], params=params, metadata=dict(d["metadata"]),
         mpp_override=d["mpp_override"], override_source=d["override_source"], batch_size=int(d["batch_size"]),
         readers=int(d["readers"]), read_batch=int(d["read_batch"]), gpu_jpeg=bool(d["gpu_jpeg"]),
-        roi=d.get("roi"),  # optional: a dispatcher from before --roi sends none
+        roi=d["roi"],
     )
 
 
