@@ -232,12 +232,21 @@ class Service:
                                field="group_by")
         return Options(top_k, offset, flt, min_score, group_by, group_size)
 
-    def search(self, vector: np.ndarray, opts: Options, *, exclude: Sequence[str] = ()) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, opts: Options, *, exclude: Sequence[str] = (),
+               modality: str = "image") -> list[SearchHit]:
+        """`modality`: "text" for a query that began as words (its own noise floor, see
+        `Searcher.noise_floor`), "image" otherwise."""
+        self.noise_floor(modality)  # measured (text: with the model) under the model's lock, once
         return self.searcher.search(vector, opts.k, opts.flt, opts.min_score, opts.offset, opts.group_by,
-                                    opts.group_size, exclude=exclude)
+                                    opts.group_size, exclude=exclude, modality=modality)
 
-    def noise_floor(self) -> float | None:
-        floor = self.searcher.noise_floor()
+    def noise_floor(self, modality: str = "image") -> float | None:
+        if modality == "text":
+            self.require_model()
+            with self.model_lock:
+                floor = self.searcher.noise_floor(modality)
+        else:
+            floor = self.searcher.noise_floor(modality)
         return None if floor is None else floor.value
 
     def steered(self, vector: np.ndarray, *, more: Sequence[Any] = (), less: Sequence[Any] = (),

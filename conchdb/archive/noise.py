@@ -76,12 +76,34 @@ def measure_noise_floor(
     )
 
 
+def sample_tiles(store: Store, collection: str, *, sample: int = SAMPLE_TILES) -> list[Any]:
+    """The first `sample` tiles in id order, with vectors: a hash-random, repeatable sample."""
+    return [t for t in itertools.islice(store.scroll(collection, with_vectors=True), sample) if t.vector is not None]
+
+
+def measure_text_floor(texts: np.ndarray, tiles: np.ndarray, *, slides: int = 0,
+                       quantile: float = QUANTILE) -> NoiseFloor | None:
+    """The floor for text queries: the `quantile` of the cosine between a set of unrelated texts
+    (e.g. a vocabulary of histology terms) and a sample of the collection's tiles.
+
+    A text and an image of the same thing are far less alike in CONCH than two images are, so
+    the tile-to-tile floor would mark every text hit weak; a text query is instead compared
+    with what arbitrary histology phrases score on arbitrary tissue of this collection."""
+    if not len(texts) or not len(tiles):
+        return None
+    cosines = (np.asarray(texts, dtype=np.float32) @ np.asarray(tiles, dtype=np.float32).T).ravel()
+    return NoiseFloor(
+        value=round(float(np.quantile(cosines, quantile)), 6), quantile=quantile, pairs=int(cosines.size),
+        tiles=int(len(tiles)), slides=slides, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
 def record_noise_floor(store: Store, collection: str, *, sample: int = SAMPLE_TILES) -> NoiseFloor | None:
     """Measure the collection's floor on a sample of its tiles and record it in its metadata
     (left as it was when the collection holds fewer than two slides)."""
     if store.collection_metadata(collection) is None:
         return None
-    tiles = [t for t in itertools.islice(store.scroll(collection, with_vectors=True), sample) if t.vector is not None]
+    tiles = sample_tiles(store, collection, sample=sample)
     if not tiles:
         return None
     floor = measure_noise_floor(np.stack([t.vector for t in tiles]), [t.payload.get("slide_id") for t in tiles])

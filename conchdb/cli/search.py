@@ -130,9 +130,10 @@ def search(
             pixels = searcher.load_image(image, slide_mpp=slide_mpp) if image is not None else None
         vector = searcher.query_vector(text=query, image=pixels, point=point, ensemble=ensemble)
         vector = searcher.steer(vector, more=concepts_more, less=concepts_less, like=like, unlike=unlike)
+        modality = "text" if query is not None else "image"
         hits = searcher.search(vector, top_k, flt, min_score, (page - 1) * top_k, group_by, group_size,
-                               exclude=[*like, *unlike])
-        floor = searcher.noise_floor()
+                               exclude=[*like, *unlike], modality=modality)
+        floor = searcher.noise_floor(modality)
     if export is not None:
         from conchdb.search.export import export_hits
 

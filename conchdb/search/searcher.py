@@ -33,6 +33,7 @@ from PIL import Image
 
 from conchdb.archive import NoiseFloor, SlideCatalog, of_slide
 from conchdb.archive.mosaic import choose_mosaic
+from conchdb.archive.noise import measure_text_floor, sample_tiles
 from conchdb.catalog import MOSAIC_FIELD, TILE_SCOPE_FIELDS, TILES_COLLECTION, texts_collection
 from conchdb.errors import ConchdbError, QueryError
 from conchdb.search import filters, prompts, regions, slide_search, steer, vocabulary, zeroshot
@@ -156,6 +157,7 @@ class Searcher:
     _opened: Store | None = field(default=None, init=False, repr=False)
     _vocabulary: vocabulary.Vocabulary | None = field(default=None, init=False, repr=False)
     _types: filters.FieldTypes | None = field(default=None, init=False, repr=False)
+    _text_floor: NoiseFloor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.texts is None:
@@ -380,11 +382,13 @@ class Searcher:
         group_size: int = 3,
         *,
         exclude: Sequence[str] = (),
+        modality: str = "image",
     ) -> list[SearchHit]:
         """The tiles nearest to `vector`, best first; with `group_by`, the best slides (or other
         field values), each with up to `group_size` of its best tiles. Tiles in `exclude` (the
         ones a refined query was marked with) are left out. Each hit is marked `weak` when it
-        scores below the collection's noise floor."""
+        scores below the collection's noise floor for the query's `modality` ("text" for a
+        query that began as words, "image" otherwise; see `noise_floor`)."""
         check_limits(k, offset, min_score)
         store = self._store()
         self.metadata()
@@ -395,7 +399,8 @@ class Searcher:
                 hits = [h for h in found if h.id not in skip][offset : offset + k]
             else:
                 hits = store.query(self.collection, vector, k=k, flt=flt, min_score=min_score, offset=offset)
-            return self._mark_weak([SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)])
+            hits_out = [SearchHit(offset + i + 1, h.score, h.id, h.payload) for i, h in enumerate(hits)]
+            return self._mark_weak(hits_out, modality)
         if not 1 <= group_size <= 100:
             raise QueryError(
                 f"group size {group_size} is outside 1..100", fix="give a group size between 1 and 100",
@@ -413,14 +418,28 @@ class Searcher:
             tiles = [SearchHit(j + 1, h.score, h.id, h.payload) for j, h in enumerate(group)]
             best = tiles[0]
             out.append(SearchHit(offset + i + 1, best.score, best.id, best.payload, tiles))
-        return self._mark_weak(out)
+        return self._mark_weak(out, modality)
 
-    def noise_floor(self) -> NoiseFloor | None:
-        """The collection's recorded noise floor (measured at the end of each ingest), or None."""
-        return NoiseFloor.from_metadata(self.metadata())
+    def noise_floor(self, modality: str = "image") -> NoiseFloor | None:
+        """The similarity below which a hit is no better than chance; None where the collection
+        records no floor (one ingested before floors were measured).
 
-    def _mark_weak(self, hits: list[SearchHit]) -> list[SearchHit]:
-        floor = self.noise_floor()
+        For image queries (an image, a region, a stored tile), the floor recorded at the end of
+        each ingest: how close tiles of different slides come. For text queries, that bar would
+        mark every hit weak, since a text and an image of the same thing score far lower than two
+        images do; their floor is measured here, once per searcher, on the same kind of sample:
+        how close the built-in vocabulary's histology terms come to the collection's tiles."""
+        recorded = NoiseFloor.from_metadata(self.metadata())
+        if modality != "text" or recorded is None:
+            return recorded
+        if self._text_floor is None:
+            tiles = sample_tiles(self._store(), self.collection)
+            vectors = np.stack([t.vector for t in tiles]) if tiles else np.zeros((0, 0), dtype=np.float32)
+            self._text_floor = measure_text_floor(self.vocabulary().vectors, vectors, slides=recorded.slides)
+        return self._text_floor
+
+    def _mark_weak(self, hits: list[SearchHit], modality: str = "image") -> list[SearchHit]:
+        floor = self.noise_floor(modality)
         for hit in hits:
             for one in (hit, *(hit.tiles or ())):
                 one.weak = None if floor is None else bool(one.score < floor.value)

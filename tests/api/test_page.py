@@ -222,7 +222,8 @@ def test_landing_search_cards_and_filters_from_the_data(browser, server, shots):
     text = first.inner_text()
     assert "diagnosis" in text and " µm" in text and "score" in text
     assert first.locator("details.storage").count() == 1 and not first.locator("details.storage dl").is_visible()
-    assert "mosaic" not in text and "cohort" not in text and "tissue" not in text  # storage fields behind "details"
+    shown = first.locator(".card-body > dl.facts").inner_text()  # the card's fields (not a weak hit's note)
+    assert "mosaic" not in shown and "cohort" not in shown and "tissue" not in shown  # storage behind "details"
     tab.shot(shots, "02-results-tiles")
 
     labels = tab.page.locator("#filter-diagnosis").inner_text()

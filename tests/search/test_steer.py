@@ -169,3 +169,22 @@ def test_an_orthogonal_query_gets_only_weak_hits_and_a_stored_tile_does_not():
     assert best.weak is False and best.score > 0.999
     assert best.to_dict()["weak"] is False
     store.close()
+
+
+def test_text_queries_are_held_to_a_floor_of_unrelated_texts_on_the_tiles(corpus, encoder, tmp_path):
+    """A text scores far lower on tissue than tissue does on tissue, so text hits are compared
+    with what the built-in vocabulary's terms score on a sample of the collection's tiles."""
+    from conchdb.search import vocabulary
+
+    store = open_backend("memory", Path(tempfile.gettempdir()))
+    fill_store(store, "tiles", corpus, encoder)
+    record_noise_floor(store, "tiles")
+    searcher = Searcher(encoder, store, "tiles", cache_dir=tmp_path)
+    terms = vocabulary.load_vocabulary(encoder, encoder.fingerprint, tmp_path).vectors
+    want = float(np.quantile((terms @ corpus.vectors.T).ravel(), 0.99))
+    text_floor = searcher.noise_floor("text")
+    assert text_floor is not None and text_floor.value == pytest.approx(want, abs=1e-5)
+    assert text_floor.value != searcher.noise_floor("image").value
+    hits = searcher.search(searcher.query_vector(text="necrosis"), 72, modality="text")
+    assert [h.weak for h in hits] == [h.score < text_floor.value for h in hits]
+    store.close()

@@ -107,9 +107,9 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise validation_error(exc.errors(), model) from None
 
 
-def _response(service: Service, hits: list, top_k: int, page: int) -> dict[str, Any]:
+def _response(service: Service, hits: list, top_k: int, page: int, modality: str = "image") -> dict[str, Any]:
     return {"hits": [hit_dict(h) for h in hits], "top_k": top_k, "page": page, "collection": service.collection,
-            "noise_floor": service.noise_floor()}
+            "noise_floor": service.noise_floor(modality)}
 
 
 @router.post("/search/text", response_model=schemas.SearchResponse, responses=ERRORS)
@@ -119,7 +119,7 @@ def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
     service = _service(request)
     opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
     vector = service.steered(service.text_vector(body.query, body.ensemble), more=body.more, less=body.less)
-    return _response(service, service.search(vector, opts), body.top_k, body.page)
+    return _response(service, service.search(vector, opts, modality="text"), body.top_k, body.page, "text")
 
 
 @router.post("/search/refine", response_model=schemas.SearchResponse, responses=ERRORS)
@@ -138,8 +138,9 @@ def search_refine(body: schemas.RefineSearch, request: Request) -> dict[str, Any
     else:
         vector = service.image_vector(query, None)
     vector = service.steered(vector, more=body.more, less=body.less, like=body.like, unlike=body.unlike)
-    hits = service.search(vector, opts, exclude=[*body.like, *body.unlike])
-    return _response(service, hits, body.top_k, body.page)
+    modality = "text" if body.query is not None else "image"
+    hits = service.search(vector, opts, exclude=[*body.like, *body.unlike], modality=modality)
+    return _response(service, hits, body.top_k, body.page, modality)
 
 
 @router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)

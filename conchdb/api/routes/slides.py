@@ -117,7 +117,7 @@ def slide_hits_geojson(
     if not isinstance(given, dict):
         raise ApiError(422, "filters must be a JSON object", 'e.g. {"site": "lung"}', field="filters")
     opts = service.options(top_k, 1, {**given, "slide_id": slide_id}, None, None, 3)
-    hits = service.search(service.text_vector(query, ensemble), opts)
+    hits = service.search(service.text_vector(query, ensemble), opts, modality="text")
     doc = hits_by_slide(hits).get(slide_id, {"type": "FeatureCollection", "features": []})
     return Response(json.dumps(doc), media_type="application/geo+json")
 

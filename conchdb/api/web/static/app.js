@@ -10,7 +10,7 @@ import {
 } from "./core.js";
 import { buildFilters, describeFilters, filterFields, readFilters, writeFilters } from "./filters.js";
 import { clearResults, downloadCsv, groupCard, hooks as cardHooks, slideCard, tileCard } from "./results.js";
-import { emptyView, fromUrl, record } from "./url.js";
+import { emptyView, fromUrl, noSteering, record } from "./url.js";
 import { closeViewer, hooks as viewerHooks, openViewer, wireViewer } from "./viewer.js";
 
 const DEEP_K = 100;      // the search's best tiles, for hit counts per slide and outlines in the viewer
@@ -44,7 +44,19 @@ function searchBody(view, options) {
   return { slide_id: r.slide, x: r.x, y: r.y, w: r.w, h: r.h, ...options };
 }
 
-function tileSearch(view, options, signal) {
+// Concepts go with any tile search; marked hits make it a refined search (JSON queries only:
+// an uploaded image is not stored, so its hits are not marked).
+function refining(view) {
+  return view.kind !== "image" && ((view.up || []).length > 0 || (view.down || []).length > 0);
+}
+
+function tileSearch(view, asked, signal) {
+  const options = { ...asked };
+  if ((view.more || []).length) options.more = view.more;
+  if ((view.less || []).length) options.less = view.less;
+  if (refining(view)) {
+    return postJson("/v1/search/refine", { ...searchBody(view, options), like: view.up, unlike: view.down }, signal);
+  }
   if (view.kind === "text") return postJson("/v1/search/text", searchBody(view, options), signal);
   if (view.kind === "image") {
     const form = new FormData();
@@ -91,6 +103,7 @@ export async function run(view, { push = true } = {}) {
   clearResults();
   state.deepHits = [];
   showQuery(view);
+  showSteering(view);
   syncControls(view);
   if (!view.kind) {
     $("summary").textContent = "Search by text, by an image, or browse the slides.";
@@ -147,15 +160,23 @@ async function runTiles(view, signal, ticket) {
   if (like) describeQueryTile(deep.hits.find((h) => h.id === view.point));
   if (view.kind === "region") describeRegion(view.region, deep.hits.find((h) => h.slide_id === view.region.slide));
   state.deepHits = deep.hits.filter((h) => h.id !== view.point);
+  state.noiseFloor = deep.noise_floor ?? null;
   const gallery = $("gallery");
   gallery.className = by ? "gallery groups" : "gallery tiles";
-  for (const hit of state.hits) gallery.append(by ? groupCard(hit, by, signal) : tileCard(hit, signal));
+  const steerable = view.kind !== "image";
+  for (const hit of state.hits) gallery.append(by ? groupCard(hit, by, signal) : tileCard(hit, signal, { steerable }));
+  const weak = state.hits.filter((h) => h.weak).length;
   const first = offset + 1;
   const noun = by ? (by === "slide_id" ? "Slides" : `${label(by)[0].toUpperCase()}${label(by).slice(1)}s`) : "Results";
   const filtered = Object.keys(filters).length ? ` (${describeFilters(filters)})` : "";
   $("summary").textContent = state.hits.length
     ? `${noun} ${first}–${first + state.hits.length - 1} for ${describeQuery(view)}${filtered}`
     : `No results for ${describeQuery(view)} with these filters${filtered}.`;
+  $("weak-summary").textContent = weak
+    ? `${weak === state.hits.length ? "All" : weak} of these are weak matches (dimmed): they score below the `
+      + "collection's noise floor, no closer to the query than unrelated tissue."
+    : "";
+  $("weak-summary").hidden = !weak;
   showPager(view, state.hits.length === view.topK);
 }
 
@@ -217,6 +238,62 @@ function showQuery(view) {
     box.append(element("span", {}, `Query: a ${r.w}×${r.h} px region of slide ${r.slide} at pixel ${r.x}, ${r.y}`));
     box.hidden = false;
   }
+}
+
+// -- steering: marked hits and concepts ------------------------------------------------------------
+
+const TILE_KINDS = ["text", "like", "region", "image"];
+
+function steer(changes) {
+  run({ ...current({}), filters: state.view.filters, ...changes });
+}
+
+function markHit(hit, how) {
+  const view = state.view;
+  const up = (view.up || []).filter((id) => id !== hit.id);
+  const down = (view.down || []).filter((id) => id !== hit.id);
+  const already = ((how === "up" ? view.up : view.down) || []).includes(hit.id);
+  if (!already) (how === "up" ? up : down).push(hit.id);
+  steer({ up, down });
+}
+
+function conceptChip(c, kind, index) {
+  const view = state.view;
+  const id = `concept-${kind}-${index}`;
+  const value = element("output", { for: id, class: "small" }, c.weight.toFixed(1));
+  const slider = element("input", { id, type: "range", min: "0.1", max: "2", step: "0.1", value: String(c.weight),
+    "aria-label": `weight of ${kind} ${c.text}` });
+  slider.addEventListener("input", () => { value.textContent = Number(slider.value).toFixed(1); });
+  slider.addEventListener("change", () => {
+    const list = view[kind].map((x, i) => (i === index ? { ...x, weight: Number(slider.value) } : x));
+    steer({ [kind]: list });
+  });
+  const remove = element("button", { type: "button", class: "chip-remove", "aria-label": `remove ${kind} ${c.text}`,
+    onclick: () => steer({ [kind]: view[kind].filter((_, i) => i !== index) }) }, "✕");
+  return element("span", { class: `chip ${kind}`, data: { kind, text: c.text } },
+    element("label", { for: id }, `${kind} ${c.text}`), slider, value, remove);
+}
+
+function markChip(id, how) {
+  const img = element("img", { alt: `tile marked ${how === "up" ? "relevant" : "not relevant"}`, width: 40, height: 40 });
+  blobUrl(`/v1/tiles/${encodeURIComponent(id)}.jpg`).then((url) => { img.src = url; }).catch(() => {});
+  const unmark = element("button", { type: "button", class: "chip-remove", "aria-label": "unmark this tile",
+    onclick: () => steer({ up: state.view.up.filter((x) => x !== id), down: state.view.down.filter((x) => x !== id) }) }, "✕");
+  return element("span", { class: `chip mark ${how}`, data: { id } }, element("span", {}, how === "up" ? "👍" : "👎"), img, unmark);
+}
+
+// The refine bar above the results: the marked hits (left out of the results) and the concepts.
+function showSteering(view) {
+  const box = $("steer");
+  box.hidden = !TILE_KINDS.includes(view.kind);
+  if (box.hidden) return;
+  const marks = $("steer-marks");
+  marks.replaceChildren(...(view.up || []).map((id) => markChip(id, "up")), ...(view.down || []).map((id) => markChip(id, "down")));
+  $("steer-marks-note").textContent = marks.childElementCount
+    ? "Marked hits (left out of the results); the search moves toward 👍 and away from 👎."
+    : (view.kind === "image" ? "" : "Mark hits with 👍 or 👎 to search again toward what you want.");
+  $("steer-concepts").replaceChildren(...(view.more || []).map((c, i) => conceptChip(c, "more", i)),
+    ...(view.less || []).map((c, i) => conceptChip(c, "less", i)));
 }
 
 // "More like this": say which tile the query is (the search finds it first, and leaves it out).
@@ -281,7 +358,7 @@ function setImageQuery(file) {
   lastImage = { name: file.name || "pasted", file };
   $("drop-preview").src = URL.createObjectURL(file);
   $("drop-preview").hidden = false;
-  newSearch({ kind: "image", file, fileName: lastImage.name });
+  newSearch({ kind: "image", file, fileName: lastImage.name, ...noSteering() });
 }
 
 // -- wiring -------------------------------------------------------------------------------------
@@ -292,7 +369,7 @@ function wire() {
     const text = $("text").value.trim();
     if (!text) { showError("Type what to look for.", "describe the tissue in words, e.g. tumor necrosis"); return; }
     $("drop-preview").hidden = true;
-    newSearch({ kind: "text", text, ensemble: $("ensemble").checked });
+    newSearch({ kind: "text", text, ensemble: $("ensemble").checked, ...noSteering() });
   });
   $("top-k").addEventListener("change", () => { if (state.view && state.view.kind) newSearch({ topK: Number($("top-k").value) }); });
   for (const radio of document.querySelectorAll("input[name=group]")) {
@@ -303,7 +380,15 @@ function wire() {
   }
   $("prev").addEventListener("click", () => run({ ...state.view, open: null, openSlide: null, page: state.view.page - 1 }));
   $("next").addEventListener("click", () => run({ ...state.view, open: null, openSlide: null, page: state.view.page + 1 }));
-  $("browse").addEventListener("click", () => newSearch({ kind: "browse", group: "tiles" }));
+  $("browse").addEventListener("click", () => newSearch({ kind: "browse", group: "tiles", ...noSteering() }));
+  $("concept-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("concept-text").value.trim();
+    if (!text || !state.view) return;
+    const kind = $("concept-kind").value;
+    $("concept-text").value = "";
+    steer({ [kind]: [...(state.view[kind] || []), { text, weight: 0.5 }] });
+  });
   $("export").addEventListener("click", () => downloadCsv("conchdb-results.csv"));
   $("key-button").addEventListener("click", () => { if (askKey()) init(); });
   const drop = $("drop");
@@ -323,10 +408,11 @@ function wire() {
   window.addEventListener("popstate", () => restore());
   cardHooks.openHit = (hit, from) => openViewer({ hit, from });
   cardHooks.openSlide = (slideId, from) => openViewer({ slideId, from });
-  cardHooks.casesLike = (slideId) => { closeViewer(); newSearch({ kind: "cases", slide: slideId, group: "tiles" }); };
+  cardHooks.casesLike = (slideId) => { closeViewer(); newSearch({ kind: "cases", slide: slideId, group: "tiles", ...noSteering() }); };
+  cardHooks.mark = markHit;
   viewerHooks.casesLike = cardHooks.casesLike;
-  viewerHooks.moreLike = (hit) => { closeViewer(); newSearch({ kind: "like", point: hit.id }); };
-  viewerHooks.regionSearch = (region) => { closeViewer(); newSearch({ kind: "region", region }); };
+  viewerHooks.moreLike = (hit) => { closeViewer(); newSearch({ kind: "like", point: hit.id, ...noSteering() }); };
+  viewerHooks.regionSearch = (region) => { closeViewer(); newSearch({ kind: "region", region, ...noSteering() }); };
   viewerHooks.onOpen = (hit, slide) => {
     if (!state.view) return;
     Object.assign(state.view, hit ? { open: hit.id, openSlide: null } : { open: null, openSlide: slide });

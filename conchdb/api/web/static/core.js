@@ -20,6 +20,7 @@ export const state = {
   heatmapItem: null,
   tilesLoaded: 0,
   searches: 0,       // searches started; an answer is shown only if no newer one was started
+  noiseFloor: null,  // the collection's noise floor, from the last search's answer
 };
 window.conchdb = state; // for the browser tests and for curious users
 

@@ -3,7 +3,28 @@
 
 import { $, blobUrl, element, facts, label, position, readable, score, shown, state, storage } from "./core.js";
 
-export const hooks = { openHit: null, openSlide: null, casesLike: null, moreLike: null };
+export const hooks = { openHit: null, openSlide: null, casesLike: null, moreLike: null, mark: null };
+
+// Why a hit is dimmed: it scores below the collection's noise floor.
+export function weakNote(hit) {
+  if (!hit.weak) return null;
+  const floor = state.noiseFloor === null || state.noiseFloor === undefined ? "" : ` (${score(state.noiseFloor)})`;
+  return element("p", { class: "weak-note small" },
+    `Weak match: its score is below this collection's noise floor${floor}, the similarity that tiles of unrelated `
+    + "slides reach by chance, so it is no closer to the query than unrelated tissue.");
+}
+
+// Thumbs up and down: mark a hit relevant or not, and search again at once.
+function thumbs(hit) {
+  const marked = state.view ? ((state.view.up || []).includes(hit.id) ? "up" : (state.view.down || []).includes(hit.id) ? "down" : null) : null;
+  const up = element("button", { type: "button", class: "thumb up", "aria-pressed": String(marked === "up"),
+    "aria-label": `Hit ${hit.rank} is what I am looking for: search again with more like it`, title: "relevant" }, "👍");
+  const down = element("button", { type: "button", class: "thumb down", "aria-pressed": String(marked === "down"),
+    "aria-label": `Hit ${hit.rank} is not what I am looking for: search again with less like it`, title: "not relevant" }, "👎");
+  up.addEventListener("click", () => hooks.mark(hit, "up"));
+  down.addEventListener("click", () => hooks.mark(hit, "down"));
+  return element("div", { class: "thumbs" }, up, down);
+}
 
 function tileImage(hit, signal, alt) {
   const img = element("img", { alt, width: 160, height: 160 });
@@ -18,7 +39,7 @@ function details(payload) {
 }
 
 // A tile: its picture, score, slide, position in µm and the slide's metadata; storage fields behind "details".
-export function tileCard(hit, signal) {
+export function tileCard(hit, signal, { steerable = false } = {}) {
   const alt = `tile of slide ${hit.slide_id} ${position(hit)}`;
   const open = element("button", { type: "button", class: "card-open", "aria-label": `Open hit ${hit.rank} in the viewer: ${alt}` },
     tileImage(hit, signal, alt));
@@ -27,8 +48,8 @@ export function tileCard(hit, signal) {
     element("span", { class: "score" }, `score ${score(hit.score)}`));
   const body = element("div", { class: "card-body" }, head,
     element("div", { class: "slide-name" }, hit.slide_id), element("div", { class: "muted small" }, position(hit)),
-    facts(readable(hit.payload)), details(hit.payload));
-  return element("article", { class: "card", data: { id: hit.id, slide: hit.slide_id } }, open, body);
+    weakNote(hit), facts(readable(hit.payload)), steerable ? thumbs(hit) : null, details(hit.payload));
+  return element("article", { class: hit.weak ? "card weak" : "card", data: { id: hit.id, slide: hit.slide_id } }, open, body);
 }
 
 // A slide (or patient) of a grouped search: its best tiles, its metadata and how many hits it has.
@@ -50,10 +71,10 @@ export function groupCard(group, groupField, signal) {
       "Cases like this slide"));
   }
   const hitsText = `${count} of the best ${state.deepHits.length} tiles`;
-  return element("article", { class: "card group", data: { id: group.id, slide: group.slide_id, group: String(key) } },
+  return element("article", { class: group.weak ? "card group weak" : "card group", data: { id: group.id, slide: group.slide_id, group: String(key) } },
     element("div", { class: "card-head" }, element("span", { class: "rank" }, `#${group.rank}`),
       element("h3", {}, title), element("span", { class: "score" }, `best ${score(group.score)}`)),
-    element("div", { class: "hit-count muted small" }, hitsText),
+    element("div", { class: "hit-count muted small" }, hitsText), weakNote(group),
     tiles, facts(readable(group.payload)), actions, details(group.payload));
 }
 

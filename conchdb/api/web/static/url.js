@@ -9,12 +9,25 @@
 //   ?image=NAME               an uploaded image: its pixels are not in the link, so a reload asks for it again
 //   &f={"diagnosis":{"in":["adenoma"]}}  filters     &group=slide|patient     &page=2     &k=48
 //   &open=POINT_ID            the viewer open on that tile  (&openslide=SLIDE_ID: on a slide without a tile)
+//   &up=ID&down=ID            hits marked relevant / not relevant (refine by example; repeated)
+//   &more=TEXT:W&less=TEXT:W  concepts to add or subtract, with their weights (refine by concept; repeated)
 // A hit's `viewer_url` (/?slide=SLIDE_ID&point=POINT_ID) opens the viewer on that tile.
 
 export const DEFAULT_K = 24;
 
 export function emptyView() {
-  return { kind: null, filters: {}, group: "tiles", page: 1, topK: DEFAULT_K, open: null, openSlide: null };
+  return { kind: null, filters: {}, group: "tiles", page: 1, topK: DEFAULT_K, open: null, openSlide: null, ...noSteering() };
+}
+
+// A query as first asked: no hits marked, no concepts.
+export function noSteering() {
+  return { up: [], down: [], more: [], less: [] };
+}
+
+function concept(text) {
+  const at = text.lastIndexOf(":");
+  const weight = at > 0 ? Number(text.slice(at + 1)) : NaN;
+  return Number.isFinite(weight) ? { text: text.slice(0, at), weight } : { text, weight: 0.5 };
 }
 
 export function fromUrl(search) {
@@ -41,6 +54,10 @@ export function fromUrl(search) {
   view.topK = parseInt(params.get("k") || String(DEFAULT_K), 10) || DEFAULT_K;
   view.open = params.get("open") || (params.has("point") && !view.kind ? params.get("point") : null);
   view.openSlide = params.get("openslide");
+  view.up = params.getAll("up");
+  view.down = params.getAll("down");
+  view.more = params.getAll("more").map(concept);
+  view.less = params.getAll("less").map(concept);
   return view;
 }
 
@@ -61,6 +78,10 @@ export function toUrl(view) {
   if (view.topK !== DEFAULT_K) params.set("k", String(view.topK));
   if (view.open) params.set("open", view.open);
   if (view.openSlide) params.set("openslide", view.openSlide);
+  for (const id of view.up || []) params.append("up", id);
+  for (const id of view.down || []) params.append("down", id);
+  for (const c of view.more || []) params.append("more", `${c.text}:${c.weight}`);
+  for (const c of view.less || []) params.append("less", `${c.text}:${c.weight}`);
   const text = params.toString();
   return text ? `/?${text}` : "/";
 }
