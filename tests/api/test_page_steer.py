@@ -46,7 +46,7 @@ def test_thumbs_up_and_down_rank_again_at_once(browser, server, shots):  # noqa:
     body = {"query": QUERY, "top_k": 24, "like": [liked], "unlike": [disliked]}
     assert tab.ids() == ids(api(server, "/v1/search/refine", body)["hits"])
     tab.shot(shots, "steer-01-thumbs")
-    tab.page.locator("#steer-marks .chip.mark.up .chip-remove").click()  # unmark: refined by the 👎 alone
+    tab.page.locator("#steer-marks .chip.mark.up .chip-remove").click()  # unmark: refined by the ✗ alone
     tab.wait("() => !location.search.includes('up=') && location.search.includes('down=')")
     tab.wait_cards(24)
     assert tab.ids() == ids(api(server, "/v1/search/refine", {"query": QUERY, "top_k": 24,

@@ -279,7 +279,7 @@ function markChip(id, how) {
   blobUrl(`/v1/tiles/${encodeURIComponent(id)}.jpg`).then((url) => { img.src = url; }).catch(() => {});
   const unmark = element("button", { type: "button", class: "chip-remove", "aria-label": "unmark this tile",
     onclick: () => steer({ up: state.view.up.filter((x) => x !== id), down: state.view.down.filter((x) => x !== id) }) }, "✕");
-  return element("span", { class: `chip mark ${how}`, data: { id } }, element("span", {}, how === "up" ? "👍" : "👎"), img, unmark);
+  return element("span", { class: `chip mark ${how}`, data: { id } }, element("span", {}, how === "up" ? "✓" : "✗"), img, unmark);
 }
 
 // The refine bar above the results: the marked hits (left out of the results) and the concepts.
@@ -290,8 +290,8 @@ function showSteering(view) {
   const marks = $("steer-marks");
   marks.replaceChildren(...(view.up || []).map((id) => markChip(id, "up")), ...(view.down || []).map((id) => markChip(id, "down")));
   $("steer-marks-note").textContent = marks.childElementCount
-    ? "Marked hits (left out of the results); the search moves toward 👍 and away from 👎."
-    : (view.kind === "image" ? "" : "Mark hits with 👍 or 👎 to search again toward what you want.");
+    ? "Marked hits (left out of the results): the search moves toward ✓ and away from ✗."
+    : (view.kind === "image" ? "" : "Mark hits ✓ relevant or ✗ not relevant to search again toward what you want.");
   $("steer-concepts").replaceChildren(...(view.more || []).map((c, i) => conceptChip(c, "more", i)),
     ...(view.less || []).map((c, i) => conceptChip(c, "less", i)));
 }

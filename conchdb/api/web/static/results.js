@@ -9,18 +9,23 @@ export const hooks = { openHit: null, openSlide: null, casesLike: null, moreLike
 export function weakNote(hit) {
   if (!hit.weak) return null;
   const floor = state.noiseFloor === null || state.noiseFloor === undefined ? "" : ` (${score(state.noiseFloor)})`;
+  // A text query has its own floor: a text scores far lower on tissue than tissue does on tissue.
+  const chance = state.view && state.view.kind === "text"
+    ? "what unrelated histology terms score on its tiles by chance"
+    : "the similarity that tiles of unrelated slides reach by chance";
   return element("p", { class: "weak-note small" },
-    `Weak match: its score is below this collection's noise floor${floor}, the similarity that tiles of unrelated `
-    + "slides reach by chance, so it is no closer to the query than unrelated tissue.");
+    `Weak match: its score is below this collection's noise floor${floor}, ${chance}, so it is no closer to the `
+    + "query than unrelated tissue.");
 }
 
-// Thumbs up and down: mark a hit relevant or not, and search again at once.
+// Thumbs up and down (✓ / ✗, which every font has): mark a hit relevant or not, and search again at once.
 function thumbs(hit) {
   const marked = state.view ? ((state.view.up || []).includes(hit.id) ? "up" : (state.view.down || []).includes(hit.id) ? "down" : null) : null;
-  const up = element("button", { type: "button", class: "thumb up", "aria-pressed": String(marked === "up"),
-    "aria-label": `Hit ${hit.rank} is what I am looking for: search again with more like it`, title: "relevant" }, "👍");
-  const down = element("button", { type: "button", class: "thumb down", "aria-pressed": String(marked === "down"),
-    "aria-label": `Hit ${hit.rank} is not what I am looking for: search again with less like it`, title: "not relevant" }, "👎");
+  // The visible words start the button's name; the rest is for screen readers.
+  const up = element("button", { type: "button", class: "thumb up", "aria-pressed": String(marked === "up") },
+    "✓ relevant", element("span", { class: "sr-only" }, `: hit ${hit.rank}; search again with more like it`));
+  const down = element("button", { type: "button", class: "thumb down", "aria-pressed": String(marked === "down") },
+    "✗ not relevant", element("span", { class: "sr-only" }, `: hit ${hit.rank}; search again with less like it`));
   up.addEventListener("click", () => hooks.mark(hit, "up"));
   down.addEventListener("click", () => hooks.mark(hit, "down"));
   return element("div", { class: "thumbs" }, up, down);
