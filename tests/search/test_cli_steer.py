@@ -91,3 +91,27 @@ def test_heatmap_geojson_has_every_tile_with_its_similarity(env, corpus, encoder
         assert f["properties"]["objectType"] == "detection"
         want = float(np.dot(tiles[f["id"]].vector, text))
         assert f["properties"]["measurements"]["similarity"] == pytest.approx(want, abs=1e-4)
+
+
+def test_annotated_tiles_are_searchable_and_scored_zero_shot(env, corpus, tmp_path):  # noqa: F811
+    """QuPath regions on a stored slide (a store without slide records: its size is read from the
+    file) label its tiles; `--where annotation=...` and `evaluate zeroshot --tiles` then use them."""
+    def region(name, x0, y0, x1, y1):
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": name, "color": [9, 9, 9]}}}
+
+    folder = tmp_path / "qupath" / "case_a"
+    folder.mkdir(parents=True)
+    features = [region("Tumor", 0, 0, 128, 128), region("Stroma", 256, 128, 384, 256)]
+    doc = {"type": "FeatureCollection", "features": features}
+    (folder / "s1.png.geojson").write_text(json.dumps(doc))
+    store = env[env.index("--store") + 1]
+    added = json.loads(ok("annotations", "add", str(tmp_path / "qupath"), "--store", store, "--json").stdout)
+    assert added["files"][0]["labelled"] == {"Stroma": 4, "Tumor": 4}
+    hits = search_json("glandular epithelium", "--where", "annotation=Tumor", "--top-k", "10", *env)
+    assert len(hits) == 4 and {h["payload"]["annotation"] for h in hits} == {"Tumor"}
+    assert {(h["x"], h["y"]) for h in hits} == {(0, 0), (64, 0), (0, 64), (64, 64)}
+    result = ok("evaluate", "zeroshot", "--tiles", "--label", "annotation", "--json", *env)
+    report = json.loads(result.stdout)
+    assert report["samples"] == 8
