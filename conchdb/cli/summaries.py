@@ -26,6 +26,9 @@ def print_ingest_summary(doc: dict[str, Any]) -> None:
         out_console.print(f"[yellow]manifest row names no slide:[/] {row}", highlight=False, soft_wrap=True)
     for failure in doc["failed"]:
         out_console.print(f"[red]failed[/] {failure['error']}", highlight=False, soft_wrap=True)
+    for item in doc.get("passed_over", []):
+        out_console.print(f"[yellow]passed over[/] {item['series']}: {item['reason']}", highlight=False,
+                          soft_wrap=True)
 
 
 
