@@ -31,9 +31,11 @@ stays light.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -527,6 +529,22 @@ def _wsidicom_refusal(exc: BaseException, name: str) -> SlideError:
     )
 
 
+class _QuietBulkData(logging.Filter):
+    """pydicom warns, once per instance, that it leaves bulk data (an ICC profile) of DICOM
+    JSON metadata unfetched; conchdb never needs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No bulk data URI handler" not in record.getMessage()
+
+
+_QUIET = _QuietBulkData()
+
+
+def _quiet() -> None:
+    logging.getLogger("pydicom").addFilter(_QUIET)  # adding the same filter twice keeps one
+    warnings.filterwarnings("ignore", message="No bulk data URI handler")
+
+
 def _finish_open(wsi: Any, name: str, requests: int, on_close: Callable[[], None] | None = None) -> OpenedDicom:
     try:
         handle = DicomBackend(wsi, name, requests, on_close)
@@ -593,6 +611,7 @@ def open_dicom_folder(path: Path, requests: int = 1) -> OpenedDicom:
     try:
         wsi = WsiDicom.open(files)
     except Exception as exc:
+        check_dicom_file(path)  # the header's own fault (no Image Type, bad spacing), if that is what it is
         raise _wsidicom_refusal(exc, str(path)) from None
     return _finish_open(wsi, str(path), requests)
 
@@ -601,6 +620,7 @@ def open_dicomweb(source: str | Path, options: DicomWebOptions | None = None) ->
     """The series a DICOMweb source string names, through wsidicom's DICOMweb client."""
     from wsidicom import WsiDicom
 
+    _quiet()
     parsed = parse_source(source)
     if not parsed.series or not parsed.study:
         raise SlideError(f"{source}: names no series",
