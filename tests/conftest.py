@@ -79,7 +79,8 @@ def cmu_dicom_rle(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from tests.dicom import convert, need_dicomizer
 
     need_dicomizer()
-    return convert(slides_dir / "cmu_small_region.svs", tmp_path_factory.mktemp("dicom") / "rle", encoding=RleSettings())
+    folder = tmp_path_factory.mktemp("dicom") / "rle"
+    return convert(slides_dir / "cmu_small_region.svs", folder, encoding=RleSettings())
 
 
 @pytest.fixture(scope="module")

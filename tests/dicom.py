@@ -38,7 +38,8 @@ def dicomizer_missing() -> str | None:
 
         find_turbojpeg_path()
     except (ImportError, FileNotFoundError) as exc:
-        return f"wsidicomizer cannot convert slides here ({exc}; pip install wsidicomizer, apt-get install libturbojpeg0)"
+        return (f"wsidicomizer cannot convert slides here ({exc}; pip install wsidicomizer, "
+                "apt-get install libturbojpeg0)")
     return None
 
 
@@ -104,7 +105,8 @@ class Orthanc:
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+                    log_text = (self.folder / "orthanc.log").read_text()[-2000:]
+                    raise RuntimeError(f"Orthanc did not start: {log_text}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

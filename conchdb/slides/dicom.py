@@ -643,6 +643,7 @@ def open_dicomweb(source: str | Path, options: DicomWebOptions | None = None) ->
 
 # -- discovery -----------------------------------------------------------------------------
 
+# asked for one `includefield` each: Orthanc reads no comma-separated list
 SERIES_FIELDS = ("00080050", "00100020", "00080020", "00180015", "0020000D", "0020000E", "00080060")
 INSTANCE_FIELDS = ("00080016", "00080018", "00080008", "00280008")
 
@@ -672,7 +673,7 @@ def find_series(
     searched (down, refusing the credentials, timing out)."""
     server = DicomWebServer(source, options)
     try:
-        params: dict[str, Any] = {"Modality": "SM", **(where or {}), "includefield": ",".join(SERIES_FIELDS)}
+        params: dict[str, Any] = {"Modality": "SM", **(where or {}), "includefield": list(SERIES_FIELDS)}
         if source.series:
             params["SeriesInstanceUID"] = source.series
         scopes = [source.study] if source.study else list(studies) or [None]
@@ -692,7 +693,7 @@ def find_series(
 
 def _series(server: DicomWebServer, source: DicomWebSource, dataset: Mapping[str, Any]) -> FoundSeries:
     instances = server.qido(f"studies/{source.study}/series/{source.series}/instances",
-                            {"includefield": ",".join(INSTANCE_FIELDS)})
+                            {"includefield": list(INSTANCE_FIELDS)})
     uids = sorted(str(json_value(i, "00080018")) for i in instances)
     digest = hashlib.blake2b("\n".join(uids).encode(), digest_size=16).hexdigest()
     attributes = {name: str(value) for name, tag in (
