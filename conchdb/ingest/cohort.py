@@ -196,8 +196,8 @@ def _dicom_passed_over(files: list[Path]) -> str | None:
     headers = [h for h in (_dicom_header(f) for f in files) if h is not None]
     if not headers:
         return None
-    return non_wsi_reason([list(h.get("ImageType") or []) or None for h in headers],
-                          [str(h.get("SOPClassUID", "")) or None for h in headers])
+    # By Image Type only: a folder's .dcm files with another SOP class still go to OpenSlide, as before.
+    return non_wsi_reason([list(h.get("ImageType") or []) or None for h in headers])
 
 
 def _classify_folder(folder: Path, names: list[str]) -> tuple[list[list[Path]], list[Path]]:

@@ -370,21 +370,18 @@ def dicom_pixel_size(dataset: Any, name: str) -> PixelSize | None:
 
 
 def non_wsi_reason(image_types: Iterable[Sequence[str] | None], sop_classes: Iterable[str | None] = ()) -> str | None:
-    """Why a series is not a whole-slide image to tile (None when it is one): no VL WSI
-    instance, or no VOLUME image (labels, overviews, thumbnails only), or no Image Type."""
+    """Why a series is not a whole-slide image to tile (None when it is one, or may be): no VL
+    WSI instance, or no VOLUME image (labels, overviews, thumbnails only). A series without
+    Image Type is not passed over here: it is malformed, and opening it says so."""
     classes = {c for c in sop_classes if c}
     if classes and WSI_SOP_CLASS not in classes:
         return f"not a VL Whole Slide Microscopy series (SOP classes {', '.join(sorted(classes))})"
     flavours: set[str] = set()
-    seen_any = False
     for image_type in image_types:
-        seen_any = True
         if image_type and len(image_type) > 2:
             flavours.add(str(image_type[2]).upper())
-    if not seen_any:
+    if not flavours:  # no Image Type: malformed rather than another kind, refused at open
         return None
-    if not flavours:
-        return "no Image Type in its instances (a whole-slide image names VOLUME, LABEL, OVERVIEW or THUMBNAIL)"
     if "VOLUME" not in flavours:
         return f"no VOLUME image, only {', '.join(sorted(f.lower() for f in flavours))}"
     return None
