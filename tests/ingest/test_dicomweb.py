@@ -152,3 +152,17 @@ def test_the_json_summary_of_a_dicomweb_ingest(orthanc, tmp_path, tiny_ckpt):
     bad = runner.invoke(app, ["ingest", orthanc.source, "--where-dicom", "PatientID", "--store",
                               str(tmp_path / "store2"), "--checkpoint", str(tiny_ckpt)])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def test_a_dicomweb_slide_travels_to_a_worker_as_its_source_string(orthanc, encoder):
+    from conchdb.ingest.pipeline import plan_slide
+    from conchdb.slides.dicom import source_text
+    from conchdb.workers.messages import job_from_dict, job_to_dict
+
+    cohort = discover_dicomweb(orthanc.source)
+    with EdgeStore(Path(orthanc.folder) / "worker-store") as store:
+        job = Ingest(cohort, read_manifest(None, cohort), encoder, store, COLLECTION).job(cohort.slides[0])
+        received = job_from_dict(json.loads(json.dumps(job_to_dict(job))))  # through the broker, as JSON
+    plan = plan_slide(received)  # the worker opens the series from what the task names
+    assert plan.error is None and len(plan.grid) > 5 and plan.info["dicom_accession_number"] == "ACC-0001"
+    assert source_text(received.slide.path) == cohort.slides[0].path  # what its records store
