@@ -20,7 +20,7 @@ import openslide
 from PIL import Image
 
 from conchdb.errors import SlideError
-from conchdb.slides.mpp import PixelSize, Resolution, resolve_image_mpp, resolve_slide_mpp, validate_override
+from conchdb.slides.mpp import PixelSize, resolve_image_mpp, resolve_slide_mpp, validate_override
 
 MPP_HINT = (
     "give the pixel size: a manifest `mpp` column, or the slide's pixel size given explicitly (µm per level-0 pixel, "
@@ -248,14 +248,13 @@ def open_slide(
         except (openslide.OpenSlideError, OSError):  # a series OpenSlide refuses may still be one wsidicom reads
             return _dicom_slide(path, open_dicom_folder(path), mpp_override, override_source)
         try:
-            dicom_size = check_dicom_file(path)
+            if mpp_override is None:  # checked, not used: this file may be a coarser level than the base
+                check_dicom_file(path)
         except SlideError:
             handle.close()
             raise
         attributes = dicom_file_attributes(path)
         resolution = resolve_slide_mpp(handle.properties, mpp_override, override_source)
-        if mpp_override is None and dicom_size is not None:
-            resolution = Resolution(dicom_size, resolution.rejected)
     elif vendor is not None:
         handle = _open_openslide(path, vendor)
         resolution = resolve_slide_mpp(handle.properties, mpp_override, override_source)
