@@ -4,6 +4,7 @@ temporary storage folder. Fixtures that use them are in `tests/conftest.py`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -131,6 +132,73 @@ def start_orthanc(folder: Path, users: dict[str, str] | None = None) -> Orthanc:
 
         need_tool(False, reason)
     return Orthanc(folder, users).start()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TlsProxy:
+    """HTTPS on a free loopback port in front of a plain HTTP port, in threads of this process.
+
+    Debian's Orthanc 1.10 drops the connection when its own HTTPS (`SslEnabled`) is used
+    here, so the TLS tests put this in front of it, as a hospital puts a reverse proxy."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path):
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import threading
+
+        try:
+            secure = self.context.wrap_socket(client, server_side=True)
+        except OSError:  # a client that refuses our certificate: the point of the test
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (source, sink):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, secure), daemon=True).start()
+        pump(secure, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def need_dicomizer() -> None:

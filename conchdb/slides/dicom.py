@@ -190,11 +190,14 @@ def _session(options: DicomWebOptions) -> requests.Session:
     from requests.adapters import HTTPAdapter
 
     timeout = options.timeout
+    ca_bundle = str(options.ca_bundle) if options.ca_bundle else None
 
     class _Timeout(HTTPAdapter):
         def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
             if kwargs.get("timeout") is None:
                 kwargs["timeout"] = timeout
+            if ca_bundle is not None:  # requests lets $REQUESTS_CA_BUNDLE override a session's own bundle
+                kwargs["verify"] = ca_bundle
             return super().send(request, **kwargs)
 
     session = requests.Session()

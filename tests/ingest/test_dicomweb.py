@@ -166,3 +166,24 @@ def test_a_dicomweb_slide_travels_to_a_worker_as_its_source_string(orthanc, enco
     plan = plan_slide(received)  # the worker opens the series from what the task names
     assert plan.error is None and len(plan.grid) > 5 and plan.info["dicom_accession_number"] == "ACC-0001"
     assert source_text(received.slide.path) == cohort.slides[0].path  # what its records store
+
+
+def test_tls_is_verified_and_a_ca_bundle_admits_a_private_ca(orthanc, tmp_path, tiny_ckpt, monkeypatch):
+    from tests.dicom import TlsProxy, self_signed
+
+    monkeypatch.delenv("CONCHDB_DICOMWEB_CA_BUNDLE", raising=False)  # --ca-bundle sets it: gone after the test
+    cert, key = self_signed(tmp_path / "tls")
+    proxy = TlsProxy(orthanc.port, cert, key)
+    source = f"dicomweb+{proxy.url}/dicom-web"
+    try:
+        args = ["ingest", source, "--store", str(tmp_path / "store"), "--checkpoint", str(tiny_ckpt), "--device", "cpu"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "TLS certificate could not be verified" in result.output
+        assert "--ca-bundle" in result.output and not (tmp_path / "store").exists()
+        (slide,) = discover_dicomweb(source, options=DicomWebOptions(ca_bundle=cert)).slides
+        assert slide.path.startswith(source + "/studies/")
+        result = runner.invoke(app, [*args, "--ca-bundle", str(cert), "--json", "--readers", "0"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout.strip().splitlines()[-1])["ingested"] == 1
+    finally:
+        proxy.close()
