@@ -187,3 +187,32 @@ def test_tls_is_verified_and_a_ca_bundle_admits_a_private_ca(orthanc, tmp_path, 
         assert json.loads(result.stdout.strip().splitlines()[-1])["ingested"] == 1
     finally:
         proxy.close()
+
+
+def test_a_series_with_swapped_pixel_spacing_is_refused_with_the_series_and_both_values(tmp_path, encoder, slides_dir):
+    """orthanc-wsi's OrthancWSIDicomizer writes a non-square slide's spacing with width and
+    height swapped (the issue's trap): conchdb refuses it rather than tile it at a wrong size."""
+    import subprocess
+
+    from tests.conftest import need_tool
+
+    need_tool(shutil.which("OrthancWSIDicomizer") is not None,
+              "OrthancWSIDicomizer is not installed (Debian: apt-get install orthanc-wsi)")
+    server = start_orthanc(tmp_path / "orthanc")
+    try:
+        dataset = tmp_path / "dataset.json"  # without it the series has no Image Type
+        dataset.write_text(subprocess.run(["OrthancWSIDicomizer", "--sample-dataset"], capture_output=True,
+                                          text=True, check=True).stdout)
+        width_mm, height_mm = 2220 * 0.499e-3, 2967 * 0.499e-3  # the CMU slide's true imaged size
+        subprocess.run(["OrthancWSIDicomizer", "--orthanc", server.url, "--dataset", str(dataset),
+                        "--imaged-width", f"{width_mm:.5f}", "--imaged-height", f"{height_mm:.5f}",
+                        str(slides_dir / "cmu_small_region.svs")], check=True, capture_output=True)
+        cohort = discover_dicomweb(server.source)
+        (slide,) = cohort.slides
+        with EdgeStore(tmp_path / "store") as store:
+            summary = _run(cohort, store, encoder)
+        (failed,) = summary.failed
+        assert slide.id in failed.error and "non-square pixels" in failed.error
+        assert "0.6669 µm wide × 0.3734 µm high" in failed.error
+    finally:
+        server.stop()
