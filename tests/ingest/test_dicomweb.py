@@ -216,3 +216,16 @@ def test_a_series_with_swapped_pixel_spacing_is_refused_with_the_series_and_both
         assert "0.6669 µm wide × 0.3734 µm high" in failed.error
     finally:
         server.stop()
+
+
+def test_a_server_that_does_not_answer_times_out_naming_the_url(tmp_path, tiny_ckpt):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connects, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        started = time.monotonic()
+        result = runner.invoke(app, ["ingest", f"dicomweb+{url}", "--store", str(tmp_path / "store"),
+                                     "--checkpoint", str(tiny_ckpt)], env={"CONCHDB_DICOMWEB_TIMEOUT": "1"})
+        assert result.exit_code == 2 and time.monotonic() - started < 8
+    assert f"{url}/series: the DICOMweb server did not answer within 1 s" in result.output
+    assert "CONCHDB_DICOMWEB_TIMEOUT" in result.output and not (tmp_path / "store").exists()
