@@ -122,6 +122,23 @@ costs a build)."""
 TILE_SCOPE_FIELDS = ("cohort", "tiling")
 """Fields that tell apart copies of one slide id (another cohort, another tiling)."""
 
+DICOM_FIELDS: dict[str, FieldType] = {
+    "dicom_patient_id": "keyword",
+    "dicom_accession_number": "keyword",
+    "dicom_study_date": "keyword",
+    "dicom_specimen": "keyword",
+    "dicom_stain": "keyword",
+    "dicom_body_part": "keyword",
+    "dicom_study_uid": "keyword",
+    "dicom_series_uid": "keyword",
+}
+"""What a DICOM slide's tiles and record carry beyond `TILE_FIELDS`, read from its attributes
+(conchdb/slides/dicom.py), beside the manifest's columns: Patient ID, Accession Number, Study
+Date (YYYYMMDD, so ranges compare as text), the specimen's description, the stain where the
+specimen preparation codes one ('Using substance' items joined by '+'), Body Part Examined,
+and the study and series UIDs. Absent attributes are left out. The `dicom_` prefix keeps them
+apart from manifest columns of the same meaning, which may still be given."""
+
 # -- slide records --------------------------------------------------------------------------
 
 SLIDE_FIELDS: dict[str, FieldType] = {
@@ -152,7 +169,9 @@ MANIFEST_COLUMNS_FIELD = "manifest_columns"
 manifest is dropped from the slide (conchdb/archive/records.py)."""
 SLIDE_INDEXED = ("slide_id", "cohort", "status", "tiling", "tiles")
 """The slide-record fields a slides collection declares and indexes (besides manifest columns)."""
-RESERVED_FIELDS = frozenset({*TILE_FIELDS, "status", "tiles", "error", "identity", MANIFEST_COLUMNS_FIELD})
+RESERVED_FIELDS = frozenset(
+    {*TILE_FIELDS, *DICOM_FIELDS, "status", "tiles", "error", "identity", MANIFEST_COLUMNS_FIELD}
+)
 """Names a manifest column may not take: conchdb's own fields, which it would overwrite."""
 
 # -- imported features ----------------------------------------------------------------------
@@ -215,7 +234,7 @@ def tiles_layout(columns: Mapping[str, str]) -> Layout:
     """A tiles collection with the cohort's manifest `columns` (name -> column type)."""
     extra = column_fields(columns)
     graphs = (*TILE_GRAPH_FIELDS, *(name for name, kind in extra.items() if kind in GRAPH_TYPES))
-    fields = {**TILE_FIELDS, ANNOTATION_FIELD: "keyword", **extra}
+    fields = {**TILE_FIELDS, **DICOM_FIELDS, ANNOTATION_FIELD: "keyword", **extra}
     return Layout(fields, graphs, (*TILE_INDEXED, ANNOTATION_FIELD, *extra), TILE_LOAD_INDEXED)
 
 
@@ -230,7 +249,7 @@ def slides_layout(columns: Mapping[str, str]) -> Layout:
     """A slides collection with the cohort's manifest `columns`: every declared field indexed,
     no per-value graphs (slide search filters on status, over few points)."""
     fields = {name: SLIDE_FIELDS[name] for name in SLIDE_INDEXED}
-    return Layout({**fields, **column_fields(columns)}, ())
+    return Layout({**fields, **DICOM_FIELDS, **column_fields(columns)}, ())
 
 
 def texts_layout(columns: Mapping[str, str]) -> Layout:

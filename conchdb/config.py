@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conchdb.catalog import TILES_COLLECTION
@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         21600, description="seconds a slide may take before the broker hands it to another worker"
     )
+    dicomweb_token: SecretStr | None = Field(None, description="bearer token for DICOMweb servers (never logged)")
+    dicomweb_user: str | None = Field(None, description="user name for basic auth on DICOMweb servers")
+    dicomweb_password: SecretStr | None = Field(None, description="password for basic auth on DICOMweb servers")
+    dicomweb_ca_bundle: Path | None = Field(
+        None, description="CA bundle (PEM) to verify DICOMweb servers' TLS certificates with (default: the system's)"
+    )
+    dicomweb_timeout: float = Field(10.0, description="seconds to wait for a DICOMweb server to connect or answer")
+    dicomweb_requests: int = Field(8, description="DICOMweb frame requests in flight per tile reader process")
     max_deliveries: int = Field(
         3, description="deliveries of one slide (a worker died on it each time) before it is recorded failed"
     )

@@ -55,3 +55,44 @@ def need_tool(present: bool, reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (.ci/run installs it)")
     pytest.skip(reason)
+
+
+# -- DICOM whole-slide images and a real PACS (tests/dicom.py) --------------------------------
+
+
+@pytest.fixture(scope="session")
+def cmu_dicom(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The CMU slide as DICOM WSI files (its JPEG tiles copied, so pixels are the file's), with
+    an accession number, patient id, study date and body part; label and overview included."""
+    from tests.dicom import METADATA, convert, need_dicomizer
+
+    need_dicomizer()
+    return convert(slides_dir / "cmu_small_region.svs", tmp_path_factory.mktemp("dicom") / "cmu", metadata=METADATA)
+
+
+@pytest.fixture(scope="session")
+def cmu_dicom_rle(slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The CMU slide as one RLE-compressed DICOM WSI file: lossless (the file's pixels), and a
+    transfer syntax OpenSlide refuses while wsidicom reads it."""
+    from wsidicom.codec import RleSettings
+
+    from tests.dicom import convert, need_dicomizer
+
+    need_dicomizer()
+    folder = tmp_path_factory.mktemp("dicom") / "rle"
+    return convert(slides_dir / "cmu_small_region.svs", folder, encoding=RleSettings())
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, cmu_dicom: list[Path]):
+    """Orthanc with DICOMweb on a free loopback port, holding the CMU series and a label-only series."""
+    from tests.dicom import only_label, start_orthanc
+
+    folder = tmp_path_factory.mktemp("orthanc")
+    server = start_orthanc(folder)
+    try:
+        server.store(cmu_dicom)
+        server.store([only_label(cmu_dicom, folder / "label")])
+        yield server
+    finally:
+        server.stop()

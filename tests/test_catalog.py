@@ -70,13 +70,21 @@ COLUMNS = {"diagnosis": "string", "grade": "int", "age": "float", "her2": "bool"
 def test_tiles_layout_indexes_the_manifest_and_graphs_its_categories():
     layout = tiles_layout(COLUMNS)
     annotation = {ANNOTATION_FIELD: "keyword"}  # a pathologist's class, set later by `annotations add`
-    assert layout.fields == {**TILE_FIELDS, **annotation, "diagnosis": "keyword", "grade": "integer", "age": "float",
-                             "her2": "bool"}
+    dicom = catalog.DICOM_FIELDS
+    assert layout.fields == {**TILE_FIELDS, **dicom, **annotation, "diagnosis": "keyword", "grade": "integer",
+                             "age": "float", "her2": "bool"}
     assert layout.indexed == (*TILE_INDEXED, ANNOTATION_FIELD, "diagnosis", "grade", "age", "her2")
     assert layout.graph_fields == (*TILE_GRAPH_FIELDS, "diagnosis", "her2")
     assert layout.load_indexed == TILE_LOAD_INDEXED
     empty = tiles_layout({})
-    assert empty.fields == {**TILE_FIELDS, **annotation} and empty.indexed == (*TILE_INDEXED, ANNOTATION_FIELD)
+    assert empty.fields == {**TILE_FIELDS, **dicom, **annotation} and empty.indexed == (*TILE_INDEXED, ANNOTATION_FIELD)
+
+
+def test_dicom_attributes_are_declared_typed_reserved_and_indexed_on_records_only():
+    dicom = catalog.DICOM_FIELDS
+    assert all(name.startswith("dicom_") and kind == "keyword" for name, kind in dicom.items())
+    assert set(dicom) <= catalog.RESERVED_FIELDS and not set(dicom) & set(tiles_layout({}).indexed)
+    assert set(dicom) <= set(slides_layout({}).fields) and slides_layout({}).indexed is None
 
 
 def test_slide_and_text_layouts_declare_their_indexed_fields_and_the_columns():

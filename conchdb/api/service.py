@@ -353,8 +353,9 @@ class Service:
         try:
             return self.slides.use(key, lambda: regions.open_source(record), fn)
         except SlideError as exc:
-            raise not_found(exc.message, "the slide file must stay where it was ingested from; ingest it again "
-                            "from its new place", "slide_id") from None
+            fix = exc.fix if file_state(record) == "remote" else (
+                "the slide file must stay where it was ingested from; ingest it again from its new place")
+            raise not_found(exc.message, fix, "slide_id") from None
 
     def tile_jpeg(self, point_id: str) -> bytes:
         self.require_collection()
@@ -410,12 +411,20 @@ class Service:
             import openslide
             from openslide.deepzoom import DeepZoomGenerator
 
-            try:
-                slide = openslide.open_slide(path)
-            except (OSError, openslide.OpenSlideError) as exc:
-                raise not_found(f"the file of slide '{slide_id}' cannot be opened ({type(exc).__name__})",
-                                "the slide file must stay where it was ingested from; ingest it again from "
-                                "its new place", "slide_id") from None
+            slide: Any = None
+            if file_state(record) != "remote":
+                try:
+                    slide = openslide.open_slide(path)
+                except (OSError, openslide.OpenSlideError) as exc:
+                    if not path.lower().endswith(".dcm"):  # a DICOM series OpenSlide refuses: wsidicom below
+                        raise not_found(f"the file of slide '{slide_id}' cannot be opened ({type(exc).__name__})",
+                                        "the slide file must stay where it was ingested from; ingest it again "
+                                        "from its new place", "slide_id") from None
+            if slide is None:  # DICOMweb, or DICOM through wsidicom: the same Slide that tiles and heatmaps read
+                try:
+                    slide = _ZoomSource(regions.open_source(record))
+                except SlideError as exc:
+                    raise not_found(exc.message, exc.fix or "", "slide_id") from None
             return _Zoom(slide, DeepZoomGenerator(slide, tile_size=254, overlap=1, limit_bounds=False))
 
         return self.deepzoom.use(path, opener, fn)
@@ -433,6 +442,27 @@ class Service:
             return encode(tile, "JPEG")
 
         return self.pictures.get_or_make(("dz", slide_id, level, col, row), lambda: self._deepzoom(slide_id, read))
+
+
+class _ZoomSource:
+    """A conchdb `Slide` as the part of an OpenSlide slide that `DeepZoomGenerator` uses."""
+
+    def __init__(self, slide: Any):
+        self._slide = slide
+        self.dimensions = slide.dimensions
+        self.level_count = slide.level_count
+        self.level_dimensions = slide.level_dimensions
+        self.level_downsamples = slide.level_downsamples
+        self.properties: dict[str, str] = {}
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        return int(self._slide.best_level(downsample, 0.0))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        return self._slide.read_region(location, level, size).convert("RGBA")  # the generator composites by alpha
+
+    def close(self) -> None:
+        self._slide.close()
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from conchdb.catalog import (
+    DICOM_FIELDS,
     IMPORT_RECORD_FIELDS,
     MANIFEST_COLUMNS_FIELD,
     SLIDE_FIELDS,
@@ -34,9 +35,10 @@ from conchdb.catalog import (
     slides_collection,
 )
 from conchdb.errors import QueryError, StoreError
+from conchdb.slides.dicom import is_dicomweb, source_text
 from conchdb.store import Condition, Filter, Hit, Point, Store, stable_id
 
-OWN_RECORD_FIELDS = frozenset({*SLIDE_FIELDS, *IMPORT_RECORD_FIELDS, MANIFEST_COLUMNS_FIELD})
+OWN_RECORD_FIELDS = frozenset({*SLIDE_FIELDS, *DICOM_FIELDS, *IMPORT_RECORD_FIELDS, MANIFEST_COLUMNS_FIELD})
 """Fields of a record that conchdb writes; any other field came from a manifest."""
 
 
@@ -75,11 +77,14 @@ def labels_of(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def file_state(record: Mapping[str, Any]) -> str:
-    """`present` or `missing` for the slide file the record names; `none` when it names none
-    (features imported without their slide)."""
+    """`present` or `missing` for the slide file the record names; `remote` for a slide on a
+    DICOMweb server (not looked up: a server that is down must not make slides missing);
+    `none` when it names none (features imported without their slide)."""
     path = record.get("path")
     if not path:
         return "none"
+    if is_dicomweb(str(path)):
+        return "remote"
     return "present" if Path(str(path)).exists() else "missing"
 
 
@@ -241,8 +246,9 @@ class SlideCatalog:
         first, then the new record, then the old record: a move cut short is finished by the
         next run, which finds the file at its new place again."""
         old_scope = scope(record)
-        new = {**record, "slide_id": slide_id, "path": str(path), "updated_at": now()}
-        self.store.set_payload(self.collection, {"slide_id": slide_id, "path": str(path)}, flt=old_scope)
+        path = source_text(path)
+        new = {**record, "slide_id": slide_id, "path": path, "updated_at": now()}
+        self.store.set_payload(self.collection, {"slide_id": slide_id, "path": path}, flt=old_scope)
         old_id = record_id(record["cohort"], record["slide_id"], record["tiling"])
         found = self.store.retrieve(self.records_collection, [old_id], with_vectors=True)
         if not found or found[0].vector is None:

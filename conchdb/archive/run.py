@@ -44,6 +44,7 @@ class IngestSummary:
     collection: str
     outcomes: list[SlideOutcome] = field(default_factory=list)
     not_slides: int = 0
+    passed_over: list[dict[str, str]] = field(default_factory=list)  # DICOM series that are not WSIs, and why
     manifest: str | None = None
     manifest_unmatched: list[str] = field(default_factory=list)
     manifest_missing: list[str] = field(default_factory=list)
@@ -88,6 +89,7 @@ class IngestSummary:
             "no_tissue": self.count(SlideStatus.NO_TISSUE),
             "failed": [{"slide": o.path, "slide_id": o.slide_id, "error": o.error} for o in self.failed],
             "not_slides": self.not_slides,
+            "passed_over": self.passed_over,
             "tiles_written": self.tiles_written,
             "relabelled": self.relabelled,
             "moved": self.moved,

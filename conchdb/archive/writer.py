@@ -30,6 +30,7 @@ from conchdb.archive.marks import remark
 from conchdb.archive.records import SlideCatalog, file_state, now, record_id, scope
 from conchdb.archive.run import SlideOutcome, Writer
 from conchdb.catalog import (
+    DICOM_FIELDS,
     FINISHED,
     MANIFEST_COLUMNS_FIELD,
     RESERVED_FIELDS,
@@ -40,6 +41,7 @@ from conchdb.catalog import (
     tiling_key,
 )
 from conchdb.errors import ConchdbError
+from conchdb.slides.dicom import source_text
 from conchdb.store import CollectionSpec, Condition, Filter, Point, tile_point_id
 from conchdb.store.base import Store
 
@@ -50,7 +52,7 @@ class SlideFile(Protocol):
     @property
     def id(self) -> str: ...
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Path | str: ...
     @property
     def identity(self) -> str: ...
 
@@ -188,7 +190,7 @@ class SlideWriter:
         labels = self.manifest.payload_for(slide.id)
         payload = {
             **self.key(slide, tiling),
-            "path": str(slide.path),
+            "path": source_text(slide.path),
             "identity": slide.identity,
             "status": status.value,
             "target_mpp": tiling.target_mpp,
@@ -226,7 +228,7 @@ class SlideWriter:
         # Records whose slide id was not found now: candidates for a slide that moved.
         away: dict[str, list[dict[str, Any]]] = {}
         for record in stored:
-            if record["slide_id"] not in found and file_state(record) != "present":
+            if record["slide_id"] not in found and file_state(record) not in ("present", "remote"):
                 away.setdefault(str(record.get("identity")), []).append(record)
         out = Reconciled()
         for slide in slides:
@@ -234,11 +236,11 @@ class SlideWriter:
             if record is None and away.get(slide.identity):
                 old = away[slide.identity].pop(0)
                 record = self.catalog.move(old, slide.id, slide.path)
-                out.moved.append({"from": str(old["slide_id"]), "to": slide.id, "path": str(slide.path)})
+                out.moved.append({"from": str(old["slide_id"]), "to": slide.id, "path": source_text(slide.path)})
             elif (record is not None and record.get("identity") == slide.identity
-                  and record.get("path") != str(slide.path)):
+                  and record.get("path") != source_text(slide.path)):
                 record = self.catalog.move(record, slide.id, slide.path)
-                out.moved.append({"from": slide.id, "to": slide.id, "path": str(slide.path)})
+                out.moved.append({"from": slide.id, "to": slide.id, "path": source_text(slide.path)})
             out.records[slide.id] = record
         out.missing = [{"slide_id": r["slide_id"], "path": r.get("path"), "status": r.get("status")}
                        for rs in away.values() for r in rs]
@@ -261,7 +263,7 @@ class SlideWriter:
         if tiles == 0:
             self.write_record(slide, tiling, SlideStatus.NO_TISSUE, tiles=0, error=None, **extra)
             self.delete_stale(slide, tiling)
-            return SlideOutcome(slide.id, str(slide.path), SlideStatus.NO_TISSUE)
+            return SlideOutcome(slide.id, source_text(slide.path), SlideStatus.NO_TISSUE)
         self.write_record(slide, tiling, SlideStatus.IN_PROGRESS, tiles=0, error=None, **extra)
         return None
 
@@ -287,7 +289,7 @@ class SlideWriter:
         if stored:
             remark(self.store, self.collection, stored)
         self.write_record(slide, tiling, SlideStatus.DONE, vector=mean, tiles=tiles, error=None, **extra)
-        return SlideOutcome(slide.id, str(slide.path), SlideStatus.DONE, tiles)
+        return SlideOutcome(slide.id, source_text(slide.path), SlideStatus.DONE, tiles)
 
     def fail(
         self,
@@ -305,7 +307,7 @@ class SlideWriter:
         if previous != SlideStatus.DONE:
             # Nothing good was stored for this slide before: drop the partial tiles.
             self.delete_tiles(slide, tiling)
-        return SlideOutcome(slide.id, str(slide.path), SlideStatus.FAILED, error=error)
+        return SlideOutcome(slide.id, source_text(slide.path), SlideStatus.FAILED, error=error)
 
     # -- tiles ---------------------------------------------------------------------------
 
@@ -315,13 +317,14 @@ class SlideWriter:
         """What every tile of the slide shares; it goes to the store once per batch, not per tile."""
         return {
             **self.key(slide, tiling),
-            "path": str(slide.path),
+            "path": source_text(slide.path),
             "size": size,
             "mpp": info.get("mpp"),
             "mpp_source": info.get("mpp_source"),
             "target_mpp": tiling.target_mpp,
             "tile_px": tiling.tile_px,
             "ingest_run": self.run_id,
+            **{k: v for k, v in info.items() if k in DICOM_FIELDS},
             **extra,
             **self.manifest.payload_for(slide.id),
         }

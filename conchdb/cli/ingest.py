@@ -19,7 +19,11 @@ from conchdb.errors import ConchdbError
 @uses_options(store=True, collection=True, model=True)
 def ingest(
     options: Options,
-    path: Annotated[Path, typer.Argument(help="A slide file, or a folder searched recursively.")],
+    path: Annotated[str, typer.Argument(
+        help="A slide file, a folder searched recursively, or a DICOMweb server: dicomweb+https://HOST/PATH "
+        "(whole-slide series found by QIDO-RS; credentials from $CONCHDB_DICOMWEB_TOKEN, or "
+        "$CONCHDB_DICOMWEB_USER and $CONCHDB_DICOMWEB_PASSWORD)."
+    )],
     manifest: Annotated[
         Path | None, typer.Option("--manifest", help="CSV with a 'slide' column (default: PATH/manifest.csv).")
     ] = None,
@@ -55,6 +59,18 @@ def ingest(
         Path | None,
         typer.Option("--roi", help="QuPath GeoJSON exports, one per slide: tile only inside their annotations."),
     ] = None,
+    study: Annotated[
+        list[str] | None, typer.Option("--study", help="DICOMweb: only this study (Study Instance UID; repeatable).")
+    ] = None,
+    where_dicom: Annotated[
+        list[str] | None, typer.Option("--where-dicom", help="DICOMweb: only series whose attribute KEY (a keyword "
+                                       "or tag, e.g. PatientID, AccessionNumber, StudyDate=20240101-20241231) "
+                                       "matches VALUE, by QIDO-RS matching (repeatable).")
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None, typer.Option("--ca-bundle", help="DICOMweb: CA bundle (PEM) to verify the server's TLS "
+                                  "certificate with (also $CONCHDB_DICOMWEB_CA_BUNDLE).")
+    ] = None,
 ) -> None:
     """Tile, embed and store every slide under PATH; reruns skip slides already done.
 
@@ -63,7 +79,6 @@ def ingest(
     summary) and the rest were ingested, 2 for bad options, manifest, weights or broker.
     """
 
-    from conchdb.ingest.cohort import discover
     from conchdb.ingest.manifest import read_manifest
     from conchdb.ingest.pipeline import Ingest, IngestOptions
     from conchdb.slides.grid import TilingParams
@@ -81,13 +96,13 @@ def ingest(
             raise ConchdbError(f"--roi {roi} is not a folder", "give the folder of QuPath GeoJSON exports",
                                parameter="roi")
         settings.roi = roi
+    found = _discover(path, study or [], where_dicom or [], ca_bundle)
     if broker or options.settings.broker_url:
         from conchdb.cli.workers import ingest_through_broker
 
         display = _ingest_progress(not as_json, json_notices=as_json)
-        summary = ingest_through_broker(path, manifest, broker, options, settings, display)
+        summary = ingest_through_broker(Path(found.root), manifest, broker, options, settings, display, cohort=found)
         _finish(summary, as_json)
-    found = discover(path)
     table = read_manifest(manifest, found)  # every input is checked before the model loads
     # Tiles need only the vision tower; the fingerprint recorded is still the whole checkpoint's.
     encoder = options.load_encoder(("vision",), need_tokenizer=False, batch_size=batch_size or 32)
@@ -102,6 +117,39 @@ def ingest(
     finally:
         opened.close()
     _finish(summary, as_json)
+
+
+def _discover(path: str, studies: list[str], where: list[str], ca_bundle: Path | None) -> Any:
+    """The cohort at `path`: a folder or file, or the whole-slide series of a DICOMweb server.
+
+    The DICOMweb options reach the processes that read the slides (tile readers, the tile
+    server) through the environment, as `CONCHDB_DICOMWEB_*` settings do; workers on other
+    machines need them set there."""
+    import os
+
+    from conchdb.ingest.cohort import discover, discover_dicomweb
+    from conchdb.slides.dicom import is_dicomweb
+
+    if not is_dicomweb(path):
+        if studies or where or ca_bundle:
+            raise ConchdbError("--study, --where-dicom and --ca-bundle apply to a DICOMweb source only",
+                               "give PATH as dicomweb+https://HOST/PATH, or leave the options out",
+                               parameter="study")
+        return discover(Path(path))
+    conditions = {}
+    for item in where:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConchdbError(f"--where-dicom {item!r} is not KEY=VALUE",
+                               "e.g. --where-dicom PatientID=P0001 or --where-dicom AccessionNumber=A123",
+                               parameter="where_dicom")
+        conditions[key.strip()] = value.strip()
+    if ca_bundle is not None:
+        if not ca_bundle.is_file():
+            raise ConchdbError(f"{ca_bundle}: no such file", "give the PEM file of the CA that signed the "
+                               "server's certificate", parameter="ca_bundle")
+        os.environ["CONCHDB_DICOMWEB_CA_BUNDLE"] = str(ca_bundle.resolve())
+    return discover_dicomweb(path, tuple(studies), conditions)
 
 
 def _finish(summary: Any, as_json: bool) -> None:

@@ -29,6 +29,9 @@ def print_ingest_summary(doc: dict[str, Any]) -> None:
     for resent in doc.get("resent", []):
         out_console.print(f"[yellow]re-sent[/] {resent['slide']}: {resent['reason']}", highlight=False,
                           soft_wrap=True)
+    for item in doc.get("passed_over", []):
+        out_console.print(f"[yellow]passed over[/] {item['series']}: {item['reason']}", highlight=False,
+                          soft_wrap=True)
 
 
 

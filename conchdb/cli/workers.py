@@ -103,6 +103,7 @@ def status(
 
 def ingest_through_broker(
     path: Path, manifest: Path | None, broker: str | None, options: Options, settings: Any, display: Any,
+    *, cohort: Any = None,
 ) -> Any:
     """Run `conchdb ingest` with workers; returns the summary (the caller prints it).
 
@@ -117,7 +118,7 @@ def ingest_through_broker(
 
     config = options.settings
     url = broker_url(broker, config)
-    found = discover(path)
+    found = cohort if cohort is not None else discover(path)  # given: already found (DICOMweb)
     table = read_manifest(manifest, found)  # every input is checked before anything is sent
     connect(url).close()  # an unreachable broker fails before the store is opened
     opened = options.open_store()

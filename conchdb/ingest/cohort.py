@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conchdb.errors import SlideError
 
@@ -53,12 +54,16 @@ _UID = re.compile(rb"^[0-9.]{1,64}$")
 
 @dataclass(frozen=True)
 class CohortSlide:
-    """One slide of a cohort: its id, the file to open, its content identity, and all its files."""
+    """One slide of a cohort: its id, the file to open (or a DICOMweb source string, kept a
+    string since a `Path` folds its `//`), its content identity, and all its files; `aliases`
+    are further names a manifest's `slide` column may call it by (a DICOM series' Series
+    Instance UID and accession number)."""
 
     id: str
-    path: Path
+    path: Path | str
     identity: str
     files: tuple[Path, ...]
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,23 @@ class Cohort:
     root: Path
     slides: tuple[CohortSlide, ...]
     skipped: tuple[Path, ...]
+    passed_over: tuple[tuple[str, str], ...] = ()
+    """DICOM series that are not whole-slide images to tile (labels, overviews, thumbnails
+    only): (series, reason)."""
+    source: str | None = None
+    """The DICOMweb server searched (its source string), for a cohort found over DICOMweb."""
 
     def __len__(self) -> int:
         return len(self.slides)
+
+    @property
+    def name(self) -> str:
+        """The default cohort name: the folder's name, or a DICOMweb server's host."""
+        if self.source is not None:
+            from urllib.parse import urlsplit
+
+            return urlsplit(self.source.removeprefix("dicomweb+")).hostname or "dicomweb"
+        return self.root.name
 
     def by_id(self) -> dict[str, CohortSlide]:
         return {slide.id: slide for slide in self.slides}
@@ -143,10 +162,42 @@ def _slide_id(root: Path, path: Path) -> str:
 def _make_slide(root: Path, files: list[Path]) -> CohortSlide:
     main = files[0]
     extra: tuple[Path, ...] = ()
+    aliases: tuple[str, ...] = ()
     if main.suffix.lower() == ".mrxs":
         ini = main.with_suffix("") / "Slidedat.ini"
         extra = (ini,) if ini.is_file() else ()
-    return CohortSlide(_slide_id(root, main), main, content_identity(main, extra), tuple(files))
+    elif main.suffix.lower() == ".dcm":
+        aliases = _dicom_aliases(main)
+    return CohortSlide(_slide_id(root, main), main, content_identity(main, extra), tuple(files), aliases)
+
+
+def _dicom_header(path: Path) -> Any:
+    """A DICOM file's header (no pixels) through pydicom, or None when it cannot be read."""
+    try:
+        import pydicom
+
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return None
+
+
+def _dicom_aliases(path: Path) -> tuple[str, ...]:
+    header = _dicom_header(path)
+    if header is None:
+        return ()
+    return tuple(str(v) for v in (header.get("SeriesInstanceUID"), header.get("AccessionNumber")) if v)
+
+
+def _dicom_passed_over(files: list[Path]) -> str | None:
+    """Why a DICOM series in a folder is not a whole-slide image to tile (see
+    `conchdb.slides.dicom.non_wsi_reason`), or None."""
+    from conchdb.slides.dicom import non_wsi_reason
+
+    headers = [h for h in (_dicom_header(f) for f in files) if h is not None]
+    if not headers:
+        return None
+    # By Image Type only: a folder's .dcm files with another SOP class still go to OpenSlide, as before.
+    return non_wsi_reason([list(h.get("ImageType") or []) or None for h in headers])
 
 
 def _classify_folder(folder: Path, names: list[str]) -> tuple[list[list[Path]], list[Path]]:
@@ -169,7 +220,11 @@ def _classify_folder(folder: Path, names: list[str]) -> tuple[list[list[Path]], 
             slides.append([path])
         else:
             skipped.append(path)
-    slides.extend(dicom.values())
+    for files in dicom.values():
+        # the VOLUME files first: OpenSlide and wsidicom open the series from any of its files,
+        # but a label's file would make the slide's id
+        files.sort(key=lambda f: (_dicom_passed_over([f]) is not None, f.name))
+        slides.append(files)
     return slides, skipped
 
 
@@ -210,10 +265,44 @@ def discover(path: str | Path) -> Cohort:
         raise SlideError(f"{path}: no such file or folder", fix="check the path", parameter="path")
     groups: list[list[Path]] = []
     skipped: list[Path] = []
+    passed_over: list[tuple[str, str]] = []
     for folder, names in _walk(path):
         folder_slides, folder_skipped = _classify_folder(folder, names)
-        groups.extend(folder_slides)
+        for files in folder_slides:
+            reason = _dicom_passed_over(files) if files[0].suffix.lower() == ".dcm" else None
+            if reason is None:
+                groups.append(files)
+            else:
+                passed_over.append((_slide_id(path, files[0]), reason))
         skipped.extend(folder_skipped)
     slides = sorted((_make_slide(path, files) for files in groups), key=lambda s: s.id)
     _check_unique(slides)
-    return Cohort(path, tuple(slides), tuple(skipped))
+    return Cohort(path, tuple(slides), tuple(skipped), tuple(passed_over))
+
+
+def discover_dicomweb(
+    source: str,
+    studies: tuple[str, ...] = (),
+    where: dict[str, str] | None = None,
+    options: Any | None = None,
+) -> Cohort:
+    """The whole-slide series on a DICOMweb server (QIDO-RS, modality SM), as a cohort.
+
+    A series' slide id is its Series Instance UID (so a rerun finds it whatever the URL),
+    its path the source string naming it, its identity a hash of its instances' SOP
+    Instance UIDs; its accession number is an alias a manifest may join by. Series that are
+    not whole-slide images are passed over with their reason. `where` is QIDO-RS attribute
+    matching (`{"PatientID": "P1"}`). Raises `SlideError` when the server cannot be searched."""
+    from conchdb.slides.dicom import find_series, parse_source
+
+    server = parse_source(source)
+    slides, passed_over = [], []
+    for found in find_series(server, studies, where, options):
+        uid = str(found.source.series)
+        if found.passed_over:
+            passed_over.append((uid, found.passed_over))
+            continue
+        accession = found.attributes.get("dicom_accession_number")
+        aliases = (uid, accession) if accession else (uid,)
+        slides.append(CohortSlide(uid, str(found.source), found.identity, (), aliases))
+    return Cohort(Path(server.base.split("://", 1)[-1]), tuple(slides), (), tuple(passed_over), str(server))

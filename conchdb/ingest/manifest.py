@@ -1,8 +1,9 @@
 """A cohort's CSV manifest: per-slide pixel sizes and metadata for the payload.
 
 The `slide` column joins a row to a slide by its id (path relative to the cohort root),
-by any relative path to it, by file name, or by file name without extension, whichever
-is unambiguous in the cohort. An `mpp` column overrides the slide's pixel size. Every
+by any relative path to it, by file name, or by file name without extension, or, for a
+DICOM series, by its Series Instance UID or accession number, whichever is unambiguous in
+the cohort. An `mpp` column overrides the slide's pixel size. Every
 other column becomes payload, with one type per column (int, float, bool or string)
 inferred from its non-empty cells, so a filter on `grade > 2` works for every slide;
 empty cells are left out of the payload rather than stored as "".
@@ -73,6 +74,8 @@ def _lookup(cohort: Cohort) -> dict[str, set[str]]:
     names: dict[str, set[str]] = defaultdict(set)
     for slide in cohort.slides:
         names[slide.id].add(slide.id)
+        for alias in slide.aliases:
+            names[alias].add(slide.id)
         for file in slide.files:
             relative = file.relative_to(cohort.root).as_posix()
             for name in (relative, file.name, file.stem, str(file)):
@@ -110,6 +113,8 @@ def read_manifest(path: str | Path | None, cohort: Cohort) -> Manifest:
     root if there is one, else an empty manifest. Raises `ManifestError` if malformed."""
     if path is None:
         default = cohort.root / DEFAULT_NAME
+        if cohort.source is not None:  # a DICOMweb server has no folder to hold a manifest
+            return Manifest(None, missing=tuple(s.id for s in cohort.slides))
         if not default.is_file():
             return Manifest(None, missing=tuple(s.id for s in cohort.slides))
         path = default

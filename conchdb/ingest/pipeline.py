@@ -125,8 +125,10 @@ def _inside_roi(job: SlideJob, grid: TileGrid, dimensions: tuple[int, int]) -> T
 
 
 def _slide_info(slide: Slide) -> dict[str, Any]:
+    """The record's fields read from the slide: pixel size, level-0 size, and the DICOM
+    attributes a search filters on (`conchdb.catalog.DICOM_FIELDS`), which its tiles get too."""
     return {"mpp": slide.mpp, "mpp_source": slide.mpp_source, "width": slide.dimensions[0],
-            "height": slide.dimensions[1]}
+            "height": slide.dimensions[1], **slide.attributes}
 
 
 def writer_for_job(
@@ -258,7 +260,7 @@ class Ingest:
         self.collection = collection
         self.options = options or IngestOptions()
         self.progress = progress or Progress()
-        self.cohort_name = self.options.cohort_name or cohort.root.name
+        self.cohort_name = self.options.cohort_name or cohort.name
         self.slide_writer = SlideWriter(store, collection, encoder, manifest, self.cohort_name)
         self.slides = self.slide_writer.slides
         self.tiling = Tiling.of(self.options.params)
@@ -324,6 +326,7 @@ class Ingest:
         manifest = self.manifest.path.resolve() if self.manifest.path else None
         not_slides = sum(Path(f).resolve() != manifest for f in self.cohort.skipped)
         summary = IngestSummary(self.store.location, self.collection, not_slides=not_slides)
+        summary.passed_over = [{"series": name, "reason": why} for name, why in self.cohort.passed_over]
         summary.note_manifest(self.manifest)
         summary.timings = self.timings
         return summary

@@ -72,6 +72,8 @@ class JpegLevel:
     @classmethod
     def open(cls, slide: Slide, level: int) -> JpegLevel | None:
         """The slide's `level` as JPEG tiles, or None where that does not apply (see the module)."""
+        if slide.backend != "openslide":  # a plain image, or DICOM read through wsidicom
+            return None
         try:
             with tifffile.TiffFile(slide.path) as tif:
                 levels = tif.series[0].levels if tif.series else []

@@ -107,9 +107,13 @@ def read_tile(slide: Slide, spec: ReadSpec, x: int, y: int) -> Image.Image:
 
 
 def read_batch(slide: Slide, spec: ReadSpec, coords: np.ndarray, out: np.ndarray) -> None:
-    """Read the tiles at `coords` into `out[:len(coords)]`."""
-    for i, (x, y) in enumerate(coords):
-        out[i] = np.asarray(read_tile(slide, spec, int(x), int(y)))
+    """Read the tiles at `coords` into `out[:len(coords)]` (several at once where the slide
+    reads over a network: `Slide.map`)."""
+
+    def one(i: int) -> None:
+        out[i] = np.asarray(read_tile(slide, spec, int(coords[i][0]), int(coords[i][1])))
+
+    slide.map(one, range(len(coords)))
 
 
 def _check_same_slide(slide: Slide, spec: ReadSpec) -> None:
@@ -221,7 +225,7 @@ class TileReader:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path,  # a file, or a DICOMweb source string (kept a string: a Path folds its //)
         grid: TileGrid,
         batch_size: int = 32,
         workers: int = 2,
@@ -232,7 +236,7 @@ class TileReader:
     ):
         if batch_size < 1 or workers < 0 or prefetch < 1:
             raise ValueError("batch_size and prefetch must be ≥ 1 and workers ≥ 0")
-        self.path = Path(path)
+        self.path = path if isinstance(path, str) and path.lower().startswith("dicomweb+") else Path(path)
         self.grid = grid
         self.batch_size = batch_size
         self.workers = workers

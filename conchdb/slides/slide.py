@@ -10,11 +10,11 @@ outside the scanned region as transparent black, which would otherwise read as t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import openslide
 from PIL import Image
@@ -26,6 +26,8 @@ MPP_HINT = (
     "give the pixel size: a manifest `mpp` column, or the slide's pixel size given explicitly (µm per level-0 pixel, "
     "e.g. 0.25 for a 40× scan, 0.5 for 20×)"
 )
+T = TypeVar("T")
+R = TypeVar("R")
 DAMAGED_HINT = "the file is damaged, truncated or still being copied; re-export it or leave it out"
 
 
@@ -92,12 +94,14 @@ class Slide:
     image that does not say.
     """
 
-    path: Path
+    path: Path | str
     backend: str
     vendor: str | None
     pixel_size: PixelSize | None
     mpp_rejected: tuple[str, ...]
     _handle: _Backend
+    attributes: dict[str, str] = field(default_factory=dict)
+    """Attributes a search filters on, read from the file (DICOM: `dicom_*` fields)."""
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -159,6 +163,12 @@ class Slide:
             ) from None
         return flatten_on_white(region)
 
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`[fn(item) for item in items]`, several at once where the slide reads over a
+        network (DICOMweb: several requests in flight); in order either way."""
+        parallel = getattr(self._handle, "map", None)
+        return parallel(fn, items) if parallel is not None else [fn(item) for item in items]
+
     def close(self) -> None:
         self._handle.close()
 
@@ -213,20 +223,40 @@ def open_slide(
     `override_source` ("--slide-mpp", "manifest") is recorded as the source.
     Raises `SlideError` for a missing, unopenable or pixel-size-less slide.
     """
-    path = Path(path)
     if mpp_override is not None:
         try:
             validate_override(mpp_override, override_source)
         except ValueError as exc:
             raise SlideError(f"{path}: {exc}", fix=MPP_HINT, parameter="slide_mpp") from None
+    if str(path).lower().startswith("dicomweb+"):
+        from conchdb.slides.dicom import open_dicomweb, source_text
+
+        return _dicom_slide(source_text(path), open_dicomweb(path), mpp_override, override_source)
+    path = Path(path)
     if not path.is_file():
         raise SlideError(f"{path}: no such file", fix="check the path")
     try:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except (openslide.OpenSlideError, OSError) as exc:
         raise SlideError(f"{path}: cannot read the file: {exc}", fix=DAMAGED_HINT) from None
-    if vendor is not None:
-        handle: _Backend = _open_openslide(path, vendor)
+    attributes: dict[str, str] = {}
+    if vendor == "dicom":
+        from conchdb.slides.dicom import check_dicom_file, dicom_file_attributes, open_dicom_folder
+
+        try:
+            handle: _Backend = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError):  # a series OpenSlide refuses may still be one wsidicom reads
+            return _dicom_slide(path, open_dicom_folder(path), mpp_override, override_source)
+        try:
+            if mpp_override is None:  # checked, not used: this file may be a coarser level than the base
+                check_dicom_file(path)
+        except SlideError:
+            handle.close()
+            raise
+        attributes = dicom_file_attributes(path)
+        resolution = resolve_slide_mpp(handle.properties, mpp_override, override_source)
+    elif vendor is not None:
+        handle = _open_openslide(path, vendor)
         resolution = resolve_slide_mpp(handle.properties, mpp_override, override_source)
     else:
         image = _open_image(path)
@@ -242,4 +272,21 @@ def open_slide(
         pixel_size=resolution.pixel_size,
         mpp_rejected=tuple(resolution.rejected),
         _handle=handle,
+        attributes=attributes,
+    )
+
+
+def _dicom_slide(path: Path | str, opened: Any, mpp_override: float | None, override_source: str) -> Slide:
+    """A `Slide` over a series read through wsidicom (`conchdb.slides.dicom`)."""
+    if mpp_override is not None:
+        pixel_size: PixelSize | None = validate_override(mpp_override, override_source)
+    else:
+        pixel_size = opened.pixel_size
+    if pixel_size is None:
+        opened.handle.close()
+        raise SlideError(f"{path}: no usable pixel size (no Pixel Spacing, nor Imaged Volume Width/Height)",
+                         fix=MPP_HINT, parameter="slide_mpp")
+    return Slide(
+        path=path, backend="wsidicom", vendor="dicom", pixel_size=pixel_size, mpp_rejected=(),
+        _handle=opened.handle, attributes=dict(opened.attributes),
     )

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conchdb.catalog import MOSAIC_FIELD, SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
+from conchdb.catalog import DICOM_FIELDS, MOSAIC_FIELD, SLIDE_FIELDS, TILE_FIELDS, TILE_INDEXED, slides_collection
 from conchdb.cli import app
 from conchdb.ingest.pipeline import IngestOptions, Progress, ingest
 from conchdb.model.checkpoint import save_checkpoint
@@ -284,7 +284,7 @@ def test_filters_on_manifest_fields(cohort, tmp_path, tiny_ckpt):
         store.close()
     assert site == 1 and grade == total - 1 and tissue == sum(v >= cut for v in values) > 0
     record = json.loads((store_path / "collections" / COLLECTION / "collection.json").read_text())
-    manifest_columns = set(schema) - set(TILE_FIELDS)
+    manifest_columns = set(schema) - set(TILE_FIELDS) - set(DICOM_FIELDS)  # DICOM fields: declared, not indexed
     assert {"site", "grade", "diagnosis"} <= manifest_columns
     assert set(record["indexed"]) == {*TILE_INDEXED, *manifest_columns}
     # Written with only slide_id indexed; the ingest's end built the others.
