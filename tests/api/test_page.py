@@ -368,6 +368,19 @@ def test_the_viewer_scale_outlines_keys_heatmap_and_region_search(browser, serve
     assert tab.page.locator("#viewer .outline.current").count() == 1
     assert tab.page.locator("#tile-outline").get_attribute("data-id") == clicked
     assert f"open={clicked}" in tab.page.url
+    # The hits on this slide for QuPath: one closed level-0 square per outlined tile, QuPath's layout.
+    with tab.page.expect_download() as download:
+        tab.page.click("#export-geojson")
+    doc = json.loads(Path(download.value.path()).read_text())
+    stored = {h.id: h.payload for h in searcher.store.scroll("conch_tiles") if h.payload["slide_id"] == slide}
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == tiles_on_slide
+    for feature in doc["features"]:
+        p = stored[feature["id"]]
+        ring = feature["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] == [p["x"], p["y"]] and ring[2] == [p["x"] + p["size"], p["y"] + p["size"]]
+        assert feature["properties"]["objectType"] == "annotation"
+        assert feature["properties"]["classification"]["name"] in ("conchdb hit", "conchdb weak hit")
+        assert isinstance(feature["properties"]["measurements"]["score"], float)
 
     tab.page.keyboard.press("n")
     tab.wait("() => document.getElementById('viewer-title').textContent.includes('hit #2')")

@@ -34,6 +34,40 @@ export function hitsOnSlide(slideId) {
   return [...seen.values()];
 }
 
+// The hits on a slide as the GeoJSON QuPath imports (drag the file onto the slide): the layout
+// conchdb/search/geojson.py writes for `search --export-geojson` and `/v1/slides/{id}/hits.geojson`,
+// one annotation per tile, a closed level-0 square, classified as a hit or a weak hit.
+export function slideGeojson(slideId) {
+  const features = hitsOnSlide(slideId).filter((t) => t.x != null && t.size != null).map((t) => ({
+    type: "Feature",
+    id: t.id,
+    geometry: { type: "Polygon", coordinates: [[[t.x, t.y], [t.x + t.size, t.y], [t.x + t.size, t.y + t.size],
+      [t.x, t.y + t.size], [t.x, t.y]]] },
+    properties: {
+      objectType: "annotation",
+      name: `#${t.rank} ${Number(t.score).toFixed(3)}`,
+      classification: t.weak ? { name: "conchdb weak hit", color: [150, 150, 150] }
+        : { name: "conchdb hit", color: [230, 97, 0] },
+      isLocked: false,
+      measurements: { score: Number(t.score), rank: t.rank },
+    },
+  }));
+  return { type: "FeatureCollection", features };
+}
+
+function downloadGeojson() {
+  const slide = state.viewerSlide;
+  if (!slide) return;
+  const text = JSON.stringify(slideGeojson(slide));
+  const url = URL.createObjectURL(new Blob([text], { type: "application/geo+json" }));
+  const name = `${String(slide).split("/").pop()}.geojson`;
+  const link = element("a", { href: url, download: name });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
 // -- opening and closing ------------------------------------------------------------------------
 
 async function tileSource(slideId) {
@@ -397,6 +431,7 @@ export function wireViewer() {
     if ($("draw-region").getAttribute("aria-pressed") === "true") stopDrawing(); else startDrawing();
   });
   $("search-visible").addEventListener("click", searchVisible);
+  $("export-geojson").addEventListener("click", downloadGeojson);
   $("heatmap-toggle").addEventListener("change", (event) => toggleHeatmap(event.target.checked));
   $("heatmap-opacity").addEventListener("input", (event) => {
     const value = Number(event.target.value);
