@@ -113,6 +113,8 @@ def test_fields_offer_stored_values_with_counts_and_ranges(client):
     assert (fields["age"]["min"], fields["age"]["max"]) == (47.0, 70.25)
     assert fields["grade"]["values"] and (fields["grade"]["min"], fields["grade"]["max"]) == (1, 3)
     assert fields["x"]["source"] == "conchdb" and fields["path"]["values"] is None
+    # Declared for every tiles collection but held by none of these tiles: not offered.
+    assert "dicom_patient_id" not in fields and "annotation" not in fields
 
 
 def test_validation_errors_in_words_for_bodies_and_query_parameters(client):
