@@ -5,9 +5,10 @@ slide records carry the field, of slides) holding each: the store's facet counts
 payload indexes, exact. Numeric fields get the range of their values among the slide
 records (manifest columns are per slide); a field the store holds no index for gets no
 values, and the form falls back to a free entry. A field that is declared but that no point
-holds (the DICOM fields of a cohort of files, `annotation` before any were added) is left out. `source` tells the slide's own metadata
-(`metadata`, the manifest's columns) from conchdb's bookkeeping (`conchdb`), so that a page
-can show the first to a pathologist and keep the second behind a "details" toggle.
+holds (the DICOM fields of a cohort of files, `annotation` before any were added) is left
+out. `source` tells the slide's own metadata (`metadata`, the manifest's columns) from
+conchdb's bookkeeping (`conchdb`), so that a page can show the first to a pathologist and
+keep the second behind a "details" toggle.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def field_summaries(store: Any, collection: str, types: dict[str, str]) -> list[
                 numbers = [float(v["value"]) for v in entry["values"]]
             if numbers:
                 entry["min"], entry["max"] = min(numbers), max(numbers)
-        if entry["values"] == [] and entry["min"] is None:
+        held = bool(entry["values"]) or entry["min"] is not None or any(name in r.payload for r in records)
+        if entry["values"] == [] and entry["min"] is None or (entry["source"] == "metadata" and not held):
             continue  # declared but held by no point (DICOM fields of a cohort of files, say): nothing to offer
         out.append(entry)
     return out
