@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +137,15 @@ def unpack_vectors(text: str, dim: int) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=np.float32).reshape(-1, dim)
 
 
-class _Event:
+class _Event(ABC):
     """What every event shares: the id of the task that sent it, its wire form."""
 
     KIND: ClassVar[str]
     task: str
 
+    @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The event as JSON-ready data, its `kind` included."""
 
     def encode(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
