@@ -267,6 +267,7 @@ class Ingest:
         self.run_id = self.slide_writer.run_id
         self.timings: dict[str, float] = {}
         self._feed: DeviceFeed | None = None
+        self._frame: RunFrame | None = None
 
     @property
     def feed(self) -> DeviceFeed:
@@ -332,8 +333,9 @@ class Ingest:
         return summary
 
     def frame(self, summary: IngestSummary) -> RunFrame:
-        """This run's skeleton (see `conchdb.archive.run`)."""
-        return RunFrame(self.store, self.collection, summary, self.progress)
+        """This run's skeleton (see `conchdb.archive.run`); `emit` reports through it."""
+        self._frame = RunFrame(self.store, self.collection, summary, self.progress)
+        return self._frame
 
     def pending(self, summary: IngestSummary) -> list[tuple[CohortSlide, dict[str, Any] | None]]:
         """The slides still to do, with their records, after bringing the stored slides up to
@@ -386,7 +388,10 @@ class Ingest:
         return open_tile_source(job, plan.grid, self.encoder)
 
     def emit(self, summary: IngestSummary, outcome: SlideOutcome) -> None:
-        RunFrame(self.store, self.collection, summary, self.progress).emit(outcome)
+        if self._frame is None or self._frame.summary is not summary:
+            self.frame(summary)
+        assert self._frame is not None
+        self._frame.emit(outcome)
 
 
 def ingest(
