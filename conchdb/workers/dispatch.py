@@ -90,6 +90,14 @@ class RemoteModel:
         return dict(self.description)
 
 
+def recorded_model(store: Store, collection: str) -> RemoteModel | None:
+    """The model a collection records having been built by (None: no such collection yet)."""
+    meta = store.collection_metadata(collection)
+    if not meta or "model_fingerprint" not in meta or "embed_dim" not in meta:
+        return None
+    return RemoteModel({k: v for k, v in meta.items() if k != "payload_schema"})
+
+
 def workers_model(client: redis.Redis, queue: str, wait_s: float, url: str,
                   lost_s: float = WORKER_LOST_S) -> RemoteModel:
     """The one model every worker on `queue` holds; waits up to `wait_s` for a first worker."""
@@ -145,8 +153,18 @@ class BrokerIngest:
     ):
         self.opts = broker_options
         self.client = broker.connect(broker_options.broker_url)  # unreachable: fails now, naming the URL
-        model = workers_model(self.client, broker_options.queue, broker_options.worker_wait_s,
-                              broker_options.broker_url, broker_options.lost_s)
+        # A rerun that only relabels, moves or finds slides missing needs no worker: the model the
+        # collection records stands in until a slide is to be embedded (then workers are awaited).
+        recorded = recorded_model(store, collection)
+        try:
+            model = workers_model(self.client, broker_options.queue,
+                                  0.0 if recorded is not None else broker_options.worker_wait_s,
+                                  broker_options.broker_url, broker_options.lost_s)
+            self._workers_checked = True
+        except broker.BrokerError:
+            if recorded is None:
+                raise
+            model, self._workers_checked = recorded, False
         self.ingest = Ingest(cohort, manifest, model, store, collection, options, progress)  # type: ignore[arg-type]
         self.progress = self.ingest.progress
         self.app = make_app(broker_options.broker_url, broker_options.queue, broker_options.visibility_timeout)
@@ -156,6 +174,21 @@ class BrokerIngest:
         self._alive_at = 0.0
         self._watched_at = 0.0
         self._running_said: tuple[tuple[str, str], ...] | None = None
+
+    def _await_workers(self) -> None:
+        """Before the first slide is sent by a run that started without a worker online: wait
+        for one, and refuse workers whose model is not the one the collection records."""
+        if self._workers_checked:
+            return
+        opts = self.opts
+        online = workers_model(self.client, opts.queue, opts.worker_wait_s, opts.broker_url, opts.lost_s)
+        if online.fingerprint != self.ingest.encoder.fingerprint:
+            raise broker.BrokerError(
+                f"the workers on queue {opts.queue!r} hold model {online.fingerprint}, but collection "
+                f"'{self.ingest.collection}' was built by {self.ingest.encoder.fingerprint}",
+                fix="give the workers the weights the collection was built with, or ingest into another collection",
+            )
+        self._workers_checked = True
 
     # -- broker plumbing -----------------------------------------------------------------
 
@@ -206,7 +239,10 @@ class BrokerIngest:
         with frame.running(len(ingest.cohort.slides), writer=self.opts.qdrant_url is None) as writer:
             try:
                 self._keep_alive(force=True)
-                for slide, record in ingest.pending(summary):
+                pending = ingest.pending(summary)
+                if pending:
+                    self._await_workers()
+                for slide, record in pending:
                     task = _Task(ingest.job(slide), record.get("status") if record else None, uuid.uuid4().hex)
                     tasks[task.task_id] = task
                     self._send(task)

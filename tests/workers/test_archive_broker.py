@@ -7,12 +7,15 @@ import shutil
 import textwrap
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from conchdb.ingest.cohort import discover
 from conchdb.ingest.manifest import read_manifest
 from conchdb.ingest.pipeline import IngestOptions
 from conchdb.store import Condition, Filter
 from conchdb.store.edge import EdgeStore
+from conchdb.workers.broker import BrokerError
 from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
 from tests.workers.conftest import BATCH
 
@@ -20,11 +23,11 @@ COLLECTION = "conch_tiles"
 OPTIONS = IngestOptions(batch_size=BATCH, readers=1)
 
 
-def _rerun(root, store_path, url) -> dict:
+def _rerun(root, store_path, url, **opts) -> dict:
     found = discover(root)
     store = EdgeStore(store_path)
     try:
-        run = BrokerIngest(found, read_manifest(None, found), store, COLLECTION, OPTIONS, BrokerOptions(url))
+        run = BrokerIngest(found, read_manifest(None, found), store, COLLECTION, OPTIONS, BrokerOptions(url, **opts))
         return run.run().to_dict()
     finally:
         store.close()
@@ -55,7 +58,8 @@ def test_relabel_move_and_missing_through_the_broker(redis_server, workers, coho
     (root / "sub").mkdir()
     (root / "cmu_small_region.svs").rename(root / "sub" / "cmu_small_region.svs")
     (root / "boxes.png").unlink()
-    again = _rerun(root, store, redis_server.url)
+    # No worker serves this queue: a rerun with nothing to embed needs none.
+    again = _rerun(root, store, redis_server.url, queue="nobody-here", worker_wait_s=1.0)
     assert again["tiles_written"] == 0 and again["ingested"] == 0
     assert [(m["from"], m["to"]) for m in again["moved"]] == [("cmu_small_region.svs", "sub/cmu_small_region.svs")]
     assert again["relabelled"] == ["sub/cmu_small_region.svs"]
@@ -72,3 +76,8 @@ def test_relabel_move_and_missing_through_the_broker(redis_server, workers, coho
         assert opened.count(COLLECTION, Filter((Condition("grade", "eq", 2),))) == 0
     finally:
         opened.close()
+    # A slide to embed and still no worker: the wait ends in the broker's error, nothing written.
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(root / "new.png")
+    with pytest.raises(BrokerError, match="no worker is online on queue 'nobody-here'"):
+        _rerun(root, store, redis_server.url, queue="nobody-here", worker_wait_s=1.0)
+    assert _points(store).keys() == after.keys()
