@@ -28,6 +28,10 @@ from tests.model.conftest import make_tiny_model
 COLLECTION = "conch_tiles"
 runner = CliRunner()
 
+FAIL_FAST_S = 30
+"""A refused, down or silent server must end the run within seconds, not after retries or the OS's
+connect timeout (minutes); the bound is loose so that a loaded CI machine does not fail it."""
+
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
@@ -98,7 +102,7 @@ def test_wrong_credentials_and_a_server_down_are_clear_errors_and_write_nothing(
         env = {"CONCHDB_DICOMWEB_USER": "alice", "CONCHDB_DICOMWEB_PASSWORD": "wrong-password"}
         started = time.monotonic()
         result = runner.invoke(app, args, env=env)
-        assert result.exit_code == 2 and time.monotonic() - started < 10
+        assert result.exit_code == 2 and time.monotonic() - started < FAIL_FAST_S
         assert server.dicomweb in result.output and "HTTP 401" in result.output
         assert "CONCHDB_DICOMWEB_PASSWORD" in result.output and "wrong-password" not in result.output
         assert "Traceback" not in result.output and not (tmp_path / "store").exists()
@@ -108,7 +112,7 @@ def test_wrong_credentials_and_a_server_down_are_clear_errors_and_write_nothing(
         server.stop()
     started = time.monotonic()
     result = runner.invoke(app, args, env=env)
-    assert result.exit_code == 2 and time.monotonic() - started < 10
+    assert result.exit_code == 2 and time.monotonic() - started < FAIL_FAST_S
     assert "cannot connect to the DICOMweb server" in result.output and server.dicomweb in result.output
     assert not (tmp_path / "store").exists()
 
@@ -226,6 +230,6 @@ def test_a_server_that_does_not_answer_times_out_naming_the_url(tmp_path, tiny_c
         started = time.monotonic()
         result = runner.invoke(app, ["ingest", f"dicomweb+{url}", "--store", str(tmp_path / "store"),
                                      "--checkpoint", str(tiny_ckpt)], env={"CONCHDB_DICOMWEB_TIMEOUT": "1"})
-        assert result.exit_code == 2 and time.monotonic() - started < 8
+        assert result.exit_code == 2 and time.monotonic() - started < FAIL_FAST_S
     assert f"{url}/series: the DICOMweb server did not answer within 1 s" in result.output
     assert "CONCHDB_DICOMWEB_TIMEOUT" in result.output and not (tmp_path / "store").exists()
