@@ -235,7 +235,7 @@ def tiles_layout(columns: Mapping[str, str]) -> Layout:
     extra = column_fields(columns)
     graphs = (*TILE_GRAPH_FIELDS, *(name for name, kind in extra.items() if kind in GRAPH_TYPES))
     fields = {**TILE_FIELDS, **DICOM_FIELDS, ANNOTATION_FIELD: "keyword", **extra}
-    return Layout(fields, graphs, (*TILE_INDEXED, ANNOTATION_FIELD, *extra), TILE_LOAD_INDEXED)
+    return Layout(fields, graphs, None, TILE_LOAD_INDEXED)
 
 
 def imported_tiles_layout(columns: Mapping[str, str]) -> Layout:

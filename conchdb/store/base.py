@@ -48,7 +48,8 @@ HNSW_M = 16
 # keeps a few thousand points fell between the two, searched the main graph without links
 # of its own and found 0.86 of its true top 10 (30k points, site = 20%); at 1,000 KB: 0.98,
 # and 0.99 at 200k, for a 5-25% longer index build.
-FULL_SCAN_THRESHOLD_KB = 1_000
+FULL_SCAN_THRESHOLD_KB = 20_000
+ACORN_MAX_SELECTIVITY = 1.0
 HNSW_EF_CONSTRUCT = 100
 HNSW_EF = 192
 OVERSAMPLING = 2.0
@@ -59,7 +60,8 @@ class StoreTuning:
     """How both backends build and search their index: one value, passed as `tuning=`.
 
     `hnsw_m` (links per node) and `hnsw_ef_construct` (build beam) shape the HNSW graph of
-    the collections a store creates; `hnsw_ef` is the search beam of every query (the
+    the collections a store creates, and `full_scan_kb` is where their filtered searches
+    turn exact (FULL_SCAN_THRESHOLD_KB); `hnsw_ef` is the search beam of every query (the
     embedded store widens it to k + offset when a query asks for more). With
     `quantization`, int8 copies of the vectors live in RAM and are searched first, 4x
     cheaper than float32; `rescore` re-ranks the best `oversampling` x k candidates with
@@ -68,6 +70,7 @@ class StoreTuning:
 
     hnsw_m: int = HNSW_M
     hnsw_ef_construct: int = HNSW_EF_CONSTRUCT
+    full_scan_kb: int = FULL_SCAN_THRESHOLD_KB
     hnsw_ef: int = HNSW_EF
     quantization: bool = True
     rescore: bool = True

@@ -31,7 +31,7 @@ from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store import lock
 from conchdb.store.base import (
-    FULL_SCAN_THRESHOLD_KB,
+    ACORN_MAX_SELECTIVITY,
     Store,
     StoreTuning,
     facet_counts,
@@ -138,7 +138,7 @@ class EdgeStore(Store):
         self._hnsw = qe.HnswIndexConfig(
             m=tuning.hnsw_m,
             ef_construct=tuning.hnsw_ef_construct,
-            full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+            full_scan_threshold=tuning.full_scan_kb,
             payload_m=tuning.hnsw_m,
         )
         self._quantization = (
@@ -151,6 +151,7 @@ class EdgeStore(Store):
             if tuning.quantization
             else None
         )
+        self._acorn = qe.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY)
         self._optimizers = qe.EdgeOptimizersConfig(
             indexing_threshold=indexing_threshold_kb, max_segment_size=max_segment_size_kb
         )
@@ -197,9 +198,10 @@ class EdgeStore(Store):
     def _shard(self, name: str) -> qe.EdgeShard:
         shard = self._shards.get(name)
         if shard is None:
-            self._record(name)
+            record = self._record(name)
+            folder = self._dir(name) / "shard"
             try:
-                shard = qe.EdgeShard.load(str(self._dir(name) / "shard"))
+                shard = qe.EdgeShard.load(str(folder), self._upgraded_config(folder, record.dim))
             except Exception as exc:  # the engine raises plain Exceptions
                 raise StoreError(
                     f"qdrant-edge cannot open collection '{name}' in {self.location}: {exc}",
@@ -208,6 +210,24 @@ class EdgeStore(Store):
             self._shards[name] = shard
             self._complete_pending(name, shard)
         return shard
+
+    def _upgraded_config(self, folder: Path, dim: int) -> qe.EdgeConfig | None:
+        """The config to open an older shard with, or None to open it as it is.
+
+        Older collections searched a filter that keeps more than 500 points in the graph
+        (a full-scan threshold of 1,000 KB), which misses hits when those points lie in one
+        region (see FULL_SCAN_THRESHOLD_KB). Opening such a shard with the new threshold
+        records it on disk, and the next `finish_bulk_load` (the end of any ingest) rebuilds
+        its index with it; until then ACORN, a search-time setting, keeps the recall up.
+        The other index settings are this store's, which are the ones conchdb has always
+        created collections with; quantization stays as the shard has it."""
+        try:
+            config = json.loads((folder / "edge_config.json").read_text())
+        except (OSError, ValueError):
+            return None  # the engine's own load will say what is wrong
+        if int((config.get("hnsw_config") or {}).get("full_scan_threshold") or 0) >= self.tuning.full_scan_kb:
+            return None
+        return self._config(dim, quantized=bool(config.get("quantization_config")))
 
     def _complete_pending(self, name: str, shard: qe.EdgeShard) -> None:
         """Finish an upsert with `shared` cut between its two writes (by an error, or by a
@@ -245,11 +265,11 @@ class EdgeStore(Store):
             fd = self._notes[name] = os.open(self._dir(name) / PENDING_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         return fd
 
-    def _config(self, dim: int) -> qe.EdgeConfig:
+    def _config(self, dim: int, quantized: bool = True) -> qe.EdgeConfig:
         return qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
             hnsw_config=self._hnsw,
-            quantization_config=self._quantization,
+            quantization_config=self._quantization if quantized else None,
             optimizers=self._optimizers,
             max_search_threads=self._max_search_threads,
         )
@@ -393,7 +413,8 @@ class EdgeStore(Store):
             with_payload=True,
             with_vector=with_vectors,
             params=qe.SearchParams(
-                hnsw_ef=max(self.tuning.hnsw_ef, int(k) + int(offset)), quantization=self._quantized_search
+                hnsw_ef=max(self.tuning.hnsw_ef, int(k) + int(offset)), quantization=self._quantized_search,
+                acorn=self._acorn,
             ),
         )
         return [to_hit(p, with_vectors) for p in self._shard(name).query(request)]
@@ -429,7 +450,9 @@ class EdgeStore(Store):
         if k <= 0 or not plan.vectors:
             return [[] for _ in plan.vectors]
         selector = True if plan.payload_fields is None else qe.PayloadSelector.Include(plan.payload_fields)
-        params = qe.SearchParams(hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search)
+        params = qe.SearchParams(
+            hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search, acorn=self._acorn
+        )
         nearest: dict[int, Any] = {}  # a vector asked several times (`rows`) is converted once
         requests = [
             qe.QueryRequest(

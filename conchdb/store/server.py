@@ -21,7 +21,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store.base import (
-    FULL_SCAN_THRESHOLD_KB,
+    ACORN_MAX_SELECTIVITY,
     Store,
     StoreTuning,
     facet_counts,
@@ -111,6 +111,7 @@ class ServerStore(Store):
         self.shard_number, self.replication_factor = shard_number, replication_factor
         self._params = models.SearchParams(
             hnsw_ef=tuning.hnsw_ef,
+            acorn=models.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY),
             quantization=models.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
             if tuning.quantization
             else None,
@@ -191,7 +192,7 @@ class ServerStore(Store):
                 spec.name,
                 vectors_config=models.VectorParams(size=spec.dim, distance=models.Distance.COSINE),
                 hnsw_config=models.HnswConfigDiff(
-                    m=0, ef_construct=self.tuning.hnsw_ef_construct, full_scan_threshold=FULL_SCAN_THRESHOLD_KB
+                    m=0, ef_construct=self.tuning.hnsw_ef_construct, full_scan_threshold=self.tuning.full_scan_kb
                 ),
                 quantization_config=quantization,
                 shard_number=self.shard_number,
@@ -275,7 +276,7 @@ class ServerStore(Store):
         hnsw = models.HnswConfigDiff(
             m=self.tuning.hnsw_m,
             ef_construct=self.tuning.hnsw_ef_construct,
-            full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+            full_scan_threshold=self.tuning.full_scan_kb,
         )
         self._call(name, self.client.update_collection, name, hnsw_config=hnsw)
 

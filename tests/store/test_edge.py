@@ -290,3 +290,30 @@ def test_a_record_of_format_1_reads_every_field_as_indexed(tmp_path):
         assert store.collection_metadata("tiles")["payload_schema"] == spec("tiles").fields
         store.ensure_collection(spec("tiles"))  # nothing new to index
     assert json.loads(file.read_text())["format"] == 1
+
+
+def test_an_older_collection_gets_the_new_full_scan_threshold_and_its_next_build_uses_it(tmp_path):
+    """A shard made with a lower threshold (older conchdb: 1,000 KB) is opened with the store's
+    threshold, recorded in its config; the next finish_bulk_load rebuilds its segments with it."""
+    data = make_data(n=1500, seed=5)
+    shard = tmp_path / "s" / "collections" / "tiles" / "shard"
+
+    def thresholds() -> set[int]:
+        files = shard.glob("segments/*/segment.json")
+        options = [json.loads(f.read_text())["config"]["vector_data"][""]["index"] for f in files]
+        return {o["options"]["full_scan_threshold"] for o in options if o["type"] == "hnsw"}
+
+    with EdgeStore(tmp_path / "s", tuning=StoreTuning(full_scan_kb=2), indexing_threshold_kb=64) as store:
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", data.points())
+        store.finish_bulk_load("tiles")
+    assert thresholds() == {2}
+    with EdgeStore(tmp_path / "s", indexing_threshold_kb=64) as store:
+        before = [h.id for h in store.query("tiles", data.vectors[3], k=5)]
+        config = json.loads((shard / "edge_config.json").read_text())
+        assert config["hnsw_config"]["full_scan_threshold"] == StoreTuning().full_scan_kb
+        assert config["quantization_config"]  # kept as it was
+        store.finish_bulk_load("tiles")
+        assert thresholds() == {StoreTuning().full_scan_kb}
+        assert [h.id for h in store.query("tiles", data.vectors[3], k=5)] == before
+        assert store.count("tiles") == 1500
