@@ -1,5 +1,6 @@
 # The conchdb image: a CUDA runtime, Python, and conchdb with its dependencies.
-# docker-compose.yml runs it as one worker per GPU; `conchdb ingest` runs from it as well.
+# docker-compose.yml runs it as the GPU workers (docker/gpu-workers.sh: one `conchdb worker` per
+# GPU), as the API (`conchdb serve`), and for `conchdb ingest`.
 # PyTorch's Linux wheels carry their own CUDA libraries; the base image gives the
 # container what the NVIDIA runtime needs to expose the host driver.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -22,6 +23,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY conchdb ./conchdb
 RUN pip install .
+COPY docker/gpu-workers.sh /usr/local/bin/conchdb-gpu-workers
 
 RUN useradd --create-home --uid 1000 conchdb && mkdir -p /data/conchdb && chown conchdb /data/conchdb
 USER conchdb
