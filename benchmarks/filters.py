@@ -232,49 +232,38 @@ def shapes(archive: Archive) -> list[Shape]:
     ]
 
 
-def exact_top(vectors: np.ndarray, queries: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """Each query's exact top-K indices among the masked rows (fewer when fewer match)."""
+def truth(scores: np.ndarray, mask: np.ndarray, ids: np.ndarray) -> list[set[str]]:
+    """For each query (a column of `scores`), the ids of its exact top K among the masked
+    points, and of every point that ties the K-th (within 1e-5): a store that returns one
+    of those instead has not missed a hit."""
     pool = np.flatnonzero(mask)
-    sub = vectors[pool]
     out = []
-    for q in queries:
-        scores = sub @ q
-        k = min(K, len(pool))
-        top = np.argpartition(-scores, k - 1)[:k] if k else np.array([], dtype=np.int64)
-        out.append(pool[top[np.argsort(-scores[top])]])
+    for column in scores[pool].T:
+        if len(pool) <= K:
+            out.append(set(ids[pool].tolist()))
+            continue
+        bar = np.partition(column, len(pool) - K)[len(pool) - K]
+        out.append(set(ids[pool[column >= bar - 1e-5]].tolist()))
     return out
 
 
-def recall(found: list[list[str]], truth: list[np.ndarray], ids: np.ndarray, scores: list[np.ndarray]) -> float:
-    """Mean recall@K; a found id that ties the K-th true score counts as a true hit (ties aside)."""
-    total = []
-    for got, want, tie in zip(found, truth, scores, strict=True):
-        if len(want) == 0:
-            total.append(1.0 if not got else 0.0)
-            continue
-        want_ids = set(ids[want].tolist())
-        hits = sum(1 for g in got if g in want_ids or (g in tie))
-        total.append(min(hits, len(want)) / len(want))
-    return float(np.mean(total))
+def recall(found: list[list[str]], wanted: list[set[str]], mask: np.ndarray) -> float:
+    """Mean recall@K: the share of the K (or fewer, if fewer match) true hits that were found."""
+    k = min(K, int(mask.sum()))
+    if k == 0:
+        return float(np.mean([not got for got in found]))
+    return float(np.mean([min(k, len(set(got) & want)) / k for got, want in zip(found, wanted, strict=True)]))
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def measure(store: Store, archive: Archive, queries: np.ndarray, shape: Shape, columns: dict) -> dict:
+def measure(store: Store, archive: Archive, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+            shape: Shape, columns: dict) -> dict:
+    """One shape: the store's latency and recall against the exact answer, and exact numpy's latency."""
     mask = shape.mask(columns)
-    ids = np.array([stable_id("bench", i) for i in range(len(archive.slide))])
-    truth = exact_top(archive.vectors, queries, mask)
-    # Ids scoring within 1e-5 of the K-th true score count as ties.
-    ties = []
-    for q, want in zip(queries, truth, strict=True):
-        if len(want) < K:
-            ties.append(set())
-            continue
-        bar = float(archive.vectors[want[-1]] @ q)
-        scores = archive.vectors[mask] @ q
-        ties.append(set(ids[np.flatnonzero(mask)[np.abs(scores - bar) <= 1e-5]].tolist()))
+    wanted = truth(scores, mask, ids)
     for q in queries[:3]:
         store.query(COLLECTION, q, k=K, flt=shape.flt or None)
     store_ms, found = [], []
@@ -286,32 +275,55 @@ def measure(store: Store, archive: Archive, queries: np.ndarray, shape: Shape, c
     exact_ms = []
     for q in queries[:30]:
         t = time.perf_counter()
-        scores = np.where(mask, archive.vectors @ q, -np.inf)
-        np.argpartition(-scores, K - 1)
+        masked = np.where(mask, archive.vectors @ q, -np.inf)
+        np.argpartition(-masked, K - 1)[:K]
         exact_ms.append((time.perf_counter() - t) * 1000)
     p50, p99 = percentiles(store_ms)
     e50, e99 = percentiles(exact_ms)
     return {
-        "shape": shape.name, "kept": float(mask.mean()), "recall_at_10": recall(found, truth, ids, ties),
+        "shape": shape.name, "kept": float(mask.mean()), "recall_at_10": recall(found, wanted, mask),
         "p50_ms": p50, "p99_ms": p99, "exact_p50_ms": e50, "exact_p99_ms": e99,
     }
 
 
-def build(path: Path, archive: Archive, batch: int) -> dict:
+def build(store: Store, archive: Archive, batch: int, indexed: tuple[str, ...] | None = None) -> dict:
+    """Write the archive as ingest does and build the index; `indexed` overrides which fields
+    get a payload index (None: the tiles layout's, every field). Seconds of each step."""
     layout = tiles_layout(COLUMNS)
-    spec = CollectionSpec(COLLECTION, DIM, {"model_fingerprint": "bench"}, **asdict(layout))
-    store = EdgeStore(path)
-    store.ensure_collection(spec)
+    fields = asdict(layout) | ({} if indexed is None else {"indexed": indexed})
+    store.ensure_collection(CollectionSpec(COLLECTION, DIM, {"model_fingerprint": "bench"}, **fields))
     started = time.perf_counter()
     for points, shared in archive.batches(batch):
         store.upsert(COLLECTION, points, shared)
     write_s = time.perf_counter() - started
-    log(f"written in {write_s:.1f} s; building the index")
+    log(f"written {len(archive.slide):,} points in {write_s:.1f} s; building the index")
     started = time.perf_counter()
     store.finish_bulk_load(COLLECTION)
-    build_s = time.perf_counter() - started
-    store.close()
-    return {"write_s": write_s, "build_s": build_s}
+    return {"write_s": write_s, "build_s": time.perf_counter() - started}
+
+
+def index_cost(slides: int, tiles: int, batch: int, folder: Path) -> dict:
+    """Write and build time with every field indexed beside the index set conchdb had before
+    (slide, cohort, mosaic mark, annotation and manifest columns), on the same archive."""
+    archive, _ = make_archive(slides, tiles, 1, seed=1)
+    before = ("slide_id", "cohort", "mosaic", "annotation", *COLUMNS)
+    out = {"points": len(archive.slide)}
+    for label, indexed in (("before", before), ("every_field", None)):
+        with EdgeStore(folder / f"cost-{label}") as store:
+            log(f"index cost: {label}")
+            out[label] = build(store, archive, batch, indexed)
+    return out
+
+
+def open_store(args: argparse.Namespace, folder: Path) -> tuple[Store, bool]:
+    """The store to measure and whether it already holds the archive (--keep, or a server's collection)."""
+    if args.qdrant_url:
+        from conchdb.store.server import ServerStore
+
+        store: Store = ServerStore(args.qdrant_url, api_key=args.qdrant_api_key)
+    else:
+        store = EdgeStore(folder / f"store-{args.slides}x{args.tiles}")
+    return store, COLLECTION in store.collections()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -319,23 +331,28 @@ def run(args: argparse.Namespace) -> dict:
     archive, queries = make_archive(args.slides, args.tiles, args.queries)
     with tempfile.TemporaryDirectory(prefix="conchdb-filters-") as tmp:
         folder = Path(args.keep) if args.keep else Path(tmp)
-        path = folder / f"store-{args.slides}x{args.tiles}"
-        timings = {}
-        if not (path / "collections" / COLLECTION).is_dir():
-            log(f"writing the embedded store in {path}")
-            timings = build(path, archive, args.batch)
+        store, built = open_store(args, folder)
+        timings = {} if built else build(store, archive, args.batch)
+        if not built and args.qdrant_url:
+            log("waiting for the server's index")
+            while store.client.get_collection(COLLECTION).status != "green":  # type: ignore[attr-defined]
+                time.sleep(1)
         columns = archive.columns()
-        store = EdgeStore(path)
+        ids = np.array([stable_id("bench", i) for i in range(len(archive.slide))])
+        scores = archive.vectors @ queries.T
         rows = []
         for shape in shapes(archive):
             if args.only and args.only not in shape.name:
                 continue
-            rows.append(measure(store, archive, queries, shape, columns))
+            rows.append(measure(store, archive, queries, scores, ids, shape, columns))
             r = rows[-1]
             log(f"{r['shape']}: kept {r['kept']:.4%} recall {r['recall_at_10']:.3f} "
                 f"p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} (exact numpy p50 {r['exact_p50_ms']:.2f})")
         store.close()
-    return {"points": len(archive.slide), "queries": len(queries), **timings, "shapes": rows}
+        cost = index_cost(args.cost_slides, args.tiles, args.batch, Path(tmp)) if args.cost_slides else None
+    backend = f"Qdrant server {args.qdrant_url}" if args.qdrant_url else "embedded store"
+    return {"points": len(archive.slide), "queries": len(queries), "backend": backend, **timings, "shapes": rows,
+            "index_cost": cost}
 
 
 def table(out: dict) -> str:
@@ -346,8 +363,15 @@ def table(out: dict) -> str:
         for r in out["shapes"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"filtered search: {out['points']:,} points, {out['queries']} queries, k={K}, embedded store"]
+    lines = [f"filtered search: {out['points']:,} points, {out['queries']} queries, k={K}, {out['backend']}"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    cost = out.get("index_cost")
+    if cost:
+        b, e = cost["before"], cost["every_field"]
+        lines += [
+            f"index cost on {cost['points']:,} points (write / index build, s): every field indexed "
+            f"{e['write_s']:.1f} / {e['build_s']:.1f}, the earlier index set {b['write_s']:.1f} / {b['build_s']:.1f}"
+        ]
     return "\n".join(lines)
 
 
@@ -359,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--keep", default=None, help="keep the built store in this folder, and reuse it")
     parser.add_argument("--only", default=None, help="only the shapes whose name contains this")
+    parser.add_argument("--cost-slides", type=int, default=100,
+                        help="slides of the archive that the index cost is measured on (0: skip it)")
+    parser.add_argument("--qdrant-url", default=None, help="measure a Qdrant server instead of the embedded store")
+    parser.add_argument("--qdrant-api-key", default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     out = run(args)

@@ -56,6 +56,7 @@ KEYS = (
     "filtered_recall_at_10",
     "exact_p50_ms",
     "local_mode_filtered_p50_ms",
+    "rounds",
 )
 PATTERNS_PER_SLIDE = 100  # of 1,000: tissue kinds recur across slides, whatever the site
 
@@ -221,18 +222,26 @@ def run(args: argparse.Namespace) -> dict:
         result["build_s"] = time.perf_counter() - started
         log(f"embedded store: index built in {result['build_s']:.1f} s; exact ground truth")
         truth, truth_f = exact_top(data.vectors, queries, None), exact_top(data.vectors, queries, mask)
-        log("embedded store: queries")
-        plain_ms, plain = timed(lambda q: edge.query("bench", q, k=K), queries)
-        filt_ms, filt = timed(lambda q: edge.query("bench", q, k=K, flt=FILTER), queries)
-        result.update(
-            p50_ms=float(np.percentile(plain_ms, 50)),
-            p99_ms=float(np.percentile(plain_ms, 99)),
-            filtered_p50_ms=float(np.percentile(filt_ms, 50)),
-            filtered_p99_ms=float(np.percentile(filt_ms, 99)),
-            recall_at_10=recall(plain, truth, ids),
-            filtered_recall_at_10=recall(filt, truth_f, ids),
-        )
         edge.close()
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            # Each round opens the store as a new process would (conchdb serve, a search).
+            log(f"embedded store: queries, round {number} of {args.rounds}")
+            with EdgeStore(Path(tmp) / "edge", tuning=StoreTuning(**options)) as edge:
+                plain_ms, plain = timed(lambda q, e=edge: e.query("bench", q, k=K), queries)
+                filt_ms, filt = timed(lambda q, e=edge: e.query("bench", q, k=K, flt=FILTER), queries)
+            rounds.append({
+                "p50_ms": float(np.percentile(plain_ms, 50)),
+                "p99_ms": float(np.percentile(plain_ms, 99)),
+                "filtered_p50_ms": float(np.percentile(filt_ms, 50)),
+                "filtered_p99_ms": float(np.percentile(filt_ms, 99)),
+                "recall_at_10": recall(plain, truth, ids),
+                "filtered_recall_at_10": recall(filt, truth_f, ids),
+            })
+        # The figures of the table are the worst round's: a tail that shows in one round of three counts.
+        result.update({key: max(r[key] for r in rounds) for key in rounds[0] if key.endswith("_ms")})
+        result.update({key: min(r[key] for r in rounds) for key in rounds[0] if "recall" in key})
+        result["rounds"] = rounds
         log(
             f"embedded store: p50 {result['p50_ms']:.2f} ms, filtered p50 {result['filtered_p50_ms']:.2f} ms, "
             f"recall@10 {result['recall_at_10']:.3f}, filtered {result['filtered_recall_at_10']:.3f}"
@@ -277,6 +286,10 @@ def table(result: dict, extra: dict) -> str:
         ("recall@10", f"{r['recall_at_10']:.4f}", "1 (exact)", "1"),
         ("filtered recall@10", f"{r['filtered_recall_at_10']:.4f}", "1 (exact)", "1"),
     ]
+    rows += [
+        (f"  round {i}: p99 / filtered p99 ms", f"{one['p99_ms']:.2f} / {one['filtered_p99_ms']:.2f}", "-", "-")
+        for i, one in enumerate(r["rounds"], 1)
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         f"conchdb store benchmark: {r['n']:,} x {DIM}-d unit vectors, upserts of {extra['batch']}, "
@@ -292,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200, help="number of queries (default 200)")
     parser.add_argument("--batch", type=int, default=256, help="points per upsert (default 256)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="query rounds, each on the store opened anew (default 3); each round's p99 is shown")
     parser.add_argument("--m", type=int, default=None, help="HNSW m (default: the store's)")
     parser.add_argument("--ef-construct", type=int, default=None, help="HNSW ef_construct (default: the store's)")
     parser.add_argument("--ef", type=int, default=None, help="HNSW search ef (default: the store's)")

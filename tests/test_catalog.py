@@ -48,7 +48,7 @@ def test_a_status_reads_and_writes_as_its_string():
 def test_field_lists_are_typed_and_consistent():
     for fields in (TILE_FIELDS, SLIDE_FIELDS, TEXT_FIELDS):
         assert set(fields.values()) <= set(FIELD_TYPES)
-    assert set(TILE_LOAD_INDEXED) <= set(TILE_INDEXED) <= set(TILE_FIELDS)
+    assert set(TILE_LOAD_INDEXED) <= set(TILE_INDEXED) == set(TILE_FIELDS)
     assert set(TILE_GRAPH_FIELDS) <= set(TILE_INDEXED)
     assert set(SLIDE_INDEXED) <= set(SLIDE_FIELDS) and set(TEXT_INDEXED) <= set(TEXT_FIELDS)
     assert set(catalog.TILE_SCOPE_FIELDS) <= set(TILE_FIELDS) & set(SLIDE_FIELDS)
@@ -73,17 +73,17 @@ def test_tiles_layout_indexes_the_manifest_and_graphs_its_categories():
     dicom = catalog.DICOM_FIELDS
     assert layout.fields == {**TILE_FIELDS, **dicom, **annotation, "diagnosis": "keyword", "grade": "integer",
                              "age": "float", "her2": "bool"}
-    assert layout.indexed == (*TILE_INDEXED, ANNOTATION_FIELD, "diagnosis", "grade", "age", "her2")
+    assert layout.indexed is None  # every field: a filter on any of them is counted and planned by its index
     assert layout.graph_fields == (*TILE_GRAPH_FIELDS, "diagnosis", "her2")
     assert layout.load_indexed == TILE_LOAD_INDEXED
     empty = tiles_layout({})
-    assert empty.fields == {**TILE_FIELDS, **dicom, **annotation} and empty.indexed == (*TILE_INDEXED, ANNOTATION_FIELD)
+    assert empty.fields == {**TILE_FIELDS, **dicom, **annotation} and empty.indexed is None
 
 
-def test_dicom_attributes_are_declared_typed_reserved_and_indexed_on_records_only():
+def test_dicom_attributes_are_declared_typed_reserved_and_indexed():
     dicom = catalog.DICOM_FIELDS
     assert all(name.startswith("dicom_") and kind == "keyword" for name, kind in dicom.items())
-    assert set(dicom) <= catalog.RESERVED_FIELDS and not set(dicom) & set(tiles_layout({}).indexed)
+    assert set(dicom) <= catalog.RESERVED_FIELDS and set(dicom) <= set(tiles_layout({}).fields)
     assert set(dicom) <= set(slides_layout({}).fields) and slides_layout({}).indexed is None
 
 
@@ -105,10 +105,10 @@ def test_catalog_and_tabular_sit_at_the_bottom():
     assert loaded.strip() == "['conchdb', 'conchdb.catalog', 'conchdb.errors', 'conchdb.tabular']"
 
 
-def test_imported_tiles_declare_the_import_fields_without_indexing_them():
+def test_imported_tiles_declare_and_index_the_import_fields():
     layout = catalog.imported_tiles_layout(COLUMNS)
     assert layout.fields == {**tiles_layout(COLUMNS).fields, **catalog.IMPORT_TILE_FIELDS}
-    assert layout.indexed == tiles_layout(COLUMNS).indexed
+    assert layout.indexed is None
     for fields in (catalog.IMPORT_TILE_FIELDS, catalog.IMPORT_RECORD_FIELDS):
         assert set(fields.values()) <= set(FIELD_TYPES) and not set(fields) & set(TILE_FIELDS)
     assert set(catalog.IMPORT_TILE_FIELDS) <= set(catalog.IMPORT_RECORD_FIELDS)

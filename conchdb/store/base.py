@@ -38,20 +38,28 @@ from conchdb.store.record import (
 )
 from conchdb.store.types import CollectionSpec, Filter, Group, Hit, Point
 
-# Index and search defaults of both backends, chosen with benchmarks/store.py on 200k
-# slide-like points, 2 cores: hnsw_ef=192 gave recall@10 1.0 plain and 0.98 with a 20%
-# filter at p50 3.5 / 5 ms; 128 gave 0.97 filtered, too little margin for 1M points.
+# Index and search defaults of both backends. Filtered search must find the exact top 10
+# whatever the filter keeps, also when the points it keeps lie in one region of the space
+# (a tissue range, a diagnosis): measured with benchmarks/filters.py, 200k points, 2 cores.
 HNSW_M = 16
-# The engine gives each value of a graph field (one slide, one site) HNSW links of its own
-# when the value holds vectors worth more than this many KB (500 of 512-d float32), and
-# searches smaller filtered sets exhaustively. At Qdrant's default, 10,000 KB, a filter that
-# keeps a few thousand points fell between the two, searched the main graph without links
-# of its own and found 0.86 of its true top 10 (30k points, site = 20%); at 1,000 KB: 0.98,
-# and 0.99 at 200k, for a 5-25% longer index build.
-FULL_SCAN_THRESHOLD_KB = 20_000
-ACORN_MAX_SELECTIVITY = 1.0
 HNSW_EF_CONSTRUCT = 100
+# The engine counts (from the payload indexes) an upper bound of the points a filter keeps
+# in each segment and searches them exactly when they hold fewer vectors than this many KB:
+# 10,000 of 512-d float32, about 2 ms. Each value of a graph field (one site, one slide)
+# that holds more gets HNSW links of its own. At 1,000 KB (500 points), a filter keeping a
+# few thousand correlated points walked the graph: tissue>=0.95 found 0.49 of its top 10,
+# mosaic=true none at all.
+FULL_SCAN_THRESHOLD_KB = 20_000
+# A larger filtered set is searched in the graph with ACORN: where a node's neighbours fail
+# the filter, their neighbours are tried, so the walk crosses regions the filter empties
+# (site!=breast & x>=8192 & tissue>=0.8: 0.76 without, 0.999 with). Always on (1.0): the
+# engine's selectivity is an estimate, wrong in just the correlated cases ACORN is for.
+ACORN_MAX_SELECTIVITY = 1.0
+# Search beams: 192 gives recall@10 0.998 unfiltered; filtered searches need a wider one to
+# stay above 0.99 (site=breast, 22% of the points, correlated: 0.978 at 192, 0.991 at 384,
+# 0.996 at 512, for 0.4 ms more).
 HNSW_EF = 192
+HNSW_EF_FILTERED = 512
 OVERSAMPLING = 2.0
 
 
@@ -61,8 +69,9 @@ class StoreTuning:
 
     `hnsw_m` (links per node) and `hnsw_ef_construct` (build beam) shape the HNSW graph of
     the collections a store creates, and `full_scan_kb` is where their filtered searches
-    turn exact (FULL_SCAN_THRESHOLD_KB); `hnsw_ef` is the search beam of every query (the
-    embedded store widens it to k + offset when a query asks for more). With
+    turn exact (FULL_SCAN_THRESHOLD_KB); `hnsw_ef` is the search beam of every query
+    without a filter and `hnsw_ef_filtered` of those with one (both widened to k + offset
+    when a query asks for more). With
     `quantization`, int8 copies of the vectors live in RAM and are searched first, 4x
     cheaper than float32; `rescore` re-ranks the best `oversampling` x k candidates with
     the original vectors, so scores stay exact cosines.
@@ -72,9 +81,14 @@ class StoreTuning:
     hnsw_ef_construct: int = HNSW_EF_CONSTRUCT
     full_scan_kb: int = FULL_SCAN_THRESHOLD_KB
     hnsw_ef: int = HNSW_EF
+    hnsw_ef_filtered: int = HNSW_EF_FILTERED
     quantization: bool = True
     rescore: bool = True
     oversampling: float = OVERSAMPLING
+
+    def beam(self, filtered: bool, wanted: int) -> int:
+        """The search beam of a query for `wanted` hits (k + offset), with or without a filter."""
+        return max(self.hnsw_ef_filtered if filtered else self.hnsw_ef, int(wanted))
 
 
 def point_ids(ids: Sequence[str]) -> list[str]:

@@ -413,7 +413,8 @@ class EdgeStore(Store):
             with_payload=True,
             with_vector=with_vectors,
             params=qe.SearchParams(
-                hnsw_ef=max(self.tuning.hnsw_ef, int(k) + int(offset)), quantization=self._quantized_search,
+                hnsw_ef=self.tuning.beam(bool(flt), int(k) + int(offset)),
+                quantization=self._quantized_search,
                 acorn=self._acorn,
             ),
         )
@@ -450,9 +451,12 @@ class EdgeStore(Store):
         if k <= 0 or not plan.vectors:
             return [[] for _ in plan.vectors]
         selector = True if plan.payload_fields is None else qe.PayloadSelector.Include(plan.payload_fields)
-        params = qe.SearchParams(
-            hnsw_ef=max(self.tuning.hnsw_ef, int(k)), quantization=self._quantized_search, acorn=self._acorn
-        )
+        params = {
+            filtered: qe.SearchParams(
+                hnsw_ef=self.tuning.beam(filtered, k), quantization=self._quantized_search, acorn=self._acorn
+            )
+            for filtered in (False, True)
+        }
         nearest: dict[int, Any] = {}  # a vector asked several times (`rows`) is converted once
         requests = [
             qe.QueryRequest(
@@ -461,7 +465,7 @@ class EdgeStore(Store):
                 filter=native,
                 with_payload=selector,
                 with_vector=False,
-                params=params,
+                params=params[native is not None],
             )
             for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]

@@ -109,13 +109,17 @@ class ServerStore(Store):
         # A cluster spreads a new collection over `shard_number` shards, each kept on
         # `replication_factor` nodes; None leaves the server's defaults (one node: 1 and 1).
         self.shard_number, self.replication_factor = shard_number, replication_factor
-        self._params = models.SearchParams(
-            hnsw_ef=tuning.hnsw_ef,
-            acorn=models.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY),
-            quantization=models.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
+        quantized = (
+            models.QuantizationSearchParams(rescore=tuning.rescore, oversampling=tuning.oversampling)
             if tuning.quantization
-            else None,
+            else None
         )
+        acorn = models.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY)
+        # The search parameters of a query without a filter ([False]) and with one ([True]).
+        self._params = {
+            filtered: models.SearchParams(hnsw_ef=tuning.beam(filtered, 0), quantization=quantized, acorn=acorn)
+            for filtered in (False, True)
+        }
         self._records: dict[str, CollectionRecord] = {}
         self._call(None, self.client.get_collections)  # fail now, with the fix, if the server is unreachable
 
@@ -282,6 +286,12 @@ class ServerStore(Store):
 
     # -- reads -------------------------------------------------------------------------
 
+    def _search_params(self, flt: Filter | None, wanted: int) -> models.SearchParams:
+        """The search parameters of a query for `wanted` hits (k + offset), its beam widened to them."""
+        params = self._params[bool(flt)]
+        beam = self.tuning.beam(bool(flt), wanted)
+        return params if beam == params.hnsw_ef else params.model_copy(update={"hnsw_ef": beam})
+
     def query(
         self,
         name: str,
@@ -307,7 +317,7 @@ class ServerStore(Store):
             score_threshold=min_score,
             with_payload=True,
             with_vectors=with_vectors,
-            search_params=self._params,
+            search_params=self._search_params(flt, int(k) + int(offset)),
         )
         return [to_hit(p, with_vectors) for p in result.points]
 
@@ -334,7 +344,7 @@ class ServerStore(Store):
                 limit=int(k),
                 with_payload=selector,
                 with_vector=False,
-                params=self._params,
+                params=self._params[native is not None],
             )
             for row, native in zip(plan.vectors, plan.filters, strict=True)
         ]
@@ -366,7 +376,7 @@ class ServerStore(Store):
             group_size=int(group_size),
             score_threshold=min_score,
             with_payload=True,
-            search_params=self._params,
+            search_params=self._params[bool(flt)],
         )
         found = [Group(key=g.id, hits=[to_hit(p, False) for p in g.hits]) for g in result.groups]
         return sort_groups(found)

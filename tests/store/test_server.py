@@ -35,6 +35,31 @@ def test_bulk_load_starts_without_hnsw_and_switches_it_on(client, monkeypatch):
     assert updated["hnsw_config"].m == 24
 
 
+def test_filtered_searches_ask_for_acorn_a_wider_beam_and_exact_small_sets(client, monkeypatch):
+    """Local mode searches exhaustively whatever it is asked, so what is asked of a server is checked."""
+    from conchdb.store import Condition, Filter
+
+    asked: list = []
+    query, batch, create = client.query_points, client.query_batch_points, client.create_collection
+    monkeypatch.setattr(client, "query_points", lambda *a, **kw: asked.append(kw["search_params"]) or query(*a, **kw))
+    monkeypatch.setattr(client, "query_batch_points",
+                        lambda *a, **kw: asked.extend(r.params for r in kw["requests"]) or batch(*a, **kw))
+    made: dict = {}
+    monkeypatch.setattr(client, "create_collection", lambda *a, **kw: made.update(kw) or create(*a, **kw))
+    store = ServerStore(client=client, tuning=StoreTuning(hnsw_ef=100, hnsw_ef_filtered=300))
+    store.ensure_collection(spec("tiles"))
+    store.upsert("tiles", make_data(n=20).points())
+    lung = Filter((Condition("site", "eq", "lung"),))
+    vector = make_data(n=1).vectors[0]
+    store.query("tiles", vector, k=5)
+    store.query("tiles", vector, k=5, flt=lung)
+    store.query("tiles", vector, k=400, offset=100, flt=lung)
+    store.query_batch("tiles", make_data(n=2).vectors, k=5, flts=[None, lung])
+    assert [p.hnsw_ef for p in asked] == [100, 300, 500, 100, 300]
+    assert all(p.acorn.enable and p.acorn.max_selectivity == 1.0 for p in asked)
+    assert made["hnsw_config"].full_scan_threshold == StoreTuning().full_scan_kb
+
+
 def test_quantization_can_be_switched_off(client):
     ServerStore(client=client, tuning=StoreTuning(quantization=False)).ensure_collection(spec("tiles"))
     assert client.get_collection("tiles").config.quantization_config is None
