@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from conchdb.errors import ConchdbError
 from conchdb.search.searcher import MAX_DEPTH, MAX_TOP_K
 
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
@@ -25,7 +26,9 @@ class ApiSettings:
     needs it, as `Authorization: Bearer KEY` or `X-API-Key: KEY`. `admin_key`: the other key,
     the only one that may change the store (`DELETE /v1/slides/...`); with none, nothing can
     be deleted over HTTP. `cors_origins`: browser origins allowed to call the API from other
-    pages (none: CORS off).
+    pages (none: CORS off). `text_batch`, `image_batch`: the most queries of a kind encoded
+    as one batch (1: one at a time); `model_requests`: requests that use the model handled at
+    once (their threads mostly wait for the model thread; more wait for one of them).
     """
 
     api_key: str | None = None
@@ -42,7 +45,14 @@ class ApiSettings:
     tile_cache: int = 2048
     text_cache: int = 4096
     text_batch: int = 64
+    image_batch: int = 16
+    model_requests: int = 64
     open_slides: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("text_batch", "image_batch", "model_requests"):
+            if getattr(self, name) < 1:
+                raise ConchdbError(f"{name} is {getattr(self, name)}", f"give {name} 1 or more", parameter=name)
 
 
 def is_loopback(host: str) -> bool:
