@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -108,7 +109,9 @@ class ModelRunner:
 
     # -- asking ----------------------------------------------------------------------------
 
-    def submit(self, tower: str, items: Sequence[Any], keys: Sequence[Hashable] | None = None) -> list[Future[np.ndarray]]:
+    def submit(
+        self, tower: str, items: Sequence[Any], keys: Sequence[Hashable] | None = None
+    ) -> list[Future[np.ndarray]]:
         """A future per item; with `keys`, equal keys share one encode and vectors are cached."""
         if keys is not None and len(keys) != len(items):
             raise ValueError(f"{len(keys)} keys for {len(items)} items; give one key per item")
@@ -196,8 +199,9 @@ class ModelRunner:
                 fn, future = self._calls.popleft()
                 return lambda: _run_call(fn, future) if future.set_running_or_notify_cancel() else None
             if turn is not None and self._queues[turn].waiting:
-                batch = self._take(self._queues[turn])
-                return (lambda: _run_batch(self._queues[turn], batch)) if batch else None
+                queue = self._queues[turn]
+                batch = self._take(queue)
+                return functools.partial(_run_batch, queue, batch) if batch else None
         return None
 
     def _take(self, queue: _Queue) -> list[tuple[Hashable, Any, list[Future[np.ndarray]], bool]]:
