@@ -197,7 +197,7 @@ class ModelRunner:
         for turn in itertools.islice(self._turns, len(self._queues) + 1):
             if turn is None and self._calls:
                 fn, future = self._calls.popleft()
-                return lambda: _run_call(fn, future) if future.set_running_or_notify_cancel() else None
+                return functools.partial(_run_call, fn, future)
             if turn is not None and self._queues[turn].waiting:
                 queue = self._queues[turn]
                 batch = self._take(queue)
@@ -217,6 +217,8 @@ class ModelRunner:
 
 
 def _run_call(fn: Callable[[], Any], future: Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # its request is gone
     try:
         future.set_result(fn())
     except BaseException as exc:  # the waiter raises it; the model thread goes on
