@@ -93,8 +93,7 @@ class ModelRunner:
         self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._turns = itertools.cycle([None, *self._queues])  # None: the calls' turn
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._stop: threading.Event | None = None  # the running thread's; None: no thread
         self.skipped = 0
 
     @property
@@ -117,7 +116,6 @@ class ModelRunner:
             raise ValueError(f"{len(keys)} keys for {len(items)} items; give one key per item")
         futures: list[Future[np.ndarray]] = []
         with self._cond:
-            self._check_open()
             queue = self._queues[tower]
             for i, item in enumerate(items):
                 future: Future[np.ndarray] = Future()
@@ -138,7 +136,6 @@ class ModelRunner:
         """`fn()` on the model thread, in its turn; waits for it (see `vectors`)."""
         future: Future[T] = Future()
         with self._cond:
-            self._check_open()
             self._calls.append((fn, future))
             self._wake()
         return self._wait([future])[0]
@@ -155,21 +152,20 @@ class ModelRunner:
             waiting.add(futures)
         return [f.result() for f in futures]
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the server's model runner is closed; the server is shutting down")
-
     def _wake(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="conchdb-model", daemon=True)
-            self._thread.start()
-        self._cond.notify()
+        if self._stop is None:
+            self._stop = threading.Event()
+            threading.Thread(target=self._loop, args=(self._stop,), name="conchdb-model", daemon=True).start()
+        self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop the thread after the batch it runs; whatever waits is cancelled."""
+        """Stop the thread after the batch it runs; whatever waits is cancelled. Work asked for
+        later starts a new thread (an app's lifespan may end and begin again, as in tests)."""
         with self._cond:
-            self._closed = True
-            self._cond.notify()
+            if self._stop is not None:
+                self._stop.set()
+                self._stop = None
+            self._cond.notify_all()
             for queue in self._queues.values():
                 for _, futures, _ in queue.waiting.values():
                     for future in futures:
@@ -181,12 +177,12 @@ class ModelRunner:
 
     # -- the model thread --------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._calls and not any(q.waiting for q in self._queues.values()):
+                while not stop.is_set() and not self._calls and not any(q.waiting for q in self._queues.values()):
                     self._cond.wait()
-                if self._closed:
+                if stop.is_set():
                     return
                 job = self._next_job()
             if job is not None:

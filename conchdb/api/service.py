@@ -95,7 +95,7 @@ class Service:
                 "image": Tower(encode=lambda pixels: encoder.encode_pixels(_stack(pixels)),
                                max_batch=settings.image_batch),
             })
-        self._model_requests = ThreadPoolExecutor(settings.model_requests, thread_name_prefix="conchdb-request")
+        self._model_requests = self._request_pool()
         self._text_floor_measured = False
         self.tiles = BytesCache(settings.tile_cache)
         self.pictures = BytesCache(256)
@@ -103,10 +103,15 @@ class Service:
         self.deepzoom = SlideCache(settings.open_slides)
         self._checked_model = False
 
+    def _request_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.settings.model_requests, thread_name_prefix="conchdb-request")
+
     def close(self) -> None:
         if self.runner is not None:
             self.runner.close()
-        self._model_requests.shutdown(wait=False, cancel_futures=True)
+        # A fresh pool (no threads until used): an app's lifespan may end and begin again.
+        old, self._model_requests = self._model_requests, self._request_pool()
+        old.shutdown(wait=False, cancel_futures=True)
         self.slides.close()
         self.deepzoom.close()
 
