@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000, help="tiles in the store (default 20,000)")
     parser.add_argument("--model", choices=("full", "tiny"), default="full", help="CONCH's size or the tests' tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--image-batch", type=int, default=16, help="the server's largest image batch (default 16)")
+    parser.add_argument("--image-batch", type=int, default=8, help="the server's largest image batch (default 8)")
     parser.add_argument("--tokenizer", type=Path, default=default_tokenizer(), help="CONCH tokenizer JSON")
     parser.add_argument("--in-process", type=int, default=30, help="in-process queries of each kind (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

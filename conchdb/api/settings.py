@@ -45,14 +45,15 @@ class ApiSettings:
     tile_cache: int = 2048
     text_cache: int = 4096
     text_batch: int = 64
-    image_batch: int = 16
+    image_batch: int = 8
     model_requests: int = 64
     open_slides: int = 16
 
     def __post_init__(self) -> None:
         for name in ("text_batch", "image_batch", "model_requests"):
             if getattr(self, name) < 1:
-                raise ConchdbError(f"{name} is {getattr(self, name)}", f"give {name} 1 or more", parameter=name)
+                raise ConchdbError(f"{name} is {getattr(self, name)}", "give 1 or more (1: one at a time)",
+                                   parameter=name)
 
 
 def is_loopback(host: str) -> bool:

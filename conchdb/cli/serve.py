@@ -64,7 +64,7 @@ def serve(
     ] = 1,
     image_batch: Annotated[
         int, typer.Option("--image-batch", help="Most image queries encoded as one batch (1: one at a time).")
-    ] = 16,
+    ] = 8,
 ) -> None:
     """Serve the HTTP API (/v1, docs at /docs) and the search page (/) over a store."""
     settings = build_settings(host, api_key or options.settings.api_key, tuple(cors_origin), max_upload_mb,
@@ -79,7 +79,7 @@ def serve(
 
 def build_settings(
     host: str, api_key: str | None, cors: tuple[str, ...], max_upload_mb: float, *, admin_key: str | None = None,
-    image_batch: int = 16,
+    image_batch: int = 8,
 ) -> ApiSettings:
     """The server's `ApiSettings`, refusing a non-loopback bind without a key, and an admin key
     that is empty or the same as the search key (a search client could then delete)."""
@@ -101,9 +101,6 @@ def build_settings(
     if not 0 < max_upload_mb <= 1000:
         raise ConchdbError(f"the upload limit {max_upload_mb} MB is outside (0, 1000]", "e.g. 20",
                            parameter="max_upload_mb")
-    if image_batch < 1:
-        raise ConchdbError(f"--image-batch is {image_batch}", "give 1 or more (1: one image at a time)",
-                           parameter="image_batch")
     return ApiSettings(api_key=api_key or None, admin_key=admin_key or None, cors_origins=cors,
                        max_upload_bytes=int(max_upload_mb * 1e6), image_batch=image_batch)
 

@@ -2,8 +2,10 @@
 
 The image tower is held (`HeldEncoder`) until the test releases it, so "queued behind an
 encode" is a state the test sets up and observes, not a timing. Starlette's thread pool is
-shrunk to as many threads as there are image requests (`SmallPool`), so that a request
-waiting for the model on one of those threads would leave a tile request without a thread.
+shrunk to 8 threads (`SmallPool`), and the service's own threads for requests that use the
+model to 9, one per image query the tests send: so a request waiting for the model on a
+thread of Starlette's pool would leave a tile request without one, and a search by stored
+point sent to the model's threads would find none free.
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ def search_image(url: str, seed: int, out: dict[int, int]) -> None:
 
 @pytest.fixture
 def held(searcher) -> Iterator[tuple[LiveServer, HeldEncoder, Service]]:
-    """A live server whose image tower is held, with 8 threads in Starlette's pool."""
+    """A live server whose image tower is held, with 8 threads in Starlette's pool and 9 for model requests."""
     encoder = HeldEncoder(searcher.encoder)
-    app = create_app(replace(searcher, encoder=encoder), ApiSettings())
+    app = create_app(replace(searcher, encoder=encoder), ApiSettings(model_requests=9))
     try:
         with LiveServer(SmallPool(app, threads=8)) as server:
             yield server, encoder, app.state.service
@@ -117,6 +119,7 @@ def start_image_queries(url: str, seeds: range, out: dict[int, int]) -> list[thr
 
 
 def test_a_tile_request_issued_while_8_image_encodes_are_queued_completes_before_them(held):
+    """And a search by stored point: neither needs the model, so neither waits for it."""
     server, encoder, service = held
     with httpx.Client(base_url=server.url, trust_env=False, timeout=WAIT_S) as client:
         hit = client.post("/v1/search/text", json={"query": "tumor", "top_k": 1}).json()["hits"][0]
@@ -127,6 +130,8 @@ def test_a_tile_request_issued_while_8_image_encodes_are_queued_completes_before
         until(lambda: service.runner.pending("image") == 8, "8 image queries to wait for the model")
         tile = client.get(hit["tile_url"])  # the pool has 8 threads: none may be held by the 9 image requests
         assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+        by_point = client.post("/v1/search/image", json={"point_id": hit["id"], "top_k": 3})
+        assert by_point.status_code == 200 and by_point.json()["hits"][0]["id"] == hit["id"]
         assert done == {}  # every image query still waits
     encoder.release.set()
     for thread in first + queued:

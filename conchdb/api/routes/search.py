@@ -8,7 +8,8 @@ one endpoint serves a LIMS sending ids and a browser sending a dropped file.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,6 +24,7 @@ from conchdb.search import prompts
 from conchdb.search.zeroshot import DEFAULT_KS
 
 router = APIRouter(prefix="/v1", tags=["search"])
+T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
@@ -107,6 +109,16 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise validation_error(exc.errors(), model) from None
 
 
+async def _run(service: Service, request: Request, run: Callable[[], T], *, model: bool) -> T:
+    """A request that uses the model on the service's threads (`Service.model_route`); one that
+    does not (a search by stored point, unsteered by concepts) on Starlette's pool, like tiles."""
+    return await (service.model_route(request, run) if model else run_in_threadpool(run))
+
+
+def _concepts(body: Any) -> bool:
+    return bool(getattr(body, "more", None) or getattr(body, "less", None))
+
+
 def _response(service: Service, hits: list, top_k: int, page: int, modality: str = "image") -> dict[str, Any]:
     return {"hits": [hit_dict(h) for h in hits], "top_k": top_k, "page": page, "collection": service.collection,
             "noise_floor": service.noise_floor(modality)}
@@ -148,7 +160,8 @@ async def search_refine(body: schemas.RefineSearch, request: Request) -> dict[st
         hits = service.search(vector, opts, exclude=[*body.like, *body.unlike], modality=modality)
         return _response(service, hits, body.top_k, body.page, modality)
 
-    return await service.model_route(request, run)
+    model = body.query is not None or body.slide_id is not None or _concepts(body)
+    return await _run(service, request, run, model=model)
 
 
 @router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)
@@ -171,7 +184,8 @@ async def search_image(request: Request) -> dict[str, Any]:
         vector = service.steered(service.image_vector(body.model_dump(), pixels), more=body.more, less=body.less)
         return _response(service, service.search(vector, opts), body.top_k, body.page)
 
-    return await service.model_route(request, run)
+    model = pixels is not None or body.slide_id is not None or _concepts(body)
+    return await _run(service, request, run, model=model)
 
 
 @router.post("/describe", response_model=schemas.DescribeResponse, responses=ERRORS,
