@@ -1,16 +1,19 @@
-"""The server's model work: one thread of its own runs every encode, inputs that wait together as one batch.
+"""The server's model work: each tower on a thread of its own, inputs that wait together as one batch.
 
-Why a thread of its own: the model runs one batch at a time anyway (a second caller would
-only split the cores or the GPU), and a request that waits for it should hold nothing that
+Why threads of their own: a request that waits for the model should hold nothing that
 tiles, thumbnails, Deep Zoom or searches by stored point need. Requests that use the model
 run on threads of their own (`Service.model_route`), submit their inputs here and wait for
-their vectors; Starlette's thread pool is left to the rest.
+their vectors; Starlette's thread pool is left to the rest. Why one per tower: a tower runs
+one batch at a time anyway (a second caller would only split the cores or the GPU), and with
+a thread each, a text query never waits behind a batch of images, which on a CPU can take
+seconds. Other model work (`call`: vocabulary vectors, zero-shot classes, the text noise
+floor) takes turns with its tower's batches.
 
-Why batches: a tower costs about the same for one input as for a small batch, so the inputs
-that arrive while a batch runs are encoded together as the next one (at most the tower's
-`max_batch`); the towers take turns. Texts are keyed, so a text asked for by several
-requests is encoded once, and their vectors are cached (a runner is made for one model, so
-its cache never serves another model's vectors). Images are not keyed.
+Why batches: on a GPU a tower costs about the same for one input as for a small batch, so
+the inputs that arrive while a batch runs are encoded together as the next one (at most the
+tower's `max_batch`). Texts are keyed, so a text asked for by several requests is encoded
+once, and their vectors are cached (a runner is made for one model, so its cache never
+serves another model's vectors). Images are not keyed.
 
 Every waiter has a future of its own. A request whose client went away cancels its futures
 (`Waiting`); an input whose waiters are all cancelled is dropped when its batch is taken,
@@ -22,12 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import itertools
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,14 +45,6 @@ class Tower:
     encode: Callable[[list[Any]], np.ndarray]
     max_batch: int
     cache_size: int = 0
-
-
-@dataclass
-class _Queue:
-    tower: Tower
-    waiting: OrderedDict[Hashable, tuple[Any, list[Future[np.ndarray]], bool]] = field(default_factory=OrderedDict)
-    cache: OrderedDict[Hashable, np.ndarray] = field(default_factory=OrderedDict)
-    sizes: list[int] = field(default_factory=list)
 
 
 class Waiting:
@@ -83,28 +77,28 @@ on): model calls deep in the service register their futures with it without pass
 
 
 class ModelRunner:
-    """Runs every model call of a server on one thread: `vectors(tower, items)` batched, `call(fn)` as is.
+    """Runs every model call of a server, each tower on a thread of its own: `vectors(tower,
+    items)` batched, `call(fn, tower)` as is, in turn with the tower's batches.
 
-    `batches[tower]`: the size of each batch encoded; `skipped`: inputs dropped because every
-    request waiting for them had gone (what the tests and the benchmark look at)."""
+    `batches[tower]`: the size of each batch encoded; `skipped`: inputs and calls dropped
+    because every request waiting for them had gone (what the tests and the benchmark read)."""
 
     def __init__(self, towers: Mapping[str, Tower]):
-        self._queues = {name: _Queue(tower) for name, tower in towers.items()}
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._turns = itertools.cycle([None, *self._queues])  # None: the calls' turn
-        self._cond = threading.Condition()
-        self._stop: threading.Event | None = None  # the running thread's; None: no thread
-        self.skipped = 0
+        self._lanes = {name: _Lane(tower) for name, tower in towers.items()}
 
     @property
     def batches(self) -> dict[str, list[int]]:
-        return {name: list(q.sizes) for name, q in self._queues.items()}
+        return {name: list(lane.sizes) for name, lane in self._lanes.items()}
+
+    @property
+    def skipped(self) -> int:
+        return sum(lane.skipped for lane in self._lanes.values())
 
     def pending(self, tower: str) -> int:
         """Inputs of `tower` waiting for a batch with at least one waiter still there."""
-        with self._cond:
-            entries = self._queues[tower].waiting.values()
-            return sum(any(not f.cancelled() for f in futures) for _, futures, _ in entries)
+        lane = self._lanes[tower]
+        with lane.cond:
+            return sum(any(not f.cancelled() for f in futures) for _, futures, _ in lane.waiting.values())
 
     # -- asking ----------------------------------------------------------------------------
 
@@ -114,30 +108,31 @@ class ModelRunner:
         """A future per item; with `keys`, equal keys share one encode and vectors are cached."""
         if keys is not None and len(keys) != len(items):
             raise ValueError(f"{len(keys)} keys for {len(items)} items; give one key per item")
+        lane = self._lanes[tower]
         futures: list[Future[np.ndarray]] = []
-        with self._cond:
-            queue = self._queues[tower]
+        with lane.cond:
             for i, item in enumerate(items):
                 future: Future[np.ndarray] = Future()
                 futures.append(future)
                 key: Hashable = keys[i] if keys is not None else object()
-                cached = queue.cache.get(key) if keys is not None else None
+                cached = lane.cache.get(key) if keys is not None else None
                 if cached is not None:
-                    queue.cache.move_to_end(key)
+                    lane.cache.move_to_end(key)
                     future.set_result(cached)
-                elif key in queue.waiting:
-                    queue.waiting[key][1].append(future)
+                elif key in lane.waiting:
+                    lane.waiting[key][1].append(future)
                 else:
-                    queue.waiting[key] = (item, [future], keys is not None)
-            self._wake()
+                    lane.waiting[key] = (item, [future], keys is not None)
+            lane.wake()
         return futures
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """`fn()` on the model thread, in its turn; waits for it (see `vectors`)."""
+    def call(self, fn: Callable[[], T], tower: str) -> T:
+        """`fn()` on `tower`'s thread, between its batches; waits for it (see `vectors`)."""
+        lane = self._lanes[tower]
         future: Future[T] = Future()
-        with self._cond:
-            self._calls.append((fn, future))
-            self._wake()
+        with lane.cond:
+            lane.calls.append((fn, future))
+            lane.wake()
         return self._wait([future])[0]
 
     def vectors(self, tower: str, items: Sequence[Any], keys: Sequence[Hashable] | None = None) -> np.ndarray:
@@ -152,36 +147,53 @@ class ModelRunner:
             waiting.add(futures)
         return [f.result() for f in futures]
 
-    def _wake(self) -> None:
+    def close(self) -> None:
+        """Stop the threads after the batch each runs; whatever waits is cancelled. Work asked
+        for later starts new threads (an app's lifespan may end and begin again, as in tests)."""
+        for lane in self._lanes.values():
+            lane.close()
+
+
+class _Lane:
+    """One tower's inputs, cache, calls and thread."""
+
+    def __init__(self, tower: Tower):
+        self.tower = tower
+        self.waiting: OrderedDict[Hashable, tuple[Any, list[Future[np.ndarray]], bool]] = OrderedDict()
+        self.cache: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self.calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self.sizes: list[int] = []
+        self.skipped = 0
+        self.cond = threading.Condition()
+        self._stop: threading.Event | None = None  # the running thread's; None: no thread
+        self._call_next = True
+
+    def wake(self) -> None:
+        """(With `cond` held.) Start the thread if there is none, and tell it there is work."""
         if self._stop is None:
             self._stop = threading.Event()
             threading.Thread(target=self._loop, args=(self._stop,), name="conchdb-model", daemon=True).start()
-        self._cond.notify_all()
+        self.cond.notify_all()
 
     def close(self) -> None:
-        """Stop the thread after the batch it runs; whatever waits is cancelled. Work asked for
-        later starts a new thread (an app's lifespan may end and begin again, as in tests)."""
-        with self._cond:
+        with self.cond:
             if self._stop is not None:
                 self._stop.set()
                 self._stop = None
-            self._cond.notify_all()
-            for queue in self._queues.values():
-                for _, futures, _ in queue.waiting.values():
-                    for future in futures:
-                        future.cancel()
-                queue.waiting.clear()
-            for _, future in self._calls:
+            for _, futures, _ in self.waiting.values():
+                for future in futures:
+                    future.cancel()
+            self.waiting.clear()
+            for _, future in self.calls:
                 future.cancel()
-            self._calls.clear()
-
-    # -- the model thread --------------------------------------------------------------------
+            self.calls.clear()
+            self.cond.notify_all()
 
     def _loop(self, stop: threading.Event) -> None:
         while True:
-            with self._cond:
-                while not stop.is_set() and not self._calls and not any(q.waiting for q in self._queues.values()):
-                    self._cond.wait()
+            with self.cond:
+                while not stop.is_set() and not self.calls and not self.waiting:
+                    self.cond.wait()
                 if stop.is_set():
                     return
                 job = self._next_job()
@@ -189,55 +201,48 @@ class ModelRunner:
                 job()
 
     def _next_job(self) -> Callable[[], None] | None:
-        """The next source with work, in turn (called with the lock held)."""
-        for turn in itertools.islice(self._turns, len(self._queues) + 1):
-            if turn is None and self._calls:
-                fn, future = self._calls.popleft()
-                return functools.partial(_run_call, fn, future)
-            if turn is not None and self._queues[turn].waiting:
-                queue = self._queues[turn]
-                batch = self._take(queue)
-                return functools.partial(_run_batch, queue, batch) if batch else None
-        return None
-
-    def _take(self, queue: _Queue) -> list[tuple[Hashable, Any, list[Future[np.ndarray]], bool]]:
+        """A call or a batch, taking turns when both wait (called with `cond` held)."""
+        if self.calls and (self._call_next or not self.waiting):
+            self._call_next = False
+            return functools.partial(self._run_call, *self.calls.popleft())
+        self._call_next = True
         batch = []
-        while queue.waiting and len(batch) < queue.tower.max_batch:
-            key, (item, futures, keyed) = queue.waiting.popitem(last=False)
+        while self.waiting and len(batch) < self.tower.max_batch:
+            key, (item, futures, keyed) = self.waiting.popitem(last=False)
             live = [f for f in futures if f.set_running_or_notify_cancel()]
             if live:
                 batch.append((key, item, live, keyed))
             else:
                 self.skipped += 1
-        return batch
+        return functools.partial(self._run_batch, batch) if batch else None
 
+    def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            self.skipped += 1  # its request is gone
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # the waiter raises it; the thread goes on
+            future.set_exception(exc)
 
-def _run_call(fn: Callable[[], Any], future: Future[Any]) -> None:
-    if not future.set_running_or_notify_cancel():
-        return  # its request is gone
-    try:
-        future.set_result(fn())
-    except BaseException as exc:  # the waiter raises it; the model thread goes on
-        future.set_exception(exc)
-
-
-def _run_batch(queue: _Queue, batch: list[tuple[Hashable, Any, list[Future[np.ndarray]], bool]]) -> None:
-    try:
-        out = queue.tower.encode([item for _, item, _, _ in batch])
-    except BaseException as exc:
-        for _, _, futures, _ in batch:
+    def _run_batch(self, batch: list[tuple[Hashable, Any, list[Future[np.ndarray]], bool]]) -> None:
+        try:
+            out = self.tower.encode([item for _, item, _, _ in batch])
+        except BaseException as exc:
+            for _, _, futures, _ in batch:
+                for future in futures:
+                    future.set_exception(exc)
+            return
+        self.sizes.append(len(batch))
+        for (key, _, futures, keyed), vector in zip(batch, out, strict=True):
+            vector = np.asarray(vector, dtype=np.float32)
+            if keyed and self.tower.cache_size:
+                with self.cond:
+                    self.cache[key] = vector
+                    while len(self.cache) > self.tower.cache_size:
+                        self.cache.popitem(last=False)
             for future in futures:
-                future.set_exception(exc)
-        return
-    queue.sizes.append(len(batch))
-    for (key, _, futures, keyed), vector in zip(batch, out, strict=True):
-        vector = np.asarray(vector, dtype=np.float32)
-        if keyed and queue.tower.cache_size:
-            queue.cache[key] = vector
-            while len(queue.cache) > queue.tower.cache_size:
-                queue.cache.popitem(last=False)
-        for future in futures:
-            future.set_result(vector)
+                future.set_result(vector)
 
 
 class ClientGone(Exception):

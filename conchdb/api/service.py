@@ -1,9 +1,9 @@
 """What the routes call: one `Searcher`, its model and store opened once, shared by every request.
 
 What runs where: requests that need the model (text and image queries, describe, classify,
-heatmaps) run on the service's own threads (`model_route`), and the model itself runs on one
-thread of its own (`batching.ModelRunner`), where text or image queries that arrive together
-are encoded as one batch. Tiles, thumbnails, Deep Zoom, slide records and searches by stored
+heatmaps) run on the service's own threads (`model_route`), and each tower of the model runs
+on a thread of its own (`batching.ModelRunner`), where text or image queries that arrive
+together are encoded as one batch. Tiles, thumbnails, Deep Zoom, slide records and searches by stored
 point run on Starlette's thread pool, which no model work holds, so they never wait for an
 encode. The store, open slides and encoded images go through the guards of `shared`. Every
 id a request gives is looked up in the store before any file is touched.
@@ -169,7 +169,7 @@ class Service:
         return self.runner
 
     def text_vectors(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit vectors of texts, batched with other requests' on the model thread, and cached."""
+        """Unit vectors of texts, batched with other requests' on the text tower's thread, and cached."""
         return self.require_model().vectors("text", list(texts), keys=list(texts))
 
     # -- query vectors -------------------------------------------------------------------
@@ -264,13 +264,13 @@ class Service:
                modality: str = "image") -> list[SearchHit]:
         """`modality`: "text" for a query that began as words (its own noise floor, see
         `Searcher.noise_floor`), "image" otherwise."""
-        self.noise_floor(modality)  # measured (text: with the model) on the model thread, once
+        self.noise_floor(modality)  # measured (text: with the model) on the text tower's thread, once
         return self.searcher.search(vector, opts.k, opts.flt, opts.min_score, opts.offset, opts.group_by,
                                     opts.group_size, exclude=exclude, modality=modality)
 
     def noise_floor(self, modality: str = "image") -> float | None:
         if modality == "text" and not self._text_floor_measured:
-            floor = self.require_model().call(lambda: self.searcher.noise_floor(modality))
+            floor = self.require_model().call(lambda: self.searcher.noise_floor(modality), "text")
             self._text_floor_measured = True  # the searcher keeps it; later calls need no model
         else:
             floor = self.searcher.noise_floor(modality)
@@ -314,15 +314,15 @@ class Service:
         return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same, candidates)
 
     def describe(self, vector: np.ndarray, k: int) -> list[Any]:
-        return self.require_model().call(lambda: self.searcher.describe(vector, k))
+        return self.require_model().call(lambda: self.searcher.describe(vector, k), "text")
 
     def classify(self, vector: np.ndarray, classes: Sequence[prompts.ClassPrompts]) -> Any:
-        return self.require_model().call(lambda: self.searcher.classify(vector, classes))
+        return self.require_model().call(lambda: self.searcher.classify(vector, classes), "text")
 
     def classify_slide(self, slide_id: str, classes: Sequence[prompts.ClassPrompts], ks: Sequence[int],
                        flt: Filter) -> tuple[int, list[Any]]:
         self.slide_record(slide_id)
-        return self.require_model().call(lambda: self.searcher.classify_slide(slide_id, classes, ks, flt))
+        return self.require_model().call(lambda: self.searcher.classify_slide(slide_id, classes, ks, flt), "text")
 
     # -- slides --------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ class ApiSettings:
     be deleted over HTTP. `cors_origins`: browser origins allowed to call the API from other
     pages (none: CORS off). `text_batch`, `image_batch`: the most queries of a kind encoded
     as one batch (1: one at a time); `model_requests`: requests that use the model handled at
-    once (their threads mostly wait for the model thread; more wait for one of them).
+    once (their threads mostly wait for the model's; more wait for one of them).
     """
 
     api_key: str | None = None

@@ -153,6 +153,21 @@ def test_image_queries_arriving_together_are_encoded_as_one_batch(held):
     assert encoder.batches == [1, 5] and service.runner.batches["image"] == [1, 5]
 
 
+def test_a_text_query_is_answered_while_an_image_batch_is_encoding(held):
+    server, encoder, service = held
+    done: dict[int, int] = {}
+    first = start_image_queries(server.url, range(1), done)
+    until(encoder.started.is_set, "the first image's encode to start")
+    with httpx.Client(base_url=server.url, trust_env=False, timeout=WAIT_S) as client:
+        text = client.post("/v1/search/text", json={"query": "a text nobody asked for before", "top_k": 3})
+    assert text.status_code == 200 and len(text.json()["hits"]) == 3
+    assert done == {}  # the image is still being encoded
+    encoder.release.set()
+    for thread in first:
+        thread.join(WAIT_S)
+    assert done == {0: 200}
+
+
 def test_a_request_whose_client_disconnects_while_it_waits_is_never_encoded(held):
     server, encoder, service = held
     done: dict[int, int] = {}
@@ -170,7 +185,7 @@ def test_a_request_whose_client_disconnects_while_it_waits_is_never_encoded(held
     encoder.release.set()
     for thread in first:
         thread.join(WAIT_S)
-    until(lambda: service.runner.skipped == 1, "the model thread to drop the query nobody waits for")
+    until(lambda: service.runner.skipped == 1, "the image thread to drop the query nobody waits for")
     assert done == {0: 200}
     assert encoder.batches == [1]  # the departed client's image was never encoded
 
