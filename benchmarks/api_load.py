@@ -142,7 +142,11 @@ def start_server(store: Path, checkpoint: Path, tokenizer: Path, device: str, po
     command = [sys.executable, "-m", "conchdb.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--store", str(store), "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer),
                "--device", device, "--image-batch", str(image_batch)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_name = store.parent / f"server-{port}.log"  # a file: a pipe nobody reads would fill and stall the server
+    with open(log_name, "wb") as log_file:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    server.log_name = str(log_name)  # type: ignore[attr-defined]
+    return server
 
 
 def serve_and_load(folder: Path, checkpoint: Path, args: argparse.Namespace, image_batch: int, texts: list[str],
@@ -154,11 +158,16 @@ def serve_and_load(folder: Path, checkpoint: Path, args: argparse.Namespace, ima
     try:
         asyncio.run(wait_ready(url, server))
         log(f"server (image batch {image_batch}) ready on {url}; {args.clients} clients for {args.seconds:g} s")
-        records = asyncio.run(load(url, args.clients, args.seconds, texts, uploads, ids))
+        failures: list[str] = []
+        records = asyncio.run(load(url, args.clients, args.seconds, texts, uploads, ids, failures))
     finally:
         server.terminate()
         server.wait(30)
-    return {"image_batch": image_batch, **summary(records, args.seconds)}
+    for failure in failures[:5]:
+        log(f"failed: {failure}")
+    if failures:
+        log(f"the server's log ends: {server_log(server)}")
+    return {"image_batch": image_batch, **summary(records, args.seconds), "failures": failures[:5]}
 
 
 def targets(served: dict, alone: dict) -> dict:
@@ -180,7 +189,7 @@ async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -
     async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                raise SystemExit(f"the server exited: {server.stderr.read().decode() if server.stderr else ''}")
+                raise SystemExit(f"the server exited: {server_log(server)}")
             try:
                 if (await client.get("/v1/health")).json().get("status") == "ok":
                     return
@@ -190,6 +199,12 @@ async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -
     raise SystemExit("the server did not become ready")
 
 
+def server_log(server: subprocess.Popen, tail: int = 2000) -> str:
+    """The end of what the server wrote to stderr (its log file)."""
+    name = getattr(server, "log_name", None)
+    return Path(name).read_text(errors="replace")[-tail:] if name and Path(name).exists() else ""
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -197,8 +212,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 async def load(url: str, clients: int, seconds: float, texts: list[str], uploads: list[bytes],
-               point_ids: list[str]) -> list[tuple[str, float, bool]]:
-    """`clients` concurrent clients for `seconds`; (kind, seconds, ok) per request."""
+               point_ids: list[str], failures: list[str]) -> list[tuple[str, float, bool]]:
+    """`clients` concurrent clients for `seconds`; (kind, seconds, ok) per request, and what
+    went wrong with each failed one appended to `failures`."""
     import httpx
 
     kinds, weights = zip(*MIX, strict=True)
@@ -220,8 +236,11 @@ async def load(url: str, clients: int, seconds: float, texts: list[str], uploads
                 else:
                     response = await client.get(f"/v1/tiles/{rng.choice(point_ids)}.jpg")
                 ok = response.status_code == 200
-            except httpx.HTTPError:
+                if not ok:
+                    failures.append(f"{kind}: {response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as exc:
                 ok = False
+                failures.append(f"{kind}: {type(exc).__name__} {exc}")
             records.append((kind, time.perf_counter() - start, ok))
 
     async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits, timeout=120) as client:

@@ -26,7 +26,7 @@ from PIL import Image
 from conchdb.api.batching import ClientGone, ModelRunner, Tower, run_while_connected
 from conchdb.api.errors import ApiError
 from conchdb.api.filters import parse_filters
-from conchdb.api.settings import ApiSettings
+from conchdb.api.settings import IMAGE_BATCH, ApiSettings
 from conchdb.api.shared import BytesCache, SlideCache, shared_store
 from conchdb.archive import Removal, SlideCatalog, file_state
 from conchdb.errors import ConchdbError, SlideError
@@ -93,7 +93,7 @@ class Service:
                 "text": Tower(encode=encoder.encode_texts, max_batch=settings.text_batch,
                               cache_size=settings.text_cache),
                 "image": Tower(encode=lambda pixels: encoder.encode_pixels(_stack(pixels)),
-                               max_batch=settings.image_batch),
+                               max_batch=settings.image_batch or image_batch(encoder.device)),
             })
         self._model_requests = self._request_pool()
         self._text_floor_measured = False
@@ -461,6 +461,11 @@ class Service:
             return encode(tile, "JPEG")
 
         return self.pictures.get_or_make(("dz", slide_id, level, col, row), lambda: self._deepzoom(slide_id, read))
+
+
+def image_batch(device: Any) -> int:
+    """The default largest image batch on `device` (see `IMAGE_BATCH`)."""
+    return 1 if str(getattr(device, "type", device)) == "cpu" else IMAGE_BATCH
 
 
 def _stack(pixels: Sequence[Any]) -> Any:

@@ -63,8 +63,9 @@ def serve(
                                             "Qdrant server (--qdrant-url or CONCHDB_QDRANT_URL).")
     ] = 1,
     image_batch: Annotated[
-        int, typer.Option("--image-batch", help="Most image queries encoded as one batch (1: one at a time).")
-    ] = 8,
+        int | None, typer.Option("--image-batch", help="Most image queries encoded as one batch (1: one at a time; "
+                                                       "default: 8 on a GPU, 1 on a CPU, where batches do not pay).")
+    ] = None,
 ) -> None:
     """Serve the HTTP API (/v1, docs at /docs) and the search page (/) over a store."""
     settings = build_settings(host, api_key or options.settings.api_key, tuple(cors_origin), max_upload_mb,
@@ -79,7 +80,7 @@ def serve(
 
 def build_settings(
     host: str, api_key: str | None, cors: tuple[str, ...], max_upload_mb: float, *, admin_key: str | None = None,
-    image_batch: int = 8,
+    image_batch: int | None = None,
 ) -> ApiSettings:
     """The server's `ApiSettings`, refusing a non-loopback bind without a key, and an admin key
     that is empty or the same as the search key (a search client could then delete)."""

@@ -102,7 +102,7 @@ def search_image(url: str, seed: int, out: dict[int, int]) -> None:
 def held(searcher) -> Iterator[tuple[LiveServer, HeldEncoder, Service]]:
     """A live server whose image tower is held, with 8 threads in Starlette's pool and 9 for model requests."""
     encoder = HeldEncoder(searcher.encoder)
-    app = create_app(replace(searcher, encoder=encoder), ApiSettings(model_requests=9))
+    app = create_app(replace(searcher, encoder=encoder), ApiSettings(model_requests=9, image_batch=8))
     try:
         with LiveServer(SmallPool(app, threads=8)) as server:
             yield server, encoder, app.state.service
