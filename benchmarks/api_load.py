@@ -1,7 +1,7 @@
 """HTTP load on `conchdb serve`: concurrent clients sending mixed text, image and tile requests.
 
     python benchmarks/api_load.py [--clients 32] [--seconds 20] [--n 20000] [--model full|tiny]
-                                  [--device cpu] [--tokenizer FILE] [--json]
+                                  [--device cpu] [--image-batch 16] [--tokenizer FILE] [--json]
 
 Builds an embedded store of N tiles cut from a few synthetic slides (PNG files at 0.5 µm/px,
 so that every tile can be cut again for `GET /v1/tiles/{id}.jpg`), with random unit vectors
@@ -12,6 +12,13 @@ queries meet the server's cache as they would), an image search (a tile uploaded
 or a tile image request (2 : 1 : 2). Every request goes to 127.0.0.1. Any answer but 200,
 or a failed request, is an error.
 
+The same load runs twice, against two servers over the same store: as served (image queries
+that wait together encoded as one batch of at most `--image-batch`), and with
+`--image-batch 1`, each image encoded alone (the baseline: image requests/s when images are
+encoded one at a time). The targets checked: no errors; p99 of text searches and of tile
+images at most 150 ms each while image queries run; image requests/s at least 2x the
+baseline's.
+
 Beside it, in the same run, the same kinds of query go through an in-process `Searcher`
 one at a time (after the server has stopped, so they do not compete): a text query's
 embedding and search (no cache), an image's embedding and search, a tile cut from its
@@ -20,9 +27,10 @@ slide and JPEG-encoded.
 The model is CONCH's full-size architecture with random weights (`--model full`; latency
 does not depend on the values, and the real weights are gated) or the tests' tiny one.
 Progress goes to stderr; stdout gets a table, or with --json one JSON object:
-{"requests_per_s", "p50_ms", "p99_ms", "errors", "clients", "seconds", "kinds": {kind:
-{"requests", "requests_per_s", "p50_ms", "p99_ms", "errors"}}, "in_process": {kind: {"p50_ms",
-"p99_ms"}}}.
+{"requests_per_s", "p50_ms", "p99_ms", "errors", "clients", "seconds", "image_batch", "kinds":
+{kind: {"requests", "requests_per_s", "p50_ms", "p99_ms", "errors"}}, "one_at_a_time": {the same
+for the baseline server}, "image_speedup", "targets": {name: bool}, "in_process": {kind:
+{"p50_ms", "p99_ms"}}}.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ MIX = (("text", 2), ("image", 1), ("tile", 2))
 SCHEMA = {"slide_id": "keyword", "path": "keyword", "cohort": "keyword", "x": "integer", "y": "integer",
           "size": "integer", "mpp": "float", "tile_px": "integer"}
 BATCH = 2048
+TARGET_P99_MS = 150.0
+TARGET_IMAGE_SPEEDUP = 2.0
 
 
 def log(message: str) -> None:
@@ -125,13 +135,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: Path, checkpoint: Path, tokenizer: Path, device: str, port: int) -> subprocess.Popen:
+def start_server(store: Path, checkpoint: Path, tokenizer: Path, device: str, port: int,
+                 image_batch: int) -> subprocess.Popen:
     env = {**os.environ, "CONCHDB_HOME": str(store.parent / "home")}
     env.pop("CONCHDB_API_KEY", None)
     command = [sys.executable, "-m", "conchdb.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--store", str(store), "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer),
-               "--device", device]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               "--device", device, "--image-batch", str(image_batch)]
+    log_name = store.parent / f"server-{port}.log"  # a file: a pipe nobody reads would fill and stall the server
+    with open(log_name, "wb") as log_file:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    server.log_name = str(log_name)  # type: ignore[attr-defined]
+    return server
+
+
+def serve_and_load(folder: Path, checkpoint: Path, args: argparse.Namespace, image_batch: int, texts: list[str],
+                   uploads: list[bytes], ids: list[str]) -> dict:
+    """Start `conchdb serve` over the store with `image_batch`, run the load, stop it; the summary."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(folder / "store", checkpoint, args.tokenizer, args.device, port, image_batch)
+    try:
+        asyncio.run(wait_ready(url, server))
+        log(f"server (image batch {image_batch}) ready on {url}; {args.clients} clients for {args.seconds:g} s")
+        failures: list[str] = []
+        records = asyncio.run(load(url, args.clients, args.seconds, texts, uploads, ids, failures))
+    finally:
+        server.terminate()
+        server.wait(30)
+    for failure in failures[:5]:
+        log(f"failed: {failure}")
+    if failures:
+        log(f"the server's log ends: {server_log(server)}")
+    return {"image_batch": image_batch, **summary(records, args.seconds), "failures": failures[:5]}
+
+
+def targets(served: dict, alone: dict) -> dict:
+    """The issue's targets, each True when met."""
+    kinds = served["kinds"]
+    base = alone["kinds"]["image"]["requests_per_s"]
+    return {
+        "no_errors": served["errors"] == 0,
+        "text_p99_ms<=150": kinds["text"]["p99_ms"] is not None and kinds["text"]["p99_ms"] <= TARGET_P99_MS,
+        "tile_p99_ms<=150": kinds["tile"]["p99_ms"] is not None and kinds["tile"]["p99_ms"] <= TARGET_P99_MS,
+        "image_req_s>=2x_one_at_a_time": base > 0 and kinds["image"]["requests_per_s"] >= TARGET_IMAGE_SPEEDUP * base,
+    }
 
 
 async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
@@ -141,7 +189,7 @@ async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -
     async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                raise SystemExit(f"the server exited: {server.stderr.read().decode() if server.stderr else ''}")
+                raise SystemExit(f"the server exited: {server_log(server)}")
             try:
                 if (await client.get("/v1/health")).json().get("status") == "ok":
                     return
@@ -151,6 +199,12 @@ async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -
     raise SystemExit("the server did not become ready")
 
 
+def server_log(server: subprocess.Popen, tail: int = 2000) -> str:
+    """The end of what the server wrote to stderr (its log file)."""
+    name = getattr(server, "log_name", None)
+    return Path(name).read_text(errors="replace")[-tail:] if name and Path(name).exists() else ""
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -158,8 +212,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 async def load(url: str, clients: int, seconds: float, texts: list[str], uploads: list[bytes],
-               point_ids: list[str]) -> list[tuple[str, float, bool]]:
-    """`clients` concurrent clients for `seconds`; (kind, seconds, ok) per request."""
+               point_ids: list[str], failures: list[str]) -> list[tuple[str, float, bool]]:
+    """`clients` concurrent clients for `seconds`; (kind, seconds, ok) per request, and what
+    went wrong with each failed one appended to `failures`."""
     import httpx
 
     kinds, weights = zip(*MIX, strict=True)
@@ -181,8 +236,11 @@ async def load(url: str, clients: int, seconds: float, texts: list[str], uploads
                 else:
                     response = await client.get(f"/v1/tiles/{rng.choice(point_ids)}.jpg")
                 ok = response.status_code == 200
-            except httpx.HTTPError:
+                if not ok:
+                    failures.append(f"{kind}: {response.status_code} {response.text[:200]}")
+            except httpx.HTTPError as exc:
                 ok = False
+                failures.append(f"{kind}: {type(exc).__name__} {exc}")
             records.append((kind, time.perf_counter() - start, ok))
 
     async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits, timeout=120) as client:
@@ -236,12 +294,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000, help="tiles in the store (default 20,000)")
     parser.add_argument("--model", choices=("full", "tiny"), default="full", help="CONCH's size or the tests' tiny")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--image-batch", type=int, default=8, help="the server's largest image batch (default 8)")
     parser.add_argument("--tokenizer", type=Path, default=default_tokenizer(), help="CONCH tokenizer JSON")
     parser.add_argument("--in-process", type=int, default=30, help="in-process queries of each kind (default 30)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.tokenizer is None or not args.tokenizer.is_file():
         parser.error("give --tokenizer FILE (or set CONCHDB_TEST_ASSETS to the shared assets folder)")
+    if args.image_batch < 2:
+        parser.error("--image-batch must be 2 or more (the baseline, 1, is measured beside it in every run)")
 
     with tempfile.TemporaryDirectory(prefix="conchdb-api-load-") as tmp:
         folder = Path(tmp)
@@ -257,19 +318,14 @@ def main() -> None:
             with Image.open(p["path"]) as image:
                 tiles.append(image.convert("RGB").crop((p["x"], p["y"], p["x"] + TILE_PX, p["y"] + TILE_PX)))
         texts = [term for term, _ in all_terms()]
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(folder / "store", checkpoint, args.tokenizer, args.device, port)
-        try:
-            asyncio.run(wait_ready(url, server))
-            log(f"server ready on {url}; {args.clients} clients for {args.seconds:g} s")
-            ids = [p.id for p in points]
-            records = asyncio.run(load(url, args.clients, args.seconds, texts, [png_bytes(t) for t in tiles], ids))
-        finally:
-            server.terminate()
-            server.wait(30)
+        uploads, ids = [png_bytes(t) for t in tiles], [p.id for p in points]
+        served = serve_and_load(folder, checkpoint, args, args.image_batch, texts, uploads, ids)
+        alone = serve_and_load(folder, checkpoint, args, 1, texts, uploads, ids)
+        base = alone["kinds"]["image"]["requests_per_s"]
         result = {"clients": args.clients, "seconds": args.seconds, "n_tiles": args.n, "model": args.model,
-                  "device": args.device, **summary(records, args.seconds)}
+                  "device": args.device, **served, "one_at_a_time": alone,
+                  "image_speedup": round(served["kinds"]["image"]["requests_per_s"] / base, 2) if base else None,
+                  "targets": targets(served, alone)}
         log(f"in-process Searcher: {args.in_process} queries of each kind")
         result["in_process"] = in_process(folder / "store", encoder, texts, tiles, points, args.in_process)
 
@@ -277,12 +333,16 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{args.clients} clients, {args.seconds:g} s, {args.n} tiles, {args.model} model on {args.device}")
-    print(f"{'kind':<8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+    print(f"{'server':<16}{'kind':<8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
           f"{'in-proc p50':>13}{'in-proc p99':>13}")
-    for kind, row in [*result["kinds"].items(), ("all", result)]:
-        local = result["in_process"].get(kind, {})
-        print(f"{kind:<8}{row['requests']:>10}{row['requests_per_s']:>10}{row['p50_ms']!s:>10}{row['p99_ms']!s:>10}"
-              f"{row['errors']:>8}{local.get('p50_ms', ''):>13}{local.get('p99_ms', ''):>13}")
+    for name, run in ((f"image batch {args.image_batch}", result), ("one at a time", result["one_at_a_time"])):
+        for kind, row in [*run["kinds"].items(), ("all", run)]:
+            local = result["in_process"].get(kind, {})
+            print(f"{name:<16}{kind:<8}{row['requests']:>10}{row['requests_per_s']:>10}{row['p50_ms']!s:>10}"
+                  f"{row['p99_ms']!s:>10}{row['errors']:>8}{local.get('p50_ms', ''):>13}{local.get('p99_ms', ''):>13}")
+    print(f"image requests/s: {result['image_speedup']}x one at a time")
+    for name, met in result["targets"].items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ class Health(BaseModel):
     collection: str
     points: int | None = None
     model_fingerprint: str | None = None
+    process: int | None = Field(None, description="id of the server process that answered (`serve --workers N` runs N)")
 
 
 class FieldInfo(BaseModel):

@@ -1,17 +1,21 @@
 """What the routes call: one `Searcher`, its model and store opened once, shared by every request.
 
-Requests run on a thread pool, so the model runs one batch at a time (text queries that
-arrive together become one batch, `TextBatcher`), and the store, open slides and encoded
-images go through the guards of `shared`. Every id a request gives is looked up in the
-store before any file is touched.
+What runs where: requests that need the model (text and image queries, describe, classify,
+heatmaps) run on the service's own threads (`model_route`), and each tower of the model runs
+on a thread of its own (`batching.ModelRunner`), where text or image queries that arrive
+together are encoded as one batch. Tiles, thumbnails, Deep Zoom, slide records and searches by stored
+point run on Starlette's thread pool, which no model work holds, so they never wait for an
+encode. The store, open slides and encoded images go through the guards of `shared`. Every
+id a request gives is looked up in the store before any file is touched.
 """
 
 from __future__ import annotations
 
 import io
-import threading
+import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -19,11 +23,11 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from conchdb.api.batching import TextBatcher
+from conchdb.api.batching import ClientGone, ModelRunner, Tower, run_while_connected
 from conchdb.api.errors import ApiError
 from conchdb.api.filters import parse_filters
-from conchdb.api.settings import ApiSettings
-from conchdb.api.shared import BytesCache, SerialStore, SlideCache
+from conchdb.api.settings import IMAGE_BATCH, ApiSettings
+from conchdb.api.shared import BytesCache, SlideCache, shared_store
 from conchdb.archive import Removal, SlideCatalog, file_state
 from conchdb.errors import ConchdbError, SlideError
 from conchdb.search import heatmap, prompts, regions, steer
@@ -79,25 +83,47 @@ class Service:
             raise ConchdbError("the server needs a store", "open a store before serving")
         self.settings = settings
         self.raw_store = searcher.store
-        # The server's own Searcher over the serialized store; the caller's is left as it was.
-        self.searcher = replace(searcher, store=SerialStore(searcher.store))
+        # The server's own Searcher over the store as requests share it; the caller's is left as it was.
+        self.searcher = replace(searcher, store=shared_store(searcher.store))
         self.collection = searcher.collection
-        self.model_lock = threading.Lock()
-        self.batcher: TextBatcher | None = None
-        if searcher.encoder is not None:
-            self.batcher = TextBatcher(
-                self._encode_texts, searcher.encoder.fingerprint, self.model_lock,
-                settings.text_batch, settings.text_cache,
-            )
+        self.runner: ModelRunner | None = None
+        encoder = searcher.encoder
+        if encoder is not None:
+            self.runner = ModelRunner({
+                "text": Tower(encode=encoder.encode_texts, max_batch=settings.text_batch,
+                              cache_size=settings.text_cache),
+                "image": Tower(encode=lambda pixels: encoder.encode_pixels(_stack(pixels)),
+                               max_batch=settings.image_batch or image_batch(encoder.device)),
+            })
+        self._model_requests = self._request_pool()
+        self._text_floor_measured = False
         self.tiles = BytesCache(settings.tile_cache)
         self.pictures = BytesCache(256)
         self.slides = SlideCache(settings.open_slides)
         self.deepzoom = SlideCache(settings.open_slides)
         self._checked_model = False
 
+    def _request_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.settings.model_requests, thread_name_prefix="conchdb-request")
+
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        # A fresh pool (no threads until used): an app's lifespan may end and begin again.
+        old, self._model_requests = self._model_requests, self._request_pool()
+        old.shutdown(wait=False, cancel_futures=True)
         self.slides.close()
         self.deepzoom.close()
+
+    async def model_route(self, request: Any, fn: Callable[[], T]) -> T:
+        """`fn()` for a request that uses the model, on the service's own threads rather than
+        Starlette's pool (which tiles and Deep Zoom need); a client that disconnects while it
+        waits has its encodes dropped if they have not started (the answer is then a 499 that
+        nobody reads)."""
+        try:
+            return await run_while_connected(request.receive, self._model_requests, fn)
+        except ClientGone:
+            raise ApiError(499, "the client went away before the answer was ready", "ask again") from None
 
     # -- readiness -----------------------------------------------------------------------
 
@@ -121,6 +147,7 @@ class Service:
             "collection": self.collection,
             "points": points,
             "model_fingerprint": encoder.fingerprint if encoder is not None else None,
+            "process": os.getpid(),
         }
 
     def require_collection(self) -> dict[str, Any]:
@@ -132,18 +159,18 @@ class Service:
             )
         return meta
 
-    def require_model(self) -> Any:
-        if self.searcher.encoder is None or self.batcher is None:
+    def require_model(self) -> ModelRunner:
+        if self.searcher.encoder is None or self.runner is None:
             raise ApiError(503, "this server was started without the CONCH model", "start it with a checkpoint")
         if not self._checked_model:
             self.require_collection()
             self.searcher.check_model()
             self._checked_model = True
-        return self.searcher.encoder
+        return self.runner
 
-    def _encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        assert self.searcher.encoder is not None
-        return self.searcher.encoder.encode_texts(list(texts))
+    def text_vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of texts, batched with other requests' on the text tower's thread, and cached."""
+        return self.require_model().vectors("text", list(texts), keys=list(texts))
 
     # -- query vectors -------------------------------------------------------------------
 
@@ -155,15 +182,16 @@ class Service:
         if len(text) > self.settings.max_query_chars:
             raise ApiError(422, f"the query is longer than {self.settings.max_query_chars} characters",
                            "shorten it", field="query")
-        assert self.batcher is not None
         if not ensemble:
-            return self.batcher.vectors([text])[0]
-        return prompts.normalize(self.batcher.vectors(prompts.fill(prompts.TEMPLATES, text)).mean(axis=0))
+            return self.text_vectors([text])[0]
+        return prompts.normalize(self.text_vectors(prompts.fill(prompts.TEMPLATES, text)).mean(axis=0))
 
     def pixels_vector(self, pixels: Image.Image) -> np.ndarray:
-        encoder = self.require_model()
-        with self.model_lock:
-            return encoder.encode_images([pixels])[0]
+        """An image's vector: preprocessed on this (the request's) thread, encoded on the model
+        thread with the images of other requests that wait at the same time."""
+        runner = self.require_model()
+        assert self.searcher.encoder is not None
+        return runner.vectors("image", [self.searcher.encoder.preprocess(pixels)])[0]
 
     def point_vector(self, point_id: str) -> np.ndarray:
         self.require_collection()
@@ -236,15 +264,14 @@ class Service:
                modality: str = "image") -> list[SearchHit]:
         """`modality`: "text" for a query that began as words (its own noise floor, see
         `Searcher.noise_floor`), "image" otherwise."""
-        self.noise_floor(modality)  # measured (text: with the model) under the model's lock, once
+        self.noise_floor(modality)  # measured (text: with the model) on the text tower's thread, once
         return self.searcher.search(vector, opts.k, opts.flt, opts.min_score, opts.offset, opts.group_by,
                                     opts.group_size, exclude=exclude, modality=modality)
 
     def noise_floor(self, modality: str = "image") -> float | None:
-        if modality == "text":
-            self.require_model()
-            with self.model_lock:
-                floor = self.searcher.noise_floor(modality)
+        if modality == "text" and not self._text_floor_measured:
+            floor = self.require_model().call(lambda: self.searcher.noise_floor(modality), "text")
+            self._text_floor_measured = True  # the searcher keeps it; later calls need no model
         else:
             floor = self.searcher.noise_floor(modality)
         return None if floor is None else floor.value
@@ -259,9 +286,7 @@ class Service:
         steer.check_examples(like, unlike)
         out = np.asarray(vector, dtype=np.float32)
         if more_c or less_c:
-            self.require_model()
-            assert self.batcher is not None
-            vectors = self.batcher.vectors([c.text for c in (*more_c, *less_c)])
+            vectors = self.text_vectors([c.text for c in (*more_c, *less_c)])
             pairs = [(v, c.weight) for v, c in zip(vectors, (*more_c, *less_c), strict=True)]
             out = steer.add_concepts(out, pairs[: len(more_c)], pairs[len(more_c) :])
         if like or unlike:
@@ -289,21 +314,15 @@ class Service:
         return len(query.tiles), self.searcher.search_slides(query, k, flt, exclude_same, candidates)
 
     def describe(self, vector: np.ndarray, k: int) -> list[Any]:
-        self.require_model()
-        with self.model_lock:
-            return self.searcher.describe(vector, k)
+        return self.require_model().call(lambda: self.searcher.describe(vector, k), "text")
 
     def classify(self, vector: np.ndarray, classes: Sequence[prompts.ClassPrompts]) -> Any:
-        self.require_model()
-        with self.model_lock:
-            return self.searcher.classify(vector, classes)
+        return self.require_model().call(lambda: self.searcher.classify(vector, classes), "text")
 
     def classify_slide(self, slide_id: str, classes: Sequence[prompts.ClassPrompts], ks: Sequence[int],
                        flt: Filter) -> tuple[int, list[Any]]:
         self.slide_record(slide_id)
-        self.require_model()
-        with self.model_lock:
-            return self.searcher.classify_slide(slide_id, classes, ks, flt)
+        return self.require_model().call(lambda: self.searcher.classify_slide(slide_id, classes, ks, flt), "text")
 
     # -- slides --------------------------------------------------------------------------
 
@@ -442,6 +461,17 @@ class Service:
             return encode(tile, "JPEG")
 
         return self.pictures.get_or_make(("dz", slide_id, level, col, row), lambda: self._deepzoom(slide_id, read))
+
+
+def image_batch(device: Any) -> int:
+    """The default largest image batch on `device` (see `IMAGE_BATCH`)."""
+    return 1 if str(getattr(device, "type", device)) == "cpu" else IMAGE_BATCH
+
+
+def _stack(pixels: Sequence[Any]) -> Any:
+    import torch
+
+    return torch.stack(list(pixels))
 
 
 class _ZoomSource:

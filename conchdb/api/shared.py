@@ -1,9 +1,12 @@
 """What concurrent requests share, made safe to share: the store, open slides, encoded images.
 
-Requests run on a thread pool. The embedded engine's handles are not meant for concurrent
-callers and its operations take milliseconds, so `SerialStore` runs them one at a time;
-open slides are kept in a small LRU, each read under its own lock (`SlideCache`); encoded
-tiles and pictures are kept in a bounded LRU (`BytesCache`), since an id fixes its pixels.
+Requests run on threads. A Qdrant server is queried as it is, by every thread at once
+(qdrant-client's HTTP client takes concurrent calls, and the server orders them). What runs
+in-process is not made for concurrent callers: the embedded engine's handles, and
+qdrant-client's local mode (plain dicts, no locks; the tests' stand-in for a server); their
+operations take milliseconds, so `SerialStore` runs them one at a time (`shared_store`
+chooses). Open slides are kept in a small LRU, each read under its own lock (`SlideCache`);
+encoded tiles and pictures are kept in a bounded LRU (`BytesCache`), since an id fixes its pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from typing import Any, TypeVar
 from conchdb.store import Store
 
 T = TypeVar("T")
+
+
+def shared_store(store: Store) -> Store:
+    """`store` as concurrent requests may use it: a Qdrant server as it is, anything in-process serialized."""
+    from conchdb.store.server import ServerStore
+
+    if isinstance(store, ServerStore) and store.url:
+        return store
+    return SerialStore(store)  # type: ignore[return-value]  # a Store in all but name
 
 
 class SerialStore:

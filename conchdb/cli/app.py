@@ -162,13 +162,17 @@ class Options:
         """The store the options name, else the one the settings name."""
         from conchdb.store import open_store
 
+        return open_store(self.store or self.settings.store_path, self.server_url, self.settings.qdrant_api_key,
+                          shard_number=self.settings.qdrant_shards, replication_factor=self.settings.qdrant_replicas)
+
+    @property
+    def server_url(self) -> str | None:
+        """The Qdrant server the options name, else the settings' (None: the embedded store)."""
         if self.store is not None and self.qdrant_url is not None:
             raise ConchdbError(
                 "--store and --qdrant-url both given", "choose the embedded store or a server, not both"
             )
-        url = self.qdrant_url or (None if self.store is not None else self.settings.qdrant_url)
-        return open_store(self.store or self.settings.store_path, url, self.settings.qdrant_api_key,
-                          shard_number=self.settings.qdrant_shards, replication_factor=self.settings.qdrant_replicas)
+        return self.qdrant_url or (None if self.store is not None else self.settings.qdrant_url)
 
     def load_encoder(
         self, towers: Iterable[str] = ("vision", "text"), need_tokenizer: bool = True, batch_size: int = 32

@@ -321,10 +321,20 @@ class Encoder:
         pre-projection features with `raw=True`."""
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(images), self.batch_size):
-            chunk = [open_image(img) for img in images[start : start + self.batch_size]]
-            pixels = torch.stack([preprocess_pil(img, self.image_size) for img in chunk])
+            pixels = torch.stack([self.preprocess(img) for img in images[start : start + self.batch_size]])
             out.append(self._run_images(pixels, raw))
         return np.concatenate(out)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One image as the image tower takes it (CONCH's preprocessing): (3, S, S) float.
+
+        With `encode_pixels`, the two halves of `encode_images`, so that a server can
+        preprocess in its requests' threads and keep only the model in its own."""
+        return preprocess_pil(open_image(image), self.image_size)
+
+    def encode_pixels(self, pixels: torch.Tensor, raw: bool = False) -> np.ndarray:
+        """Preprocessed images (N, 3, S, S) (`preprocess`, stacked) to (N, 512) float32, in one batch."""
+        return self._run_images(pixels, raw)
 
     def encode_tiles(
         self, tiles: np.ndarray, raw: bool = False, timings: dict[str, float] | None = None

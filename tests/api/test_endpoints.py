@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conchdb.api.batching import TextBatcher
+from conchdb.api.batching import ModelRunner, Tower
 from conchdb.search import classes_from_labels
 from conchdb.search.filters import parse_where
 from tests.api.conftest import TILE, make_client
@@ -221,28 +221,38 @@ def test_a_slide_whose_file_moved_gives_404_with_a_message(searcher, ingested):
 
 def test_text_queries_arriving_together_are_encoded_in_one_batch_and_cached():
     calls: list[list[str]] = []
+    first = threading.Event()
+    release = threading.Event()
 
-    def slow_encode(texts):
+    def blocked_encode(texts):
         calls.append(list(texts))
-        time.sleep(0.2)
+        first.set()
+        release.wait(30)
         return np.stack([np.full(4, len(t), dtype=np.float32) for t in texts])
 
-    batcher = TextBatcher(slow_encode, "model-a", threading.Lock())
+    runner = ModelRunner({"text": Tower(encode=blocked_encode, max_batch=64, cache_size=16)})
     texts = [f"query {'x' * n}" for n in range(8)]
     out: dict[str, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda t=t: out.__setitem__(t, batcher.vectors([t])[0])) for t in texts]
-    for thread in threads:
+
+    def ask(text: str) -> None:
+        out[text] = runner.vectors("text", [text], keys=[text])[0]
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in [*texts, texts[5]]]  # texts[5] twice
+    threads[0].start()
+    assert first.wait(30)  # the first text is being encoded alone; the rest arrive while it runs
+    for thread in threads[1:]:
         thread.start()
+    deadline = time.monotonic() + 30
+    while runner.pending("text") < 7 and time.monotonic() < deadline:
         time.sleep(0.01)
+    release.set()
     for thread in threads:
-        thread.join()
+        thread.join(30)
     assert all(out[t][0] == len(t) for t in texts)
-    assert len(calls) == 2 and sorted(calls[1]) == sorted(texts[1:])  # the first alone, the rest together
-    batcher.vectors([texts[3]])
+    assert len(calls) == 2 and sorted(calls[1]) == sorted(texts[1:])  # the rest together, texts[5] once
+    runner.vectors("text", [texts[3]], keys=[texts[3]])
     assert len(calls) == 2  # cached
-    other = TextBatcher(slow_encode, "model-b", threading.Lock())
-    other.vectors([texts[3]])
-    assert len(calls) == 3  # another model's cache is its own
+    runner.close()
 
 
 def test_slide_search_ranks_the_other_stored_slides_as_the_searcher_does(client, searcher):

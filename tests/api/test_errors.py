@@ -3,6 +3,8 @@ and what a server that lacks its model or its collection answers."""
 
 from __future__ import annotations
 
+import os
+
 from qdrant_client import QdrantClient
 
 from conchdb.api.errors import ApiError, error_field, error_status
@@ -61,7 +63,7 @@ def test_a_store_without_the_collection_is_503_with_the_fix(encoder):
     with make_client(Searcher(encoder, empty, "conch_tiles")) as client:
         assert client.get("/v1/health").json() == {
             "status": "unavailable", "store": False, "model": True, "collection": "conch_tiles", "points": None,
-            "model_fingerprint": encoder.fingerprint,
+            "model_fingerprint": encoder.fingerprint, "process": os.getpid(),
         }
         refused = client.post("/v1/search/text", json={"query": "tumor"})
         assert refused.status_code == 503 and "ingest" in refused.json()["fix"]

@@ -8,7 +8,8 @@ one endpoint serves a LIMS sending ids and a browser sending a dropped file.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,6 +24,7 @@ from conchdb.search import prompts
 from conchdb.search.zeroshot import DEFAULT_KS
 
 router = APIRouter(prefix="/v1", tags=["search"])
+T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorBody, "description": text}
@@ -107,40 +109,59 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise validation_error(exc.errors(), model) from None
 
 
+async def _run(service: Service, request: Request, run: Callable[[], T], *, model: bool) -> T:
+    """A request that uses the model on the service's threads (`Service.model_route`); one that
+    does not (a search by stored point, unsteered by concepts) on Starlette's pool, like tiles."""
+    return await (service.model_route(request, run) if model else run_in_threadpool(run))
+
+
+def _concepts(body: Any) -> bool:
+    return bool(getattr(body, "more", None) or getattr(body, "less", None))
+
+
 def _response(service: Service, hits: list, top_k: int, page: int, modality: str = "image") -> dict[str, Any]:
     return {"hits": [hit_dict(h) for h in hits], "top_k": top_k, "page": page, "collection": service.collection,
             "noise_floor": service.noise_floor(modality)}
 
 
 @router.post("/search/text", response_model=schemas.SearchResponse, responses=ERRORS)
-def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
+async def search_text(body: schemas.TextSearch, request: Request) -> dict[str, Any]:
     """Tiles that look like a text: `{"query": "tumor necrosis", "top_k": 10, "filters": {...}}`;
     `more` / `less` (`[{"text", "weight"}]`) steer it by concept."""
     service = _service(request)
-    opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
-    vector = service.steered(service.text_vector(body.query, body.ensemble), more=body.more, less=body.less)
-    return _response(service, service.search(vector, opts, modality="text"), body.top_k, body.page, "text")
+
+    def run() -> dict[str, Any]:
+        opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
+        vector = service.steered(service.text_vector(body.query, body.ensemble), more=body.more, less=body.less)
+        return _response(service, service.search(vector, opts, modality="text"), body.top_k, body.page, "text")
+
+    return await service.model_route(request, run)
 
 
 @router.post("/search/refine", response_model=schemas.SearchResponse, responses=ERRORS)
-def search_refine(body: schemas.RefineSearch, request: Request) -> dict[str, Any]:
+async def search_refine(body: schemas.RefineSearch, request: Request) -> dict[str, Any]:
     """A search again, steered: the query (`query` text, or `point_id`, or `slide_id` with
     `x, y, w, h`), moved toward the hits in `like` and away from those in `unlike` (Rocchio's
     update in CONCH space) and by `more` / `less` concepts; the marked hits are left out."""
     service = _service(request)
-    opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
-    query = body.model_dump()
-    if body.query is not None:
-        if any(query.get(k) is not None for k in ("point_id", "slide_id")):
-            raise ApiError(422, "give one query: a text, a point_id or a slide region", "send one of them",
-                           field="query")
-        vector = service.text_vector(body.query, body.ensemble)
-    else:
-        vector = service.image_vector(query, None)
-    vector = service.steered(vector, more=body.more, less=body.less, like=body.like, unlike=body.unlike)
-    modality = "text" if body.query is not None else "image"
-    hits = service.search(vector, opts, exclude=[*body.like, *body.unlike], modality=modality)
-    return _response(service, hits, body.top_k, body.page, modality)
+
+    def run() -> dict[str, Any]:
+        opts = service.options(body.top_k, body.page, body.filters, body.min_score, body.group_by, body.group_size)
+        query = body.model_dump()
+        if body.query is not None:
+            if any(query.get(k) is not None for k in ("point_id", "slide_id")):
+                raise ApiError(422, "give one query: a text, a point_id or a slide region", "send one of them",
+                               field="query")
+            vector = service.text_vector(body.query, body.ensemble)
+        else:
+            vector = service.image_vector(query, None)
+        vector = service.steered(vector, more=body.more, less=body.less, like=body.like, unlike=body.unlike)
+        modality = "text" if body.query is not None else "image"
+        hits = service.search(vector, opts, exclude=[*body.like, *body.unlike], modality=modality)
+        return _response(service, hits, body.top_k, body.page, modality)
+
+    model = body.query is not None or body.slide_id is not None or _concepts(body)
+    return await _run(service, request, run, model=model)
 
 
 @router.post("/search/slide", response_model=schemas.SlideSearchResponse, responses=ERRORS)
@@ -163,7 +184,8 @@ async def search_image(request: Request) -> dict[str, Any]:
         vector = service.steered(service.image_vector(body.model_dump(), pixels), more=body.more, less=body.less)
         return _response(service, service.search(vector, opts), body.top_k, body.page)
 
-    return await run_in_threadpool(run)
+    model = pixels is not None or body.slide_id is not None or _concepts(body)
+    return await _run(service, request, run, model=model)
 
 
 @router.post("/describe", response_model=schemas.DescribeResponse, responses=ERRORS,
@@ -177,7 +199,7 @@ async def describe(request: Request) -> dict[str, Any]:
         vector = service.image_vector(body.model_dump(), pixels)
         return {"texts": [m.to_dict() for m in service.describe(vector, body.top_k)]}
 
-    return await run_in_threadpool(run)
+    return await service.model_route(request, run)
 
 
 def _classes(body: schemas.Classify, service: Service) -> list[prompts.ClassPrompts]:
@@ -231,4 +253,4 @@ async def classify(request: Request) -> dict[str, Any]:
         vector = service.image_vector(query, pixels)
         return service.classify(vector, classes).to_dict()
 
-    return await run_in_threadpool(run)
+    return await service.model_route(request, run)

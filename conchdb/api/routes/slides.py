@@ -72,7 +72,7 @@ def thumbnail(slide_id: str, request: Request, size: int = Query(512, ge=32, le=
 
 @router.get("/slides/{slide_id:path}/heatmap.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "PNG image"}, **ERRORS})
-def slide_heatmap(
+async def slide_heatmap(
     slide_id: str,
     request: Request,
     query: str = Query(min_length=1, max_length=schemas.MAX_QUERY_CHARS),
@@ -84,12 +84,17 @@ def slide_heatmap(
     """Similarity of each stored tile of the slide to a text: a transparent overlay the size of
     the slide's thumbnail (`overlay`, for the viewer), or a picture with a colour bar (`figure`)."""
     service = _service(request)
-    service.slide_record(slide_id)
-    from conchdb.api.filters import parse_filters
 
-    flt = parse_filters(_json_param(filters, "filters"), service.searcher.field_types(), service.settings.max_filters)
-    vector = service.text_vector(query, ensemble)
-    png, low, high = service.heatmap_png(slide_id, vector, f"{slide_id}: {query}", style, size, flt)
+    def run() -> tuple[bytes, float, float]:
+        service.slide_record(slide_id)
+        from conchdb.api.filters import parse_filters
+
+        flt = parse_filters(_json_param(filters, "filters"), service.searcher.field_types(),
+                            service.settings.max_filters)
+        vector = service.text_vector(query, ensemble)
+        return service.heatmap_png(slide_id, vector, f"{slide_id}: {query}", style, size, flt)
+
+    png, low, high = await service.model_route(request, run)
     # The scores at the palette's two ends (viridis, low to high), for the page's legend.
     return Response(png, media_type="image/png", headers={"X-Score-Low": f"{low:.6f}", "X-Score-High": f"{high:.6f}"})
 
@@ -98,7 +103,7 @@ GEOJSON = {"content": {"application/geo+json": {}}, "description": "A GeoJSON Fe
 
 
 @router.get("/slides/{slide_id:path}/hits.geojson", response_class=Response, responses={200: GEOJSON, **ERRORS})
-def slide_hits_geojson(
+async def slide_hits_geojson(
     slide_id: str,
     request: Request,
     query: str = Query(min_length=1, max_length=schemas.MAX_QUERY_CHARS),
@@ -112,12 +117,16 @@ def slide_hits_geojson(
     from conchdb.search.geojson import hits_by_slide
 
     service = _service(request)
-    service.slide_record(slide_id)
-    given = _json_param(filters, "filters") or {}
-    if not isinstance(given, dict):
-        raise ApiError(422, "filters must be a JSON object", 'e.g. {"site": "lung"}', field="filters")
-    opts = service.options(top_k, 1, {**given, "slide_id": slide_id}, None, None, 3)
-    hits = service.search(service.text_vector(query, ensemble), opts, modality="text")
+
+    def run() -> list[Any]:
+        service.slide_record(slide_id)
+        given = _json_param(filters, "filters") or {}
+        if not isinstance(given, dict):
+            raise ApiError(422, "filters must be a JSON object", 'e.g. {"site": "lung"}', field="filters")
+        opts = service.options(top_k, 1, {**given, "slide_id": slide_id}, None, None, 3)
+        return service.search(service.text_vector(query, ensemble), opts, modality="text")
+
+    hits = await service.model_route(request, run)
     doc = hits_by_slide(hits).get(slide_id, {"type": "FeatureCollection", "features": []})
     return Response(json.dumps(doc), media_type="application/geo+json")
 
