@@ -450,7 +450,11 @@ class EdgeStore(Store):
         plan = self._plan_batch(name, vectors, flts, payload_fields, group_by, rows)
         if k <= 0 or not plan.vectors:
             return [[] for _ in plan.vectors]
-        selector = True if plan.payload_fields is None else qe.PayloadSelector.Include(plan.payload_fields)
+        # No payload asked for: False, not an empty Include, which still reads each hit's
+        # payload and made slide search's one-hit searches twice as dear (16 -> 35 us each).
+        selector: Any = True if plan.payload_fields is None else plan.payload_fields and qe.PayloadSelector.Include(
+            plan.payload_fields
+        )
         params = {
             filtered: qe.SearchParams(
                 hnsw_ef=self.tuning.beam(filtered, k), quantization=self._quantized_search, acorn=self._acorn

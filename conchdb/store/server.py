@@ -336,7 +336,8 @@ class ServerStore(Store):
         plan = self._plan_batch(name, vectors, flts, payload_fields, group_by, rows)
         if k <= 0 or not plan.vectors:
             return [[] for _ in plan.vectors]
-        selector: bool | list[str] = True if plan.payload_fields is None else plan.payload_fields
+        # No payload asked for: False, which spares the server reading each hit's payload.
+        selector: bool | list[str] = True if plan.payload_fields is None else plan.payload_fields or False
         requests = [
             models.QueryRequest(
                 query=row,
