@@ -15,7 +15,7 @@ from conchdb.archive.mosaic import choose_mosaic
 from conchdb.catalog import MOSAIC_FIELD
 from conchdb.cli import app
 from conchdb.errors import QueryError
-from conchdb.search import Searcher
+from conchdb.search import Searcher, slide_search
 from conchdb.search.slide_search import QueryTile, SlideQuery, candidate_filter, candidate_slides, rank_slides
 from conchdb.store import Condition, Filter, Point, Store, stable_id
 from conchdb.store.edge import EdgeStore
@@ -240,6 +240,33 @@ def test_candidates_from_slide_records_rank_as_the_exhaustive_search(tmp_path, a
             pool, checked = candidate_slides(recorded, "tiles", query.vectors, candidate_filter(query, None, ()), 6)
             assert checked and pool == nearest
             assert few[0].slide_id == max(nearest, key=lambda s: (truth[s], s))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_pruning_in_chunks_and_stages_keeps_the_exhaustive_order(tmp_path, archive, monkeypatch, chunk):
+    """Every slide a candidate (a store without records), the further ones scored one, three
+    or all at a time (the first chunk's first stage in the first batch): the top slides
+    and their scores are the exhaustive ones, and slides below the bar are dropped before
+    all their pairs are asked."""
+    monkeypatch.setattr(slide_search, "CHUNK", chunk)
+    with EdgeStore(tmp_path / "bare") as bare:
+        write_archive(bare, "tiles", archive, records=False)
+        searcher = Searcher(None, bare, "tiles")
+        queries = [searcher.slide_query(slide) for slide in archive.slides]
+        asked: list[int] = []
+        real = bare.query_batch
+        monkeypatch.setattr(bare, "query_batch", lambda *a, **kw: asked.append(len(kw["rows"])) or real(*a, **kw))
+        for query in queries:
+            truth = archive.exact_scores(query.vectors, query.slide_id)
+            matches = rank_slides(bare, "tiles", query, k=2)
+            assert [m.slide_id for m in matches] == sorted(truth, key=lambda s: (-truth[s], s))[:2]
+            for m in matches:
+                assert m.score == pytest.approx(truth[m.slide_id], abs=1e-4)
+                assert len(m.matched_tiles) == len(query.tiles)
+        every = sum((len(archive.slides) - 1) * len(q.tiles) for q in queries)
+        assert sum(asked) < every
+        if chunk == 64:  # all further slides in one chunk: a batch of every pair of the first
+            assert len(asked) <= len(queries) * (1 + len(slide_search.STAGES))  # and a batch a stage
 
 
 def test_where_slide_records_exist_a_slide_without_a_done_record_is_not_searched(tmp_path, archive):
