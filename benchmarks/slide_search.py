@@ -1,6 +1,6 @@
 """Slide search and retrieval evaluation speed on a synthetic archive, beside exact numpy.
 
-    python benchmarks/slide_search.py [--slides 500] [--tiles 400] [--queries 50] [--json]
+    python benchmarks/slide_search.py [--slides 500] [--tiles 400] [--queries 50] [--keep DIR] [--json]
 
 Makes SLIDES x TILES unit 512-d vectors with class structure: each slide belongs to one of
 `--classes` diagnoses and one patient (two slides a patient), and its tiles mix the
@@ -14,12 +14,18 @@ other slide twice: by `rank_slides` (batched store queries) and by exact numpy o
 tile vectors in memory; the table gives both latencies (p50/p99) and the overlap of their
 top 5. Last, `evaluate_retrieval` runs leave-one-patient-out over all slides.
 
+Building the store takes most of a run (minutes at 1M points on 2 cores): with `--keep DIR`
+the store is built in DIR once and reused by every later run with the same archive
+(`--slides`, `--tiles`, `--classes`; the vectors are drawn again from the same seed), so
+`write_s` and `build_s` are then 0.
+
 Progress goes to stderr; stdout gets a table, or with --json one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,6 +49,7 @@ COLLECTION = "bench_tiles"
 MOSAIC_K = 32
 PATTERNS, PATTERNS_PER_SLIDE = 300, 20
 TOP = 5
+ARCHIVE_FILE = "archive.json"
 KEYS = (
     "slides", "tiles", "points", "candidates", "write_s", "build_s", "queries", "p50_ms", "p99_ms",
     "exact_p50_ms", "exact_p99_ms", "top5_overlap", "evaluate_s", "evaluate_top1", "evaluate_mmv5",
@@ -73,8 +80,30 @@ def make_archive(slides: int, tiles: int, classes: int, seed: int = 0) -> tuple[
     return out, labels
 
 
-def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list[str]]:
-    """The archive written as ingest writes it; returns each slide's point ids."""
+def slide_ids(slides: int, tiles: int) -> list[list[str]]:
+    """Each slide's point ids, as `fill` writes them."""
+    return [slide_ids_of(f"slide-{s:04d}", tiles) for s in range(slides)]
+
+
+def slide_ids_of(slide_id: str, tiles: int) -> list[str]:
+    return [stable_id("bench", slide_id, t) for t in range(tiles)]
+
+
+def kept_archive(folder: Path, archive: dict) -> bool:
+    """Whether `folder` (`--keep`) holds a finished store of this archive; False for a new or
+    empty folder, where it is built. Any other folder is refused rather than overwritten."""
+    marker = folder / ARCHIVE_FILE
+    if marker.is_file() and json.loads(marker.read_text()) == archive:
+        return True
+    if folder.is_dir() and any(folder.iterdir()):
+        held = marker.read_text().strip() if marker.is_file() else "no finished archive"
+        sys.exit(f"--keep {folder} holds {held}, not {json.dumps(archive)}: delete the folder or give another one")
+    folder.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> None:
+    """The archive written as ingest writes it (point ids as `slide_ids` gives them)."""
     fields = {**TILE_FIELDS, "diagnosis": "keyword", "patient_id": "keyword"}
     store.ensure_collection(CollectionSpec(
         COLLECTION, DIM, {"model_fingerprint": "bench"}, fields,
@@ -85,7 +114,6 @@ def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list
     layout = slides_layout({"diagnosis": "string", "patient_id": "string"})
     store.ensure_collection(CollectionSpec(records, DIM, {"model_fingerprint": "bench"}, **asdict(layout)))
     side = int(np.ceil(np.sqrt(vectors.shape[1])))
-    all_ids = []
     for s in range(vectors.shape[0]):
         slide_id = f"slide-{s:04d}"
         shared = {
@@ -93,7 +121,7 @@ def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list
             "mpp": 0.25, "mpp_source": "openslide", "target_mpp": 0.5, "tile_px": 512, "tiling": "0.5um-512px-s512",
             "ingest_run": "bench", "diagnosis": f"class-{labels[s]}", "patient_id": f"patient-{s // 2:04d}",
         }
-        ids = [stable_id("bench", slide_id, t) for t in range(vectors.shape[1])]
+        ids = slide_ids_of(slide_id, vectors.shape[1])
         own = [{"x": 1024 * (t % side), "y": 1024 * (t // side), "tissue": 0.9} for t in range(vectors.shape[1])]
         for start in range(0, len(ids), 64):
             points = [Point(i, v, p) for i, v, p in zip(ids[start:start + 64], vectors[s, start:start + 64],
@@ -103,8 +131,6 @@ def fill(store: EdgeStore, vectors: np.ndarray, labels: np.ndarray) -> list[list
         mean = vectors[s].mean(axis=0)
         record = {**shared, "status": "done", "tiles": vectors.shape[1], "identity": slide_id}
         store.upsert(records, [Point(stable_id("slide", "bench", slide_id, shared["tiling"]), unit(mean), record)])
-        all_ids.append(ids)
-    return all_ids
 
 
 def exact_ranking(flat: np.ndarray, slides: int, query: np.ndarray, exclude: int, k: int) -> list[str]:
@@ -138,24 +164,35 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=CANDIDATES, help="slides scored exactly per query")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="build the store in DIR once and reuse it in later runs with the same archive")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     vectors, labels = make_archive(args.slides, args.tiles, args.classes)
     flat = vectors.reshape(-1, DIM)
     doc: dict = {"slides": args.slides, "tiles": args.tiles, "points": int(flat.shape[0]),
-                 "candidates": args.candidates}
-    with tempfile.TemporaryDirectory(prefix="conchdb-slide-bench-") as tmp, EdgeStore(Path(tmp) / "store") as store:
-        log(f"writing {flat.shape[0]} points")
-        t = time.perf_counter()
-        ids = fill(store, vectors, labels)
-        doc["write_s"] = round(time.perf_counter() - t, 2)
-        log("building the index")
-        t = time.perf_counter()
-        store.finish_bulk_load(COLLECTION)
-        doc["build_s"] = round(time.perf_counter() - t, 2)
-        # The build leaves hundreds of MB for the kernel to write back; queries timed while it
-        # does would measure the disk. (An archive is searched long after it was written.)
-        os.sync()
+                 "candidates": args.candidates, "write_s": 0.0, "build_s": 0.0}
+    archive = {"slides": args.slides, "tiles": args.tiles, "classes": args.classes, "dim": DIM}
+    with contextlib.ExitStack() as stack:
+        folder = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conchdb-slide-bench-")))
+        reuse = kept_archive(folder, archive) if args.keep else False
+        store = stack.enter_context(EdgeStore(folder / "store"))
+        if reuse:
+            log(f"reusing the store in {folder}")
+        else:
+            log(f"writing {flat.shape[0]} points")
+            t = time.perf_counter()
+            fill(store, vectors, labels)
+            doc["write_s"] = round(time.perf_counter() - t, 2)
+            log("building the index")
+            t = time.perf_counter()
+            store.finish_bulk_load(COLLECTION)
+            doc["build_s"] = round(time.perf_counter() - t, 2)
+            # The build leaves hundreds of MB for the kernel to write back; queries timed while it
+            # does would measure the disk. (An archive is searched long after it was written.)
+            os.sync()
+            (folder / ARCHIVE_FILE).write_text(json.dumps(archive))  # last: a cut build is not reused
+        ids = slide_ids(args.slides, args.tiles)
         picks = np.linspace(0, args.slides - 1, min(args.queries, args.slides)).astype(int)
         queries = []
         for s in picks:
