@@ -185,14 +185,14 @@ def main() -> None:
                         help="build the store in DIR once and reuse it in later runs with the same archive")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    archive = {"slides": args.slides, "tiles": args.tiles, "classes": args.classes, "dim": DIM}
+    reuse = kept_archive(args.keep, archive) if args.keep else False
     vectors, labels = make_archive(args.slides, args.tiles, args.classes)
     flat = vectors.reshape(-1, DIM)
     doc: dict = {"slides": args.slides, "tiles": args.tiles, "points": int(flat.shape[0]),
                  "candidates": args.candidates, "write_s": 0.0, "build_s": 0.0}
-    archive = {"slides": args.slides, "tiles": args.tiles, "classes": args.classes, "dim": DIM}
     with contextlib.ExitStack() as stack:
         folder = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="conchdb-slide-bench-")))
-        reuse = kept_archive(folder, archive) if args.keep else False
         store = stack.enter_context(EdgeStore(folder / "store"))
         if reuse:
             log(f"reusing the store in {folder}")
