@@ -74,7 +74,7 @@ class SlideSearch(Strict):
         description="Fields whose query value leaves slides out (e.g. patient_id); the query slide always is.",
     )
     candidates: int | None = Field(
-        None, ge=1, le=1000, description="Slides scored exactly (default 32): more is slower and surer."
+        None, ge=1, le=1000, description="Slides scored exactly (default 40): more is slower and surer."
     )
 
 
