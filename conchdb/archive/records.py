@@ -209,6 +209,18 @@ class SlideCatalog:
         found = dict.fromkeys(str(h.payload["slide_id"]) for h in hits if h.payload.get("slide_id") is not None)
         return list(found)[:n]
 
+    def mean_vectors(self, slide_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The mean tile vector (unit length) that the done records of `slide_ids` hold, by
+        slide id; a slide stored at several tilings gives one of its records' means, and a
+        slide without a done record is left out."""
+        if not slide_ids or not self.has_records():
+            return {}
+        done = Condition("status", "eq", SlideStatus.DONE.value)
+        found = self.store.scroll(self.records_collection, Filter((done, Condition("slide_id", "in", list(slide_ids)))),
+                                  with_vectors=True)
+        return {str(h.payload["slide_id"]): h.vector for h in found
+                if h.vector is not None and h.payload.get("slide_id") is not None}
+
     def tiles(self, record: Mapping[str, Any], *, with_vectors: bool = False) -> list[Hit]:
         """The tiles of one stored copy of a slide."""
         return list(self.store.scroll(self.collection, scope(record), with_vectors=with_vectors))
