@@ -50,7 +50,7 @@ from conchdb.errors import QueryError
 from conchdb.store import Condition, Filter, Store
 
 CANDIDATES = 40
-"""Slides scored exactly per query (at least k + REFINE_EXTRA): a query costs about 28
+"""Slides scored exactly per query (at least k + REFINE_EXTRA): a query costs about 25
 one-hit searches a candidate (32 for each of the best, 17 or more for each dropped one)."""
 REFINE_EXTRA = 5
 """Candidates beyond k that get all their pairs at once, to set the bar the others must beat."""
