@@ -199,35 +199,24 @@ def run(args: argparse.Namespace) -> dict:
     spec = CollectionSpec("bench", DIM, {"model_fingerprint": "bench"}, **asdict(layout))
     result: dict = {"n": n}
 
+    chosen = (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct), ("hnsw_ef", args.ef))
+    options = {k: v for k, v in chosen if v}
     with tempfile.TemporaryDirectory(prefix="conchdb-bench-") as tmp:
-        # The baseline goes first, on a disk that the embedded store's gigabytes have not
-        # yet filled with writeback: local mode commits once per point, so its rate is the
-        # disk's sync latency, and measuring it on a busy disk could flatter the ratio.
-        local_n = min(n, LOCAL_N)
-        log(f"qdrant-client local mode on {local_n:,} points (persisted in a folder, like the embedded store)")
-        local_rate, local_ms = local_mode(Path(tmp) / "local", spec, data, local_n, queries[:20], args.batch)
-        result["local_mode_upsert_per_s"] = local_rate
-        result["local_mode_filtered_p50_ms"] = float(np.percentile(local_ms, 50))
-        log(f"local mode: {local_rate:,.0f} points/s")
-
-        log("embedded store: upserting")
-        chosen = (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct), ("hnsw_ef", args.ef))
-        options = {k: v for k, v in chosen if v}
-        edge = EdgeStore(Path(tmp) / "edge", tuning=StoreTuning(**options))
-        edge.ensure_collection(spec)
-        result["upsert_per_s"] = upsert_rate(edge, "bench", data, n, args.batch)
-        log(f"embedded store: {result['upsert_per_s']:,.0f} points/s; building the index")
-        started = time.perf_counter()
-        edge.finish_bulk_load("bench")
-        result["build_s"] = time.perf_counter() - started
-        log(f"embedded store: index built in {result['build_s']:.1f} s; exact ground truth")
+        folder = Path(args.keep or tmp) / f"store-{n}"
+        built = folder / "build.json"
+        if built.is_file():  # --keep: this store was written and built by an earlier run with these options
+            result.update(json.loads(built.read_text()))
+            log(f"reusing the store built in {folder} (its write and build figures are that run's)")
+        else:
+            result.update(write_and_build(folder, spec, data, n, queries, args.batch, options))
+            built.write_text(json.dumps({k: v for k, v in result.items() if k != "n"}))
+        log("exact ground truth")
         truth, truth_f = exact_top(data.vectors, queries, None), exact_top(data.vectors, queries, mask)
-        edge.close()
         rounds = []
         for number in range(1, args.rounds + 1):
             # Each round opens the store as a new process would (conchdb serve, a search).
             log(f"embedded store: queries, round {number} of {args.rounds}")
-            with EdgeStore(Path(tmp) / "edge", tuning=StoreTuning(**options)) as edge:
+            with EdgeStore(folder / "edge", tuning=StoreTuning(**options)) as edge:
                 plain_ms, plain = timed(lambda q, e=edge: e.query("bench", q, k=K), queries)
                 filt_ms, filt = timed(lambda q, e=edge: e.query("bench", q, k=K, flt=FILTER), queries)
             rounds.append({
@@ -251,8 +240,33 @@ def run(args: argparse.Namespace) -> dict:
         exact_ms, _ = timed(lambda q: np.argpartition(-(data.vectors @ q), K)[:K], queries[:30])
         result["exact_p50_ms"] = float(np.percentile(exact_ms, 50))
 
-    extra = {"selectivity": float(mask.mean()), "local_n": local_n, "queries": len(queries), "batch": args.batch}
+    extra = {"selectivity": float(mask.mean()), "local_n": result.pop("local_n"), "queries": len(queries),
+             "batch": args.batch}
     return {"result": {key: result[key] for key in KEYS}, "extra": extra}
+
+
+def write_and_build(folder: Path, spec: CollectionSpec, data: Data, n: int, queries: np.ndarray, batch: int,
+                    options: dict) -> dict:
+    """qdrant-client local mode's figures (the baseline), then the embedded store written and built in `folder`."""
+    # The baseline goes first, on a disk that the embedded store's gigabytes have not
+    # yet filled with writeback: local mode commits once per point, so its rate is the
+    # disk's sync latency, and measuring it on a busy disk could flatter the ratio.
+    local_n = min(n, LOCAL_N)
+    log(f"qdrant-client local mode on {local_n:,} points (persisted in a folder, like the embedded store)")
+    local_rate, local_ms = local_mode(folder / "local", spec, data, local_n, queries[:20], batch)
+    log(f"local mode: {local_rate:,.0f} points/s")
+    out = {"local_mode_upsert_per_s": local_rate, "local_mode_filtered_p50_ms": float(np.percentile(local_ms, 50)),
+           "local_n": local_n}
+    log("embedded store: upserting")
+    with EdgeStore(folder / "edge", tuning=StoreTuning(**options)) as edge:
+        edge.ensure_collection(spec)
+        out["upsert_per_s"] = upsert_rate(edge, "bench", data, n, batch)
+        log(f"embedded store: {out['upsert_per_s']:,.0f} points/s; building the index")
+        started = time.perf_counter()
+        edge.finish_bulk_load("bench")
+        out["build_s"] = time.perf_counter() - started
+    log(f"embedded store: index built in {out['build_s']:.1f} s")
+    return out
 
 
 def local_mode(
@@ -307,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--rounds", type=int, default=3,
                         help="query rounds, each on the store opened anew (default 3); each round's p99 is shown")
+    parser.add_argument("--keep", default=None,
+                        help="write and build the store in this folder, or reuse the one an earlier run built there")
     parser.add_argument("--m", type=int, default=None, help="HNSW m (default: the store's)")
     parser.add_argument("--ef-construct", type=int, default=None, help="HNSW ef_construct (default: the store's)")
     parser.add_argument("--ef", type=int, default=None, help="HNSW search ef (default: the store's)")
