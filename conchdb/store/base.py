@@ -18,6 +18,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,17 +51,40 @@ HNSW_EF_CONSTRUCT = 100
 # few thousand correlated points walked the graph: tissue>=0.95 found 0.49 of its top 10,
 # mosaic=true none at all.
 FULL_SCAN_THRESHOLD_KB = 20_000
-# A larger filtered set is searched in the graph with ACORN: where a node's neighbours fail
-# the filter, their neighbours are tried, so the walk crosses regions the filter empties
-# (site!=breast & x>=8192 & tissue>=0.8: 0.76 without, 0.999 with). Always on (1.0): the
-# engine's selectivity is an estimate, wrong in just the correlated cases ACORN is for.
+# A larger filtered set is searched in the graph. A filter on one graph field (a site, a
+# diagnosis: any of its values, or none of them) walks that field's own links with a wider
+# beam. Any other filter (a range, a tile field, two fields together) has no links of its
+# own, and the walk strands where the filter empties the graph: x<4096 (20%, independent of
+# the vectors) found 0.94 of its top 10 at beam 512. Those use ACORN, which tries a failing
+# neighbour's neighbours and so crosses what the filter empties: 0.999, and 0.995 for the
+# correlated tissue<0.4 at beam 256. ACORN costs more per step (5 ms at 1M points for a 20%
+# filter on a graph field, where the field's links give the same recall in 5 ms less), so
+# it is used only there. "Always" (1.0): the engine's selectivity is an estimate, wrong in
+# just the correlated cases ACORN is for.
 ACORN_MAX_SELECTIVITY = 1.0
-# Search beams: 192 gives recall@10 0.998 unfiltered; filtered searches need a wider one to
-# stay above 0.99 (site=breast, 22% of the points, correlated: 0.978 at 192, 0.991 at 384,
-# 0.996 at 512, for 0.4 ms more).
+# Search beams, for recall@10 above 0.99 on benchmarks/filters.py: 192 unfiltered (0.998),
+# 512 along a graph field's links (site=breast, 22%, correlated: 0.978 at 192, 0.995 at 512,
+# 0.4 ms more), 256 with ACORN.
 HNSW_EF = 192
 HNSW_EF_FILTERED = 512
+HNSW_EF_ACORN = 256
 OVERSAMPLING = 2.0
+
+
+class Walk(Enum):
+    """How a query walks the graph (where the engine does not search its filtered set exactly)."""
+
+    PLAIN = "plain"  # no filter
+    LINKED = "linked"  # a filter on one graph field, whose values have links of their own
+    ACORN = "acorn"  # any other filter
+
+
+def walk_of(flt: Filter | None, graph: Sequence[str]) -> Walk:
+    """The walk for `flt` in a collection whose graph fields are `graph`."""
+    if not flt:
+        return Walk.PLAIN
+    fields = {cond.field for cond in flt.must}
+    return Walk.LINKED if len(fields) == 1 and fields <= set(graph) else Walk.ACORN
 
 
 @dataclass(frozen=True)
@@ -69,9 +93,9 @@ class StoreTuning:
 
     `hnsw_m` (links per node) and `hnsw_ef_construct` (build beam) shape the HNSW graph of
     the collections a store creates, and `full_scan_kb` is where their filtered searches
-    turn exact (FULL_SCAN_THRESHOLD_KB); `hnsw_ef` is the search beam of every query
-    without a filter and `hnsw_ef_filtered` of those with one (both widened to k + offset
-    when a query asks for more). With
+    turn exact (FULL_SCAN_THRESHOLD_KB); `hnsw_ef`, `hnsw_ef_filtered` and `hnsw_ef_acorn`
+    are the search beams of each `Walk` (widened to k + offset when a query asks for more).
+    With
     `quantization`, int8 copies of the vectors live in RAM and are searched first, 4x
     cheaper than float32; `rescore` re-ranks the best `oversampling` x k candidates with
     the original vectors, so scores stay exact cosines.
@@ -82,13 +106,15 @@ class StoreTuning:
     full_scan_kb: int = FULL_SCAN_THRESHOLD_KB
     hnsw_ef: int = HNSW_EF
     hnsw_ef_filtered: int = HNSW_EF_FILTERED
+    hnsw_ef_acorn: int = HNSW_EF_ACORN
     quantization: bool = True
     rescore: bool = True
     oversampling: float = OVERSAMPLING
 
-    def beam(self, filtered: bool, wanted: int) -> int:
-        """The search beam of a query for `wanted` hits (k + offset), with or without a filter."""
-        return max(self.hnsw_ef_filtered if filtered else self.hnsw_ef, int(wanted))
+    def beam(self, walk: Walk, wanted: int = 0) -> int:
+        """The search beam of a walk for `wanted` hits (k + offset)."""
+        chosen = {Walk.PLAIN: self.hnsw_ef, Walk.LINKED: self.hnsw_ef_filtered, Walk.ACORN: self.hnsw_ef_acorn}
+        return max(chosen[walk], int(wanted))
 
 
 def point_ids(ids: Sequence[str]) -> list[str]:
@@ -153,12 +179,13 @@ def best_per_group(points: Sequence[Any], group_by: str) -> list[Hit]:
 
 @dataclass
 class BatchPlan:
-    """A batch of searches ready for an engine: one query vector (as a list) and one
-    translated filter per search, the payload keys to return (None: all), and the field
+    """A batch of searches ready for an engine: one query vector (as a list), one
+    translated filter and one walk per search, the payload keys to return (None: all), and the field
     to keep one hit per value of."""
 
     vectors: list[list[float]]
     filters: list[Any]
+    walks: list[Walk]
     payload_fields: list[str] | None
     group_by: str | None
 
@@ -417,14 +444,15 @@ class Store(ABC):
             converted = dict(zip(used, batch_vectors(array[used], record, self.location), strict=True))
             lists = [converted[i] for i in rows]
         native: dict[int, Any] = {}
-        filters = []
+        filters, walks = [], []
         for flt in batch_filters(flts, len(lists)):
             if id(flt) not in native:
                 native[id(flt)] = self._filter(record, flt)
             filters.append(native[id(flt)])
+            walks.append(walk_of(flt, record.graph))
         if payload_fields is not None and group_by is not None and group_by not in payload_fields:
             payload_fields = [*payload_fields, group_by]
-        return BatchPlan(lists, filters, None if payload_fields is None else list(payload_fields), group_by)
+        return BatchPlan(lists, filters, walks, None if payload_fields is None else list(payload_fields), group_by)
 
     def _selection(self, name: str, flt: Filter | None, ids: Sequence[str] | None) -> tuple[Any, list[str] | None]:
         """A payload update's points: the native filter, or the ids (exactly one of them);

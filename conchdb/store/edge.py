@@ -34,10 +34,12 @@ from conchdb.store.base import (
     ACORN_MAX_SELECTIVITY,
     Store,
     StoreTuning,
+    Walk,
     facet_counts,
     sort_groups,
     store_identity,
     to_hit,
+    walk_of,
 )
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
@@ -151,7 +153,10 @@ class EdgeStore(Store):
             if tuning.quantization
             else None
         )
-        self._acorn = qe.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY)
+        self._acorn = {
+            walk: qe.AcornSearchParams(enable=walk is Walk.ACORN, max_selectivity=ACORN_MAX_SELECTIVITY)
+            for walk in Walk
+        }
         self._optimizers = qe.EdgeOptimizersConfig(
             indexing_threshold=indexing_threshold_kb, max_segment_size=max_segment_size_kb
         )
@@ -392,6 +397,12 @@ class EdgeStore(Store):
 
     # -- reads -------------------------------------------------------------------------
 
+    def _params(self, walk: Walk, wanted: int) -> qe.SearchParams:
+        """Search parameters of a walk for `wanted` hits (k + offset)."""
+        return qe.SearchParams(
+            hnsw_ef=self.tuning.beam(walk, wanted), quantization=self._quantized_search, acorn=self._acorn[walk]
+        )
+
     def _search(
         self,
         name: str,
@@ -412,11 +423,7 @@ class EdgeStore(Store):
             score_threshold=min_score,
             with_payload=True,
             with_vector=with_vectors,
-            params=qe.SearchParams(
-                hnsw_ef=self.tuning.beam(bool(flt), int(k) + int(offset)),
-                quantization=self._quantized_search,
-                acorn=self._acorn,
-            ),
+            params=self._params(walk_of(flt, record.graph), int(k) + int(offset)),
         )
         return [to_hit(p, with_vectors) for p in self._shard(name).query(request)]
 
@@ -455,12 +462,7 @@ class EdgeStore(Store):
         selector: Any = True if plan.payload_fields is None else plan.payload_fields and qe.PayloadSelector.Include(
             plan.payload_fields
         )
-        params = {
-            filtered: qe.SearchParams(
-                hnsw_ef=self.tuning.beam(filtered, k), quantization=self._quantized_search, acorn=self._acorn
-            )
-            for filtered in (False, True)
-        }
+        params = {walk: self._params(walk, k) for walk in set(plan.walks)}
         nearest: dict[int, Any] = {}  # a vector asked several times (`rows`) is converted once
         requests = [
             qe.QueryRequest(
@@ -469,9 +471,9 @@ class EdgeStore(Store):
                 filter=native,
                 with_payload=selector,
                 with_vector=False,
-                params=params[native is not None],
+                params=params[walk],
             )
-            for row, native in zip(plan.vectors, plan.filters, strict=True)
+            for row, native, walk in zip(plan.vectors, plan.filters, plan.walks, strict=True)
         ]
         return plan.hits(self._shard(name).query_batch(qe.QueryBatchRequest(requests)))
 

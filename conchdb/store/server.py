@@ -24,10 +24,12 @@ from conchdb.store.base import (
     ACORN_MAX_SELECTIVITY,
     Store,
     StoreTuning,
+    Walk,
     facet_counts,
     sort_groups,
     store_identity,
     to_hit,
+    walk_of,
 )
 from conchdb.store.filters import Dialect
 from conchdb.store.record import (
@@ -114,11 +116,13 @@ class ServerStore(Store):
             if tuning.quantization
             else None
         )
-        acorn = models.AcornSearchParams(enable=True, max_selectivity=ACORN_MAX_SELECTIVITY)
-        # The search parameters of a query without a filter ([False]) and with one ([True]).
         self._params = {
-            filtered: models.SearchParams(hnsw_ef=tuning.beam(filtered, 0), quantization=quantized, acorn=acorn)
-            for filtered in (False, True)
+            walk: models.SearchParams(
+                hnsw_ef=tuning.beam(walk),
+                quantization=quantized,
+                acorn=models.AcornSearchParams(enable=walk is Walk.ACORN, max_selectivity=ACORN_MAX_SELECTIVITY),
+            )
+            for walk in Walk
         }
         self._records: dict[str, CollectionRecord] = {}
         self._call(None, self.client.get_collections)  # fail now, with the fix, if the server is unreachable
@@ -286,10 +290,10 @@ class ServerStore(Store):
 
     # -- reads -------------------------------------------------------------------------
 
-    def _search_params(self, flt: Filter | None, wanted: int) -> models.SearchParams:
-        """The search parameters of a query for `wanted` hits (k + offset), its beam widened to them."""
-        params = self._params[bool(flt)]
-        beam = self.tuning.beam(bool(flt), wanted)
+    def _search_params(self, walk: Walk, wanted: int) -> models.SearchParams:
+        """The search parameters of a walk for `wanted` hits (k + offset), its beam widened to them."""
+        params = self._params[walk]
+        beam = self.tuning.beam(walk, wanted)
         return params if beam == params.hnsw_ef else params.model_copy(update={"hnsw_ef": beam})
 
     def query(
@@ -317,7 +321,7 @@ class ServerStore(Store):
             score_threshold=min_score,
             with_payload=True,
             with_vectors=with_vectors,
-            search_params=self._search_params(flt, int(k) + int(offset)),
+            search_params=self._search_params(walk_of(flt, record.graph), int(k) + int(offset)),
         )
         return [to_hit(p, with_vectors) for p in result.points]
 
@@ -345,9 +349,9 @@ class ServerStore(Store):
                 limit=int(k),
                 with_payload=selector,
                 with_vector=False,
-                params=self._params[native is not None],
+                params=self._params[walk],
             )
-            for row, native in zip(plan.vectors, plan.filters, strict=True)
+            for row, native, walk in zip(plan.vectors, plan.filters, plan.walks, strict=True)
         ]
         results = self._call(name, self.client.query_batch_points, name, requests=requests)
         return plan.hits([result.points for result in results])
@@ -377,7 +381,7 @@ class ServerStore(Store):
             group_size=int(group_size),
             score_threshold=min_score,
             with_payload=True,
-            search_params=self._params[bool(flt)],
+            search_params=self._params[walk_of(flt, record.graph)],
         )
         found = [Group(key=g.id, hits=[to_hit(p, False) for p in g.hits]) for g in result.groups]
         return sort_groups(found)

@@ -46,17 +46,23 @@ def test_filtered_searches_ask_for_acorn_a_wider_beam_and_exact_small_sets(clien
                         lambda *a, **kw: asked.extend(r.params for r in kw["requests"]) or batch(*a, **kw))
     made: dict = {}
     monkeypatch.setattr(client, "create_collection", lambda *a, **kw: made.update(kw) or create(*a, **kw))
-    store = ServerStore(client=client, tuning=StoreTuning(hnsw_ef=100, hnsw_ef_filtered=300))
-    store.ensure_collection(spec("tiles"))
+    store = ServerStore(client=client, tuning=StoreTuning(hnsw_ef=100, hnsw_ef_filtered=300, hnsw_ef_acorn=200))
+    store.ensure_collection(spec("tiles"))  # site is a graph field: its values have links of their own
     store.upsert("tiles", make_data(n=20).points())
     lung = Filter((Condition("site", "eq", "lung"),))
+    lung_or_colon = Filter((Condition("site", "ne", "breast"), Condition("site", "ne", "skin")))
+    lung_tissue = Filter((Condition("site", "eq", "lung"), Condition("tissue", "gte", 0.5)))
     vector = make_data(n=1).vectors[0]
     store.query("tiles", vector, k=5)
     store.query("tiles", vector, k=5, flt=lung)
     store.query("tiles", vector, k=400, offset=100, flt=lung)
-    store.query_batch("tiles", make_data(n=2).vectors, k=5, flts=[None, lung])
-    assert [p.hnsw_ef for p in asked] == [100, 300, 500, 100, 300]
-    assert all(p.acorn.enable and p.acorn.max_selectivity == 1.0 for p in asked)
+    store.query("tiles", vector, k=5, flt=lung_or_colon)
+    store.query("tiles", vector, k=5, flt=lung_tissue)
+    store.query_batch("tiles", make_data(n=3).vectors, k=5, flts=[None, lung, lung_tissue])
+    assert [p.hnsw_ef for p in asked] == [100, 300, 500, 300, 200, 100, 300, 200]
+    # ACORN where no one field's links cover the filter
+    assert [p.acorn.enable for p in asked] == [False, False, False, False, True, False, False, True]
+    assert all(p.acorn.max_selectivity == 1.0 for p in asked)
     assert made["hnsw_config"].full_scan_threshold == StoreTuning().full_scan_kb
 
 
