@@ -21,6 +21,7 @@ set -uo pipefail
 stopping=0
 pids=()
 stop() {
+    (( stopping )) && return   # once: a worker told twice would log and act on it twice
     stopping=1
     if (( ${#pids[@]} )); then kill -TERM "${pids[@]}" 2>/dev/null; fi
 }

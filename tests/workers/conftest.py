@@ -82,6 +82,19 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_connect_timeout=1)
 
 
+@pytest.fixture(autouse=True)
+def celery_worker_state() -> Iterator[None]:
+    """Celery's in-thread test worker keeps its stop request in module state, and resets it
+    only when the worker thread exits in time: a test whose worker was slow to stop would
+    leave it set, and the next in-thread worker would stop before it started, leaving
+    `start_worker` waiting forever. Each test starts from a clean state."""
+    from celery.worker import state
+
+    state.should_stop = state.should_terminate = None
+    yield
+    state.should_stop = state.should_terminate = None
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     need_tool(REDIS_SERVER is not None, "redis-server is not installed (Debian: apt-get install redis-server)")

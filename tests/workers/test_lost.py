@@ -278,13 +278,13 @@ def test_a_lost_worker_writing_into_a_qdrant_server_does_not_undo_the_new_delive
     beat1.start()
     beating = [beat1]
     try:
-        with start_worker(app1, pool="solo", perform_ping_check=False, queues=[queue]):
+        with start_worker(app1, pool="solo", perform_ping_check=False, shutdown_timeout=60, queues=[queue]):
             background = Background(broker_run(cohort, server, redis_server.url, progress, queue=queue,
                                                qdrant_url=url, lost_s=LOST_S))
             assert stalling.stalled.wait(120), "the first worker never reached the slide"
             beat2.start()
             beating.append(beat2)
-            with start_worker(app2, pool="solo", perform_ping_check=False, queues=[queue]):
+            with start_worker(app2, pool="solo", perform_ping_check=False, shutdown_timeout=60, queues=[queue]):
                 wait_for(lambda: any(n["event"] == "resent" for n in notices), 120, "the slide to be sent again")
                 stalling.release.set()  # the stalled worker comes back while the new delivery runs
                 background.join()

@@ -168,7 +168,7 @@ def test_workers_writing_into_a_qdrant_server(redis_server, cohort, encoder, ref
     heartbeat = Heartbeat(ctx)
     heartbeat.start()
     try:
-        with start_worker(worker_app, pool="solo", perform_ping_check=False, queues=["direct"]):
+        with start_worker(worker_app, pool="solo", perform_ping_check=False, shutdown_timeout=60, queues=["direct"]):
             summary = broker_run(cohort, server, redis_server.url, queue="direct", qdrant_url=url).run()
     finally:
         heartbeat.stop()
