@@ -329,6 +329,11 @@ class Store(ABC):
     def finish_bulk_load(self, name: str) -> None:
         """Build the index after a bulk load (server: switch HNSW back on); a no-op where not needed."""
 
+    def warm(self, name: str) -> int:
+        """Ask for the collection's files to be read into memory ahead of the first queries;
+        the bytes asked for (0 where the store is not local: a server keeps its own)."""
+        return 0
+
     @abstractmethod
     def size_on_disk(self) -> int | None:
         """Bytes used on disk, where the backend can tell."""

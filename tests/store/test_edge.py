@@ -317,3 +317,16 @@ def test_an_older_collection_gets_the_new_full_scan_threshold_and_its_next_build
         assert thresholds() == {StoreTuning().full_scan_kb}
         assert [h.id for h in store.query("tiles", data.vectors[3], k=5)] == before
         assert store.count("tiles") == 1500
+
+
+def test_warm_reads_the_collection_files_and_the_store_answers_as_before(tmp_path):
+    data = make_data(n=300)
+    with EdgeStore(tmp_path / "s") as store:
+        store.ensure_collection(spec("tiles"))
+        store.upsert("tiles", data.points())
+        store.finish_bulk_load("tiles")
+    with EdgeStore(tmp_path / "s") as store:
+        assert store.warm("tiles") > 300 * 32 * 4  # every file of the shard, the vectors among them
+        assert store.query("tiles", data.vectors[4], k=1)[0].id == data.ids[4]
+        with pytest.raises(StoreError, match="no collection|does not exist"):
+            store.warm("nothing")
