@@ -18,12 +18,10 @@ from conchdb.cli import app
 from conchdb.ingest.cohort import discover_dicomweb
 from conchdb.ingest.manifest import read_manifest
 from conchdb.ingest.pipeline import Ingest, IngestOptions, Progress, ingest
-from conchdb.model.checkpoint import save_checkpoint
 from conchdb.model.encoder import Encoder
 from conchdb.slides.dicom import DicomWebOptions
 from conchdb.store.edge import EdgeStore
 from tests.dicom import METADATA, start_orthanc
-from tests.model.conftest import make_tiny_model
 
 COLLECTION = "conch_tiles"
 runner = CliRunner()
@@ -31,13 +29,6 @@ runner = CliRunner()
 FAIL_FAST_S = 30
 """A refused, down or silent server must end the run within seconds, not after retries or the OS's
 connect timeout (minutes); the bound is loose so that a loaded CI machine does not fail it."""
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.bin"
-    save_checkpoint(make_tiny_model(0), path)
-    return path
 
 
 @pytest.fixture(scope="module")

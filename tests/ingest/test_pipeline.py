@@ -32,13 +32,6 @@ MANIFEST_COLUMNS = {"patient_id", "diagnosis", "site", "grade", "frozen"}  # the
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.bin"
-    save_checkpoint(make_tiny_model(0), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pyramid_tiff(slides_dir, tmp_path_factory) -> Path:
     """A two-level pyramidal TIFF (0.499 and 0.998 µm/px) made from the real Aperio region."""
     with open_slide(slides_dir / "cmu_small_region.svs") as slide:
