@@ -202,9 +202,11 @@ def run(args: argparse.Namespace) -> dict:
     chosen = (("hnsw_m", args.m), ("hnsw_ef_construct", args.ef_construct), ("hnsw_ef", args.ef))
     options = {k: v for k, v in chosen if v}
     with tempfile.TemporaryDirectory(prefix="conchdb-bench-") as tmp:
-        folder = Path(args.keep or tmp) / f"store-{n}"
+        # One folder per size and index options, so a kept store is reused only with the options it was built with.
+        folder = Path(args.keep or tmp) / "-".join([f"store-{n}", *(f"{k}{v}" for k, v in sorted(options.items()))])
         built = folder / "build.json"
-        if built.is_file():  # --keep: this store was written and built by an earlier run with these options
+        reused = built.is_file()
+        if reused:  # --keep: this store was written and built by an earlier run with these options
             result.update(json.loads(built.read_text()))
             log(f"reusing the store built in {folder} (its write and build figures are that run's)")
         else:
@@ -241,6 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         result["exact_p50_ms"] = float(np.percentile(exact_ms, 50))
 
     extra = {"selectivity": float(mask.mean()), "local_n": result.pop("local_n"), "queries": len(queries),
+             "reused": reused,
              "batch": args.batch}
     return {"result": {key: result[key] for key in KEYS}, "extra": extra}
 
@@ -309,6 +312,8 @@ def table(result: dict, extra: dict) -> str:
         f"conchdb store benchmark: {r['n']:,} x {DIM}-d unit vectors, upserts of {extra['batch']}, "
         f"{extra['queries']} queries, k={K}, filter site=lung keeps {extra['selectivity']:.1%}",
     ]
+    if extra["reused"]:
+        lines.append("(--keep: the upsert, build and local-mode figures are from the earlier run that built the store)")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join(lines)
 
