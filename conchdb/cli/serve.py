@@ -116,7 +116,7 @@ def open_app(options: Options, settings: ApiSettings, *, close_store: bool = Fal
     try:
         encoder = options.load_encoder(("vision", "text"))
         searcher = Searcher(encoder, opened, options.collection_name, cache_dir=options.cache_dir)
-        if options.collection_name in opened.collections():
+        if opened.collection_metadata(options.collection_name) is not None:
             opened.warm(options.collection_name)  # its pages are read while the server starts
         return create_app(searcher, settings, close_store=close_store), opened
     except BaseException:
