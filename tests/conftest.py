@@ -3,7 +3,10 @@ CONCHDB_TEST_ASSETS, which `.ci/run` sets; without it they skip and say why."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,29 @@ def conch_assets(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_path(conch_assets: Path) -> Path:
     return conch_assets / "tokenizer" / "conch_byte_level_bpe_uncased.json"
+
+
+@pytest.fixture(scope="session")
+def synthetic_state(conch_assets: Path) -> dict:
+    """The synthetic CONCH weights (the release's names and shapes), made once per run:
+    here rather than in a package's conftest, so every package shares the one copy
+    (~800 MB in memory, and as much on disk once written)."""
+    spec = importlib.util.spec_from_file_location("synthetic_checkpoint", conch_assets / "synthetic_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.synthetic_state_dict()
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(synthetic_state, tmp_path_factory) -> Iterator[Path]:
+    """The synthetic CONCH checkpoint written as the release is: a bare state dict."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("conch")
+    path = folder / "pytorch_model.bin"
+    torch.save(synthetic_state, path)
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def need_tool(present: bool, reason: str) -> None:

@@ -74,6 +74,8 @@ class ModelInfo(Protocol):
     def dim(self) -> int: ...
     @property
     def fingerprint(self) -> str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -153,8 +155,11 @@ class SlideWriter:
             )
         tiles = tiles or tiles_layout(self.manifest.columns)
         slides = slides or slides_layout(self.manifest.columns)
-        self.store.ensure_collection(CollectionSpec(self.collection, self.model.dim, metadata, **asdict(tiles)))
-        self.store.ensure_collection(CollectionSpec(self.slides, self.model.dim, metadata, **asdict(slides)))
+        aliases = tuple(self.model.aliases)
+        for name, layout in ((self.collection, tiles), (self.slides, slides)):
+            self.store.ensure_collection(
+                CollectionSpec(name, self.model.dim, metadata, **asdict(layout), model_aliases=aliases)
+            )
 
     # -- records -------------------------------------------------------------------------
 

@@ -65,26 +65,34 @@ def open_image(source: ImageInput, parameter: str = "image") -> Image.Image:
         ) from exc
 
 
-def state_fingerprint(state: Mapping[str, torch.Tensor], extra: dict) -> str:
-    """A short hash of the weights and the preprocessing.
+def state_fingerprints(state: Mapping[str, torch.Tensor], extra: dict) -> tuple[str, str]:
+    """A short hash of the weights and the preprocessing, and the hash earlier conchdb
+    versions recorded for the same weights.
 
-    Every tensor contributes its name, shape and a strided sample of up to 4096 values plus
-    its sum, so any retrained or different checkpoint changes it.
+    Every tensor contributes its name, shape and a strided sample of up to 4096 values, and
+    a checksum of all its values, so any retrained or different checkpoint changes it. The
+    checksum is the integer sum of the values' bit patterns: exact, so every machine gets
+    the same fingerprint. The earlier one summed the values as floats, whose last bits
+    depend on how many threads torch splits the sum over, so a worker with other cores than
+    the machine that built a collection could be refused; it is kept only so that stores
+    those versions wrote are recognised (`Encoder.answers_to`).
     """
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    head = json.dumps(extra, sort_keys=True).encode()
+    current, legacy = hashlib.sha256(b"v2" + head), hashlib.sha256(head)
     for name, tensor in sorted(state.items()):
         flat = tensor.detach().reshape(-1).float().cpu()
         step = max(1, flat.numel() // 4096)
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(flat[::step].numpy().tobytes())
-        h.update(np.float64(flat.double().sum().item()).tobytes())
-    return h.hexdigest()[:16]
+        sample = name.encode() + str(tuple(tensor.shape)).encode() + flat[::step].numpy().tobytes()
+        current.update(sample)
+        current.update(np.int64(flat.view(torch.int32).sum(dtype=torch.int64).item()).tobytes())
+        legacy.update(sample)
+        legacy.update(np.float64(flat.double().sum().item()).tobytes())
+    return current.hexdigest()[:16], legacy.hexdigest()[:16]
 
 
-def weights_fingerprint(model: torch.nn.Module, extra: dict) -> str:
-    """`state_fingerprint` of a model's own weights."""
-    return state_fingerprint(model.state_dict(), extra)
+def weights_fingerprints(model: torch.nn.Module, extra: dict) -> tuple[str, str]:
+    """`state_fingerprints` of a model's own weights."""
+    return state_fingerprints(model.state_dict(), extra)
 
 
 def _fingerprint_extra(config: ConchConfig) -> dict:
@@ -117,15 +125,23 @@ class FingerprintCache:
             return {}
         return known if isinstance(known, dict) else {}
 
-    def get(self, key: str) -> str | None:
+    def get(self, key: str) -> tuple[str, tuple[str, ...]] | None:
+        """The fingerprint and its aliases, or None; an entry of another shape (an earlier
+        version's bare fingerprint) is not used."""
         value = self._read().get(key)
-        return value if isinstance(value, str) else None
+        if not isinstance(value, dict) or not isinstance(value.get("fingerprint"), str):
+            return None
+        aliases = value.get("aliases")
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            return None
+        return value["fingerprint"], tuple(aliases)
 
-    def put(self, key: str, fingerprint: str) -> None:
+    def put(self, key: str, fingerprint: str, aliases: Sequence[str] = ()) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**self._read(), key: fingerprint}))
+            entry = {"fingerprint": fingerprint, "aliases": list(aliases)}
+            tmp.write_text(json.dumps({**self._read(), key: entry}))
             os.replace(tmp, self.file)
         except OSError:
             pass  # a read-only cache only costs the hashing next time
@@ -179,14 +195,15 @@ def build_model(
     return model, fitted
 
 
-def checkpoint_fingerprint(
+def checkpoint_fingerprints(
     state: Mapping[str, torch.Tensor], config: ConchConfig, source: str, caption_pooler: bool = False
-) -> str:
-    """The fingerprint of a checkpoint: that of the whole model loaded from it, as
-    `Encoder.from_model` computes it, without building either tower's weights."""
+) -> tuple[str, str]:
+    """The fingerprints (current, earlier versions') of a checkpoint: those of the whole
+    model loaded from it, as `Encoder.from_model` computes them, without building either
+    tower's weights."""
     with SkipInit():
         whole = ConchModel(config, caption_pooler=caption_pooler)
-    return state_fingerprint(fit_state_dict(dict(state), whole, source), _fingerprint_extra(config))
+    return state_fingerprints(fit_state_dict(dict(state), whole, source), _fingerprint_extra(config))
 
 
 @dataclass
@@ -196,7 +213,9 @@ class Encoder:
     Build it with `Encoder.load(...)` (real or synthetic checkpoint) or
     `Encoder.from_model(...)` (tests, tiny configs). `batch_size` bounds memory.
     `fingerprint` is computed from the model when not given; a model without both towers
-    needs it given (it is the whole checkpoint's).
+    needs it given (it is the whole checkpoint's). `aliases` are other fingerprints of the
+    same weights that stores may have recorded (an earlier conchdb's, see
+    `state_fingerprints`); `answers_to` accepts them.
     """
 
     model: ConchModel
@@ -206,13 +225,19 @@ class Encoder:
     batch_size: int = 32
     checkpoint: str | None = None
     fingerprint: str = ""
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False).to(self.device)
         if not self.fingerprint:
             if self.model.towers != set(TOWERS):
                 raise ValueError("an Encoder of one tower needs the whole checkpoint's fingerprint")
-            self.fingerprint = weights_fingerprint(self.model, _fingerprint_extra(self.model.config))
+            self.fingerprint, legacy = weights_fingerprints(self.model, _fingerprint_extra(self.model.config))
+            self.aliases = (legacy,)
+
+    def answers_to(self, fingerprint: str | None) -> bool:
+        """Whether a collection recording `fingerprint` was built by these weights."""
+        return fingerprint == self.fingerprint or fingerprint in self.aliases
 
     @property
     def towers(self) -> frozenset[str]:
@@ -267,14 +292,16 @@ class Encoder:
         cache = FingerprintCache(Path(cache_dir)) if cache_dir is not None else None
         details = {**_fingerprint_extra(model_config), "config": model_config.to_dict(), "pooler": caption_pooler}
         key = cache.key(path, details) if cache is not None else ""
-        fingerprint = cache.get(key) if cache is not None else None
-        if fingerprint is None:  # the whole checkpoint is checked and hashed once per file
-            fingerprint = checkpoint_fingerprint(state, model_config, str(path), caption_pooler)
+        known = cache.get(key) if cache is not None else None
+        if known is None:  # the whole checkpoint is checked and hashed once per file
+            fingerprint, legacy = checkpoint_fingerprints(state, model_config, str(path), caption_pooler)
+            known = fingerprint, (legacy,)
             if cache is not None:
-                cache.put(key, fingerprint)
+                cache.put(key, *known)
         model, _ = build_model(state, model_config, str(path), towers=chosen, caption_pooler=caption_pooler)
         return cls(
-            model, tok, torch_device, dtype, batch_size=batch_size, checkpoint=str(path), fingerprint=fingerprint
+            model, tok, torch_device, dtype, batch_size=batch_size, checkpoint=str(path),
+            fingerprint=known[0], aliases=known[1],
         )
 
     @property

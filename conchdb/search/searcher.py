@@ -239,8 +239,9 @@ class Searcher:
         `tower` is the one the query will use, so that checking loads only that one."""
         name = collection or self.collection
         built_with = self.metadata(name).get("model_fingerprint")
-        used = self._encoder(*((tower,) if tower else ())).fingerprint
-        if built_with is not None and built_with != used:
+        encoder = self._encoder(*((tower,) if tower else ()))
+        used = encoder.fingerprint
+        if built_with is not None and not encoder.answers_to(built_with):
             raise QueryError(
                 f"collection '{name}' was built with model fingerprint {built_with}, "
                 f"but the query would be embedded with model fingerprint {used}",

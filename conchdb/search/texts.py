@@ -107,7 +107,8 @@ def add_texts(texts: TextFile, encoder: Encoder, store: Store, collection: str) 
     guards against mixing models), with indexes on `source` and on the CSV's columns.
     """
     metadata = {**encoder.describe(), "kind": "texts"}
-    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, **asdict(texts_layout(texts.columns))))
+    layout = asdict(texts_layout(texts.columns))
+    store.ensure_collection(CollectionSpec(collection, encoder.dim, metadata, **layout, model_aliases=encoder.aliases))
     written: set[str] = set()
     for chunk in batches(texts.records):
         vectors = encoder.encode_texts([r.text for r in chunk])

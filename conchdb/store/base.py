@@ -29,6 +29,7 @@ from conchdb.catalog import FieldType
 from conchdb.errors import StoreError
 from conchdb.store.filters import Dialect, translate
 from conchdb.store.record import (
+    FINGERPRINT,
     CollectionRecord,
     batch_filters,
     batch_vectors,
@@ -485,7 +486,10 @@ class Store(ABC):
         new_fields, new_indexes = widen(record, spec)
         if new_indexes:
             self._create_indexes(spec.name, new_indexes, graph_fields(spec))
-        if new_fields or new_indexes:
+        renamed = record.metadata.get(FINGERPRINT) in spec.model_aliases
+        if renamed:  # the same weights, fingerprinted by an earlier conchdb: known by the new one now
+            record.metadata[FINGERPRINT] = spec.metadata[FINGERPRINT]
+        if new_fields or new_indexes or renamed:
             record.fields.update(new_fields)
             record.indexed = sorted({*record.indexed, *new_indexes})
             record.graph = sorted({*record.graph, *(graph_fields(spec) & set(new_indexes))})

@@ -118,7 +118,7 @@ def check_compatible(location: str, record: CollectionRecord, spec: CollectionSp
             parameter="collection",
         )
     have, offered = record.metadata.get(FINGERPRINT), spec.metadata.get(FINGERPRINT)
-    if have is not None and offered is not None and have != offered:
+    if have is not None and offered is not None and have != offered and have not in spec.model_aliases:
         raise StoreError(
             f"collection '{record.name}' in {location} was built with model fingerprint {have}; "
             f"refusing vectors from model fingerprint {offered}",

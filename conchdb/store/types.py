@@ -77,7 +77,10 @@ class CollectionSpec:
     """What a collection is: vector size, what built it, its payload fields and their indexes.
 
     `metadata` records the model fingerprint, preprocessing and tiling parameters; a
-    collection refuses writers whose `metadata["model_fingerprint"]` differs.
+    collection refuses writers whose `metadata["model_fingerprint"]` differs, unless it
+    records one of `model_aliases` (the same weights' fingerprint as an earlier conchdb
+    computed it): then its record takes the writer's fingerprint, and the collection keeps
+    its vectors and is known by the new fingerprint from then on.
 
     `fields` declares the payload fields and their types (the record's `payload_schema`,
     which lets readers type-check filters). `indexed` names those that get a payload index
@@ -110,6 +113,7 @@ class CollectionSpec:
     graph_fields: tuple[str, ...] | None = None
     indexed: tuple[str, ...] | None = None
     load_indexed: tuple[str, ...] | None = None
+    model_aliases: tuple[str, ...] = ()
 
     def index_fields(self) -> dict[str, FieldType]:
         """The fields that get a payload index, with their types."""

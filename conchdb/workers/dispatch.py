@@ -52,7 +52,7 @@ from conchdb.store import Store
 from conchdb.workers import broker
 from conchdb.workers.app import TASK_NAME, make_app
 from conchdb.workers.messages import Batch, Embedded, Event, SlideTask, Started, decode_event
-from conchdb.workers.status import WORKER_LOST_S, heartbeats, online_workers, queued, unacknowledged
+from conchdb.workers.status import ALIASES, WORKER_LOST_S, heartbeats, online_workers, queued, unacknowledged
 
 
 @dataclass
@@ -86,8 +86,17 @@ class RemoteModel:
     def fingerprint(self) -> str:
         return str(self.description["model_fingerprint"])
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The fingerprints an earlier conchdb gave the same weights (`Encoder.aliases`)."""
+        return tuple(str(a) for a in self.description.get(ALIASES, ()))
+
+    def answers_to(self, fingerprint: str | None) -> bool:
+        return fingerprint == self.fingerprint or fingerprint in self.aliases
+
     def describe(self) -> dict[str, Any]:
-        return dict(self.description)
+        """What a collection records: the description less the aliases, which are the workers' own."""
+        return {k: v for k, v in self.description.items() if k != ALIASES}
 
 
 def recorded_model(store: Store, collection: str) -> RemoteModel | None:
@@ -182,7 +191,7 @@ class BrokerIngest:
             return
         opts = self.opts
         online = workers_model(self.client, opts.queue, opts.worker_wait_s, opts.broker_url, opts.lost_s)
-        if online.fingerprint != self.ingest.encoder.fingerprint:
+        if not online.answers_to(self.ingest.encoder.fingerprint):
             raise broker.BrokerError(
                 f"the workers on queue {opts.queue!r} hold model {online.fingerprint}, but collection "
                 f"'{self.ingest.collection}' was built by {self.ingest.encoder.fingerprint}",

@@ -23,6 +23,14 @@ import redis
 from conchdb.workers import broker
 
 WORKER_LOST_S = 30.0
+# A heartbeat's model names the fingerprints an earlier conchdb gave the same weights
+# (`Encoder.aliases`), so that an ingest accepts the collections those versions recorded.
+ALIASES = "model_fingerprint_aliases"
+
+
+def heartbeat_model(encoder: Any) -> dict[str, Any]:
+    """A worker's model as its heartbeat tells it: what a collection records of it, and its aliases."""
+    return {**encoder.describe(), ALIASES: list(encoder.aliases)}
 
 
 @dataclass

@@ -59,6 +59,7 @@ from conchdb.workers.messages import (
     SlideTask,
     Started,
 )
+from conchdb.workers.status import heartbeat_model
 
 log = logging.getLogger("conchdb.workers")
 
@@ -109,7 +110,7 @@ class WorkerContext:
             running = [dict(v) for v in self.running.values()]
         return {
             "node": self.node, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
-            "queue": self.queue, "model": self.encoder.describe(), "running": running,
+            "queue": self.queue, "model": heartbeat_model(self.encoder), "running": running,
             "started_at": self.started_at, "updated_at": time.time(),
         }
 
@@ -287,7 +288,7 @@ def run_slide(ctx: WorkerContext, task_id: str, retries: int, task: SlideTask) -
                  "lost each time, e.g. out of memory); raise the broker's visibility timeout if slides take that long")
         report.send(Finished(task=task_id, status=SlideStatus.FAILED, error=error))
         return f"{FAILED}: too many deliveries"
-    if task.fingerprint != ctx.encoder.fingerprint:
+    if not ctx.encoder.answers_to(task.fingerprint):
         error = (f"{job.slide.path}: worker {ctx.node} has model {ctx.encoder.fingerprint}, the collection holds "
                  f"{task.fingerprint}; give every worker the same weights")
         report.send(Finished(task=task_id, status=SlideStatus.FAILED, error=error))

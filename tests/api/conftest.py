@@ -75,6 +75,7 @@ def store(ingested, tmp_path_factory) -> Iterator[EdgeStore]:
     opened = EdgeStore(folder)
     yield opened
     opened.close()
+    shutil.rmtree(folder.parent, ignore_errors=True)  # a store holds ~600 MB of preallocated files
 
 
 @pytest.fixture(scope="module")

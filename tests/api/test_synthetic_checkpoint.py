@@ -21,7 +21,6 @@ from conchdb.search import Searcher, classes_from_labels
 from conchdb.search.filters import parse_where
 from conchdb.store.edge import EdgeStore
 from tests.api.test_endpoints import close, same_hits
-from tests.model.conftest import synthetic_checkpoint, synthetic_state  # noqa: F401 - fixtures
 from tests.search.conftest import make_slide_image
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,7 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, synthetic_checkpoint, tokenizer_path):  # noqa: F811
+def served(tmp_path_factory, synthetic_checkpoint, tokenizer_path):
     from fastapi.testclient import TestClient
 
     base = tmp_path_factory.mktemp("synthetic-api")

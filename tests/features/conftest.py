@@ -20,7 +20,6 @@ from conchdb.model.checkpoint import fit_state_dict
 from conchdb.model.conch import ConchModel
 from conchdb.model.config import ConchConfig
 from conchdb.model.encoder import Encoder
-from tests.model.conftest import _load_generator
 from tests.search.conftest import checkpoint, encoder  # noqa: F401  (fixtures shared with search tests)
 
 
@@ -99,10 +98,10 @@ def golden(conch_assets: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def golden_encoder(conch_assets: Path) -> Encoder:
+def golden_encoder(synthetic_state) -> Encoder:
     """CONCH with the synthetic checkpoint's weights, which made the goldens."""
     model = ConchModel(ConchConfig())
-    state = fit_state_dict(_load_generator(conch_assets).synthetic_state_dict(), model, "synthetic")
+    state = fit_state_dict(synthetic_state, model, "synthetic")
     model.load_state_dict(state)
     return Encoder.from_model(model, device="cpu", precision="fp32")
 

@@ -1,8 +1,7 @@
-"""Model fixtures: the full synthetic checkpoint (parity, CLI) and a tiny model (logic)."""
+"""Model fixtures: the full synthetic encoder (parity, CLI) and a tiny model (logic)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,26 +11,6 @@ from conchdb.model.checkpoint import save_checkpoint
 from conchdb.model.conch import ConchModel
 from conchdb.model.config import ConchConfig
 from conchdb.model.encoder import Encoder
-
-
-def _load_generator(conch_assets: Path):
-    spec = importlib.util.spec_from_file_location("synthetic_checkpoint", conch_assets / "synthetic_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def synthetic_state(conch_assets: Path) -> dict[str, torch.Tensor]:
-    return _load_generator(conch_assets).synthetic_state_dict()
-
-
-@pytest.fixture(scope="session")
-def synthetic_checkpoint(synthetic_state, tmp_path_factory) -> Path:
-    """The synthetic CONCH checkpoint written as the release is: a bare state dict."""
-    path = tmp_path_factory.mktemp("conch") / "pytorch_model.bin"
-    torch.save(synthetic_state, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,20 @@ def test_the_fingerprint_is_remembered_per_checkpoint_file(tiny_checkpoint: Path
     save_checkpoint(make_tiny_model(1), tiny_checkpoint)  # another file at the same path: a new key
     changed = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", towers=("text",), cache_dir=cache)
     assert changed.fingerprint == Encoder.from_model(make_tiny_model(1)).fingerprint != first.fingerprint
+
+
+def test_a_fingerprint_remembered_by_an_earlier_version_is_computed_again(tiny_checkpoint: Path, tokenizer_path,
+                                                                          tmp_path):
+    """Earlier versions remembered the float-sum fingerprint alone; taken as the current one,
+    it would bring back the fingerprint that differs between machines."""
+    cache = tmp_path / "cache"
+    fresh = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", cache_dir=cache)
+    file = cache / "fingerprints.json"
+    entries = json.loads(file.read_text())
+    file.write_text(json.dumps({key: fresh.aliases[0] for key in entries}))  # the earlier format
+    again = Encoder.load(str(tiny_checkpoint), tokenizer_path, device="cpu", towers=("text",), cache_dir=cache)
+    assert (again.fingerprint, again.aliases) == (fresh.fingerprint, fresh.aliases)
+    assert json.loads(file.read_text()) == entries
 
 
 def test_a_text_only_load_imports_neither_timm_nor_torchvision(tiny_checkpoint: Path, tokenizer_path, tmp_path):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conchdb.errors import ConchdbError, ImageInputError
 from conchdb.model.device import resolve_device, resolve_precision
-from conchdb.model.encoder import Encoder, open_image
+from conchdb.model.encoder import Encoder, open_image, state_fingerprints
+from conchdb.model.preprocess import PREPROCESSING
 from conchdb.model.tokenizer import ConchTokenizer
 
 from .conftest import make_tiny_model
@@ -62,6 +67,45 @@ def test_fingerprint_tracks_weights(tiny_model):
     assert a == Encoder.from_model(make_tiny_model(0)).fingerprint
     assert a != Encoder.from_model(make_tiny_model(1)).fingerprint
     assert Encoder.from_model(tiny_model).describe()["model_fingerprint"] == a
+
+
+def _earlier_fingerprint(state: dict, extra: dict) -> str:
+    """The fingerprint as conchdb computed it before the integer checksum (values summed as floats)."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
+        flat = tensor.detach().reshape(-1).float().cpu()
+        step = max(1, flat.numel() // 4096)
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(flat[::step].numpy().tobytes())
+        h.update(np.float64(flat.double().sum().item()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_the_fingerprint_is_the_same_whatever_the_thread_count():
+    """Workers and the machine that built a collection have other core counts; a float sum
+    split over threads rounds differently, an integer checksum does not."""
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": torch.from_numpy(rng.standard_normal(1 << 20).astype(np.float32) * 10.0 ** i) for i in range(4)}
+    threads = torch.get_num_threads()
+    try:
+        seen = set()
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            seen.add(state_fingerprints(state, {"size": 448})[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1
+    state["w0"][12345] += 1e-3
+    assert state_fingerprints(state, {"size": 448})[0] not in seen
+
+
+def test_an_encoder_answers_to_the_fingerprint_earlier_versions_recorded(tiny_model):
+    enc = Encoder.from_model(tiny_model)
+    earlier = _earlier_fingerprint(tiny_model.state_dict(), {"preprocessing": PREPROCESSING, "size": enc.image_size})
+    assert enc.aliases == (earlier,) and earlier != enc.fingerprint
+    assert enc.answers_to(enc.fingerprint) and enc.answers_to(earlier)
+    assert not enc.answers_to(Encoder.from_model(make_tiny_model(1)).fingerprint) and not enc.answers_to(None)
 
 
 def test_corrupt_image_is_named(tmp_path):

@@ -17,14 +17,13 @@ from typer.testing import CliRunner
 
 from conchdb.cli import app
 from conchdb.store.edge import EdgeStore
-from tests.model.conftest import synthetic_checkpoint, synthetic_state  # noqa: F401 - fixtures
 
 runner = CliRunner()
 
 
 @pytest.mark.slow
 def test_a_tile_cut_from_the_slide_finds_its_stored_tile_first(
-    tmp_path, monkeypatch, slides_dir, synthetic_checkpoint, tokenizer_path  # noqa: F811
+    tmp_path, monkeypatch, slides_dir, synthetic_checkpoint, tokenizer_path
 ):
     monkeypatch.setenv("CONCHDB_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CONCHDB_QDRANT_URL", raising=False)

@@ -13,7 +13,7 @@ from conchdb.model.encoder import Encoder
 from conchdb.search import Searcher, classes_from_labels, load_prompt_file, prompts, vocabulary
 from conchdb.search.texts import add_texts, read_text_file, text_id
 from conchdb.search.zeroshot import mi_zero, softmax
-from conchdb.store import CollectionSpec
+from conchdb.store import CollectionSpec, Point, stable_id
 from tests.model.conftest import make_tiny_model
 from tests.search.conftest import QUIET_LOCAL_MODE, TILE, fill_store, open_backend
 
@@ -114,6 +114,15 @@ def test_a_collection_of_another_model_is_refused(memory, tokenizer_path):
     other = Encoder.from_model(make_tiny_model(), ConchTokenizer(tokenizer_path))
     with pytest.raises(QueryError, match="fingerprint"):
         Searcher(other, memory, "tiles").query_vector(text="tumor")
+
+
+def test_a_collection_recorded_by_an_earlier_version_with_the_same_weights_is_searched(memory, encoder):
+    """Earlier versions fingerprinted the same weights otherwise (`Encoder.aliases`)."""
+    memory.ensure_collection(CollectionSpec("earlier", 512, {"model_fingerprint": encoder.aliases[0]}))
+    vector = encoder.encode_texts(["tumor"])[0]
+    memory.upsert("earlier", [Point(stable_id("earlier", 0), vector, {})])
+    assert len(Searcher(encoder, memory, "earlier").search(vector, k=1)) == 1
+    Searcher(encoder, memory, "earlier").check_model()
 
 
 def test_a_missing_collection(memory, encoder):

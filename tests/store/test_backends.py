@@ -6,6 +6,8 @@ checked against arithmetic, not against the other backend.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -205,6 +207,22 @@ def test_update_metadata_adds_fields_keeps_the_rest_and_a_later_join_keeps_it(st
         store.update_metadata(name, model_fingerprint="another")
     with pytest.raises(StoreError, match="does not exist|no collection"):
         store.update_metadata(name + "_none", noise_floor=None)
+
+
+def test_a_collection_fingerprinted_by_an_earlier_version_is_joined_and_renamed(store, name):
+    """A writer whose model names the recorded fingerprint among its aliases (the same
+    weights, hashed as an earlier conchdb did) joins the collection, which is known by the
+    writer's fingerprint from then on; aliases that are not the record's change nothing."""
+    store.ensure_collection(spec(name, fingerprint="sha256:earlier"))
+    with pytest.raises(StoreError, match="sha256:earlier"):
+        store.ensure_collection(replace(spec(name, fingerprint="sha256:now"), model_aliases=("sha256:else",)))
+    assert store.collection_metadata(name)["model_fingerprint"] == "sha256:earlier"
+    store.ensure_collection(replace(spec(name, fingerprint="sha256:now"), model_aliases=("sha256:earlier",)))
+    meta = store.collection_metadata(name)
+    assert meta["model_fingerprint"] == "sha256:now" and meta["tiling"]["target_mpp"] == 0.5
+    store.ensure_collection(spec(name, fingerprint="sha256:now"))
+    with pytest.raises(StoreError, match="sha256:now"):
+        store.ensure_collection(spec(name, fingerprint="sha256:earlier"))
 
 
 def test_collection_records_metadata_and_refuses_another_model(store, name):

@@ -131,3 +131,21 @@ def test_only_unreachable_services_are_transient():
 def test_passwords_never_printed():
     assert redact("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_heartbeat_carries_the_workers_aliases_and_a_collection_records_none():
+    """Workers of this version recognise a collection an earlier version fingerprinted
+    (the same weights), and what the run records of their model is the fingerprint alone."""
+    from conchdb.model.conch import ConchModel
+    from conchdb.model.config import ConchConfig
+    from conchdb.model.encoder import Encoder
+    from conchdb.workers.dispatch import RemoteModel
+    from conchdb.workers.status import ALIASES, heartbeat_model
+
+    encoder = Encoder.from_model(ConchModel(ConchConfig.tiny()))
+    doc = json.loads(json.dumps(heartbeat_model(encoder)))  # as it travels
+    model = RemoteModel(doc)
+    assert model.fingerprint == encoder.fingerprint and model.aliases == encoder.aliases
+    assert model.answers_to(encoder.aliases[0]) and not model.answers_to("sha:another")
+    assert ALIASES not in model.describe() and model.describe() == encoder.describe()
+    assert RemoteModel(encoder.describe()).aliases == ()  # a collection's record stands in: no aliases
