@@ -6,10 +6,29 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+FREE_DISK_NEEDED = 3 * 1024**3
+"""What a run writes at its peak (about 1.2 GB measured: the full synthetic checkpoint, a few
+stores at a time; each test's folder goes when it passes), with room to spare."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, saying where and why, when the temporary folder's disk is nearly full:
+    otherwise the run fails hundreds of tests later, in whatever write comes first."""
+    folder = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(folder).free
+    if free < FREE_DISK_NEEDED:
+        pytest.exit(
+            f"only {free / 1024**3:.1f} GB free on the disk of {folder}; the tests need about "
+            f"{FREE_DISK_NEEDED / 1024**3:.0f} GB. Free some (old runs are in {folder}/pytest-of-*), "
+            "or point TMPDIR at a roomier disk",
+            returncode=1,
+        )
 
 
 def _assets_dir() -> Path | None:
