@@ -128,7 +128,9 @@ def workers_model(client: redis.Redis, queue: str, wait_s: float, url: str,
             f"the workers on queue {queue!r} hold different models ({names})",
             fix="give every worker the same CONCH weights, or put them on different queues",
         )
-    return RemoteModel(next(iter(models.values())))
+    # One fingerprint; the earlier versions' ones depend on each machine's thread count, so all are kept.
+    aliases = sorted({str(a) for w in workers for a in w["model"].get(ALIASES, ())})
+    return RemoteModel({**next(iter(models.values())), ALIASES: aliases})
 
 
 @dataclass
@@ -197,6 +199,11 @@ class BrokerIngest:
                 f"'{self.ingest.collection}' was built by {self.ingest.encoder.fingerprint}",
                 fix="give the workers the weights the collection was built with, or ingest into another collection",
             )
+        if online.fingerprint != self.ingest.encoder.fingerprint:
+            # The same weights, recorded by an earlier conchdb: the run goes on with the workers'
+            # fingerprint (every worker knows it, not every one the earlier), renaming the record.
+            self.ingest.encoder = self.ingest.slide_writer.model = online  # type: ignore[assignment]
+            self.ingest.prepare()
         self._workers_checked = True
 
     # -- broker plumbing -----------------------------------------------------------------

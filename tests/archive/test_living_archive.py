@@ -31,7 +31,7 @@ runner = CliRunner()
 
 class ModelMustNotRun:
     """Stands in for the encoder on a rerun that must embed nothing: it can name the model
-    (dim, fingerprint, description) but fails the test the moment anything else is asked."""
+    (dim, fingerprint and its aliases, description) but fails the test the moment anything else is asked."""
 
     def __init__(self, real: Encoder):
         self._real = real
@@ -43,6 +43,10 @@ class ModelMustNotRun:
     @property
     def fingerprint(self) -> str:
         return self._real.fingerprint
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return self._real.aliases
 
     def describe(self) -> dict:
         return self._real.describe()

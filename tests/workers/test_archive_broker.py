@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conchdb.catalog import slides_collection
 from conchdb.ingest.cohort import discover
 from conchdb.ingest.manifest import read_manifest
 from conchdb.ingest.pipeline import IngestOptions
@@ -17,6 +18,7 @@ from conchdb.store import Condition, Filter
 from conchdb.store.edge import EdgeStore
 from conchdb.workers.broker import BrokerError
 from conchdb.workers.dispatch import BrokerIngest, BrokerOptions
+from conchdb.workers.status import ALIASES, online_workers
 from tests.workers.conftest import BATCH
 
 COLLECTION = "conch_tiles"
@@ -81,3 +83,38 @@ def test_relabel_move_and_missing_through_the_broker(redis_server, workers, coho
     with pytest.raises(BrokerError, match="no worker is online on queue 'nobody-here'"):
         _rerun(root, store, redis_server.url, queue="nobody-here", worker_wait_s=1.0)
     assert _points(store).keys() == after.keys()
+
+
+def test_a_collection_an_earlier_version_fingerprinted_is_taken_up_by_the_workers(redis_server, workers, cohort,
+                                                                                  tmp_path):
+    """A store written before the fingerprint stopped depending on the thread count records
+    the workers' weights under their earlier fingerprint: the run accepts it, renames the
+    record, and the workers embed the new slide."""
+    workers.ensure(1)
+    root = tmp_path / "cohortW"
+    shutil.copytree(cohort, root)
+    (root / "unreadable.svs").unlink()
+    (root / "boxes.png").unlink()
+    store_path = tmp_path / "store"
+    assert _rerun(root, store_path, redis_server.url)["ingested"] == 1
+    model = online_workers(redis_server.client(), "conchdb")[0]["model"]
+    earlier = model[ALIASES][0]
+    store = EdgeStore(store_path)
+    try:
+        for name in (COLLECTION, slides_collection(COLLECTION)):
+            record = store._read_record(name)
+            record.metadata["model_fingerprint"] = earlier  # as the earlier version wrote it
+            store._save_record(record)
+    finally:
+        store.close()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)).save(root / "new.png")
+    again = _rerun(root, store_path, redis_server.url)
+    assert again["ingested"] == 1 and not again["failed"]
+    store = EdgeStore(store_path)
+    try:
+        for name in (COLLECTION, slides_collection(COLLECTION)):
+            assert store.collection_metadata(name)["model_fingerprint"] == model["model_fingerprint"] != earlier
+            assert ALIASES not in store.collection_metadata(name)
+        assert store.count(COLLECTION, Filter((Condition("slide_id", "eq", "new.png"),))) > 0
+    finally:
+        store.close()
