@@ -449,13 +449,14 @@ class Store(ABC):
             used = sorted(set(rows))  # each vector asked is converted once, the others not at all
             converted = dict(zip(used, batch_vectors(array[used], record, self.location), strict=True))
             lists = [converted[i] for i in rows]
-        native: dict[int, Any] = {}
+        planned: dict[int, tuple[Any, Walk]] = {}  # a filter repeated over the batch is planned once
         filters, walks = [], []
         for flt in batch_filters(flts, len(lists)):
-            if id(flt) not in native:
-                native[id(flt)] = self._filter(record, flt)
-            filters.append(native[id(flt)])
-            walks.append(walk_of(flt, record.graph))
+            if id(flt) not in planned:
+                planned[id(flt)] = self._filter(record, flt), walk_of(flt, record.graph)
+            native, walk = planned[id(flt)]
+            filters.append(native)
+            walks.append(walk)
         if payload_fields is not None and group_by is not None and group_by not in payload_fields:
             payload_fields = [*payload_fields, group_by]
         return BatchPlan(lists, filters, walks, None if payload_fields is None else list(payload_fields), group_by)
